@@ -1,0 +1,1 @@
+"""Typed Python client and the omactl CLI for the OMA server."""

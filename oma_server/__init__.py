@@ -1,0 +1,1 @@
+"""OMA server: the CloudStack-side gRPC API of the migration control plane."""

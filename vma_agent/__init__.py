@@ -1,0 +1,1 @@
+"""VMA agent: the VMware-side gRPC agent (discovery, power, CBT, replication, progress)."""
