@@ -1,0 +1,126 @@
+"""The one home of the OMA server's configuration.
+
+Every setting has a default that works out of the box on SQLite (a file under the user's data dir),
+can be set from the environment as ``OMA_<NAME>`` (e.g. ``OMA_LISTEN``, ``OMA_DB_URL``) and, for the
+few that people change on the command line, by a flag of ``oma-server`` (flags win over environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import platformdirs
+
+ENV_PREFIX = "OMA_"
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("oma-server"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- serving ---------------------------------------------------------------------------
+    listen: str = "127.0.0.1:9090"
+    # Worker threads of the gRPC server: open progress streams each hold one, so size for the
+    # expected watchers plus unary headroom; beyond max_concurrent_rpcs calls fail fast
+    # with RESOURCE_EXHAUSTED instead of queueing into deadline errors.
+    max_workers: int = 32
+    max_concurrent_rpcs: int = 64
+    # Prometheus metrics endpoint ("host:port"); empty = off.
+    metrics_listen: str = ""
+    log_level: str = "INFO"
+    # "text" for people, "json" for log shippers.
+    log_format: str = "text"
+
+    # --- state -----------------------------------------------------------------------------
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # sqlite:///path/file.db (default: <data_dir>/oma.db) or mysql://user:pass@host:port/db
+    db_url: str = ""
+    db_pool_size: int = 20
+
+    # --- security --------------------------------------------------------------------------
+    # Production refuses to start without explicitly configured keys (no generated key files).
+    production: bool = False
+    # Password of the "admin" user created on first start; generated and printed once if unset.
+    admin_password: str = ""
+    # HMAC secret for bearer tokens; unset → a random secret kept in <data_dir>/token.secret.
+    token_secret: str = ""
+    token_ttl_seconds: int = 8 * 3600
+    # Base64 of 32 bytes (AES-256-GCM) for secrets at rest; unset → <data_dir>/encryption.key
+    # (development only). MIGRATEKIT_CRED_ENCRYPTION_KEY is accepted as the original's name.
+    encryption_key: str = ""
+
+    # --- VMA agent -------------------------------------------------------------------------
+    vma_address: str = "127.0.0.1:9091"
+    vma_token: str = ""
+    vma_timeout_seconds: float = 60.0
+    vma_retries: int = 3
+
+    # --- CloudStack and the replica volumes ------------------------------------------------
+    cloudstack_poll_interval_seconds: float = 2.0
+    cloudstack_job_timeout_seconds: float = 300.0
+    # Replica volume size = source capacity + this many GiB (room for the conversion tooling).
+    replica_extra_gib: int = 5
+    # Where attached volumes appear on this (KVM) host: <device_dir>/virtio-<first 20 hex of uuid>.
+    device_dir: Path = Path("/dev/disk/by-id")
+    device_wait_seconds: float = 120.0
+
+    # --- NBD exports of the attached volumes -----------------------------------------------
+    # Address the VMA uses to reach the exports, and the address/ports nbdkit binds.
+    nbd_public_host: str = "127.0.0.1"
+    nbd_bind_host: str = "127.0.0.1"
+    nbd_port_min: int = 10809
+    nbd_port_max: int = 10999
+
+    # --- replication bookkeeping -----------------------------------------------------------
+    # No VMA progress for this long → the job fails as stale.
+    progress_stale_after_seconds: float = 300.0
+    # A job the VMA does not know after this grace period is lost.
+    progress_not_found_grace_seconds: float = 120.0
+    # Replication workflow workers (setup + following the VMA stream).
+    replication_workers: int = 8
+
+    @property
+    def effective_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'oma.db'}"
+
+
+def _convert(raw: str, kind: Any) -> Any:
+    kind = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}.get(kind, kind)
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return kind(raw)
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, then ``OMA_*`` environment variables, then explicit overrides (CLI flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            try:
+                values[f.name] = _convert(raw, f.type)
+            except ValueError as exc:
+                raise SystemExit(f"invalid {ENV_PREFIX}{f.name.upper()}: {exc}") from exc
+    if "encryption_key" not in values and environ.get("MIGRATEKIT_CRED_ENCRYPTION_KEY"):
+        values["encryption_key"] = environ["MIGRATEKIT_CRED_ENCRYPTION_KEY"]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    if "data_dir" in values:
+        values["data_dir"] = Path(values["data_dir"]).expanduser()
+    if "device_dir" in values:
+        values["device_dir"] = Path(values["device_dir"])
+    return Settings(**values)

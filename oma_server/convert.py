@@ -1,0 +1,101 @@
+"""Rows ↔ protobuf messages, once for every service.
+
+Message fields are named after the spec's columns, so one generic converter fills a message from a
+row (a Peewee model, read by column name) or a dict; callers pass ``overrides`` only for what differs
+(renamed columns, nested messages, computed values).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+from typing import Any, Mapping, TypeVar
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+M = TypeVar("M", bound=Message)
+
+_TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
+
+
+def row_values(row: Any) -> dict[str, Any]:
+    """Column name → raw value of a Peewee model instance (foreign keys as their id, no queries)."""
+    if isinstance(row, Mapping):
+        return dict(row)
+    data = row.__data__
+    return {f.column_name: data.get(f.name) for f in row._meta.sorted_fields}
+
+
+def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # the database stores naive UTC
+        value = value.replace(tzinfo=dt.timezone.utc)
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def to_datetime(ts: timestamp_pb2.Timestamp) -> dt.datetime:
+    """Protobuf Timestamp → naive UTC datetime (the database convention)."""
+    return ts.ToDatetime()
+
+
+def _scalar(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        if isinstance(value, (dict, list)):
+            return json.dumps(value, sort_keys=True)
+        if isinstance(value, dt.datetime):
+            return value.isoformat()
+        return str(value)
+    if fd.type == FieldDescriptor.TYPE_BOOL:
+        return bool(value)
+    if fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return float(value)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return value if isinstance(value, int) else fd.enum_type.values_by_name[value].number
+    if isinstance(value, decimal.Decimal):
+        return int(value)
+    return int(value)
+
+
+def fill(message: M, source: Any = None, **overrides: Any) -> M:
+    """Set every field of ``message`` that ``source`` (row or dict) or ``overrides`` provides.
+
+    None values are skipped (field stays unset/default). Timestamps accept datetimes; string fields
+    accept dicts/lists (JSON-encoded); repeated message fields accept lists of messages.
+    """
+    values = row_values(source) if source is not None else {}
+    values.update(overrides)
+    for fd in message.DESCRIPTOR.fields:
+        if fd.name not in values:
+            continue
+        value = values[fd.name]
+        if value is None:
+            continue
+        is_repeated = fd.label == FieldDescriptor.LABEL_REPEATED
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            target = getattr(message, fd.name)
+            if is_repeated:
+                target.extend(value)
+            elif fd.message_type.full_name == _TIMESTAMP and isinstance(value, dt.datetime):
+                target.CopyFrom(timestamp(value))
+            else:
+                target.CopyFrom(value)
+        elif is_repeated:
+            getattr(message, fd.name).extend(_scalar(fd, v) for v in value)
+        else:
+            setattr(message, fd.name, _scalar(fd, value))
+    return message
+
+
+def present(message: Message, field_name: str) -> bool:
+    """True when an ``optional`` field was sent by the caller."""
+    return message.HasField(field_name)
+
+
+def optional_fields(message: Message, *names: str) -> dict[str, Any]:
+    """The subset of ``names`` the caller actually sent (for partial updates)."""
+    return {n: getattr(message, n) for n in names if message.HasField(n)}

@@ -1,0 +1,171 @@
+"""Builds and runs the OMA gRPC server: database, keys, services, health, reflection.
+
+``build_server`` returns a started server bound to its port (tests use port 0); ``serve`` adds
+signal handling. Every service of the contract is registered: the implemented ones from
+``oma_server.services``, the rest answer UNIMPLEMENTED saying what is not built yet.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import oma.v1
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from oma_server import metrics
+from oma_server.config import Settings
+from oma_server.db import database
+from oma_server.db.migrate import migrate
+from oma_server.domain import auth
+from oma_server.domain.crypto import SecretBox, decode_key, load_or_create_key_file
+from oma_server.rpc import RpcInterceptor
+
+log = logging.getLogger("oma_server")
+
+
+@dataclass
+class Runtime:
+    """What the services share: settings, keys and the long-lived components."""
+
+    settings: Settings
+    tokens: auth.TokenAuthority
+    secrets: SecretBox
+    components: dict[str, Any] = field(default_factory=dict)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+
+def _load_keys(settings: Settings) -> tuple[bytes, bytes]:
+    if settings.production and not (settings.token_secret and settings.encryption_key):
+        raise SystemExit(
+            "production mode needs OMA_TOKEN_SECRET and OMA_ENCRYPTION_KEY (base64 of 32 bytes)"
+        )
+    token_secret = (
+        settings.token_secret.encode()
+        if settings.token_secret
+        else load_or_create_key_file(settings.data_dir / "token.secret")
+    )
+    enc_key = (
+        decode_key(settings.encryption_key)
+        if settings.encryption_key
+        else load_or_create_key_file(settings.data_dir / "encryption.key")
+    )
+    return token_secret, enc_key
+
+
+def prepare_database(settings: Settings) -> str | None:
+    """Connect, migrate, create the admin user. Returns a generated admin password (print once)."""
+    database.init_database(settings.effective_db_url, pool_size=settings.db_pool_size)
+    with database.db.connection_context():
+        applied = migrate(database.db)
+        if applied:
+            log.info("database migrations applied: %s", ", ".join(applied))
+        return auth.ensure_admin_user(settings.admin_password)
+
+
+def _service_modules() -> list[Any]:
+    return [
+        importlib.import_module(f"oma.v1.{m.name}")
+        for m in pkgutil.iter_modules(oma.v1.__path__)
+        if m.name.endswith("_pb2_grpc")
+    ]
+
+
+def _register_services(server: grpc.Server, runtime: Runtime) -> list[str]:
+    from oma_server.services import IMPLEMENTED
+
+    names = []
+    for module in _service_modules():
+        pb2 = importlib.import_module(module.__name__.replace("_pb2_grpc", "_pb2"))
+        for service in pb2.DESCRIPTOR.services_by_name.values():
+            add = getattr(module, f"add_{service.name}Servicer_to_server")
+            servicer_cls = IMPLEMENTED.get(service.full_name)
+            servicer = servicer_cls(runtime) if servicer_cls else getattr(module, f"{service.name}Servicer")()
+            add(servicer, server)
+            names.append(service.full_name)
+    return sorted(names)
+
+
+class _DatabaseWatch(threading.Thread):
+    """Keeps the health status in step with database reachability."""
+
+    def __init__(self, servicer: health.HealthServicer, services: list[str], stop: threading.Event):
+        super().__init__(name="db-health", daemon=True)
+        self._servicer, self._services, self._stop = servicer, services, stop
+
+    def check(self) -> None:
+        try:
+            with database.db.connection_context():
+                database.db.execute_sql("SELECT 1")
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001 - any failure means "not serving"
+            log.warning("database unreachable; health is NOT_SERVING")
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self._services]:
+            self._servicer.set(name, status)
+
+    def run(self) -> None:
+        while not self._stop.wait(5.0):
+            self.check()
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    runtime: Runtime
+    services: list[str]
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        self.runtime.stop_event.set()
+        for component in reversed(list(self.runtime.components.values())):
+            stop = getattr(component, "stop", None)
+            if stop:
+                stop()
+        self.server.stop(grace).wait()
+
+
+def build_server(settings: Settings) -> RunningServer:
+    """Prepare the database, register every service and start listening."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token_secret, enc_key = _load_keys(settings)
+    generated = prepare_database(settings)
+    if generated:
+        print(f"oma-server: created user 'admin' with password: {generated}  (shown once)", flush=True)
+
+    runtime = Runtime(
+        settings=settings,
+        tokens=auth.TokenAuthority(token_secret, settings.token_ttl_seconds),
+        secrets=SecretBox(enc_key),
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[RpcInterceptor(runtime.tokens)],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    services = _register_services(server, runtime)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}")
+    from oma_server.services import start_components
+
+    start_components(runtime)
+    server.start()
+    watch = _DatabaseWatch(health_servicer, services, runtime.stop_event)
+    watch.check()
+    watch.start()
+    if settings.metrics_listen:
+        metrics.serve(settings.metrics_listen)
+    log.info("oma-server listening on port %d (%d services)", port, len(services))
+    return RunningServer(server, port, runtime, services)

@@ -1,0 +1,79 @@
+"""The one home of the VMA agent's configuration.
+
+Defaults work for the local lab; every setting can come from the environment as ``VMA_<NAME>`` and
+the common ones from ``vma-agent`` flags (flags win).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "VMA_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:9091"
+    max_workers: int = 32
+    max_concurrent_rpcs: int = 64
+    # Bearer token the OMA must present; empty = no authentication (lab only).
+    auth_token: str = ""
+    metrics_listen: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+    # Ended jobs' progress is kept this long for late readers.
+    progress_retention_seconds: float = 6 * 3600
+
+    # --- vCenter ---------------------------------------------------------------------------
+    vcenter_timeout_seconds: float = 60.0
+    power_off_timeout_seconds: int = 300
+    power_on_timeout_seconds: int = 600
+
+    # --- data mover ------------------------------------------------------------------------
+    # How the source disks are read: "vddk" (nbdkit vddk plugin, production) or "file" (nbdkit
+    # file plugin over datastore folders mapped by datastore_map, e.g. the simulated vCenter).
+    source_mode: str = "vddk"
+    # "LocalDS_0=/var/lib/vcsim/ds0,OtherDS=/mnt/ds1" for source_mode=file.
+    datastore_map: str = ""
+    vddk_libdir: str = "/opt/vmware-vix-disklib-distrib"
+    work_dir: Path = Path("/tmp/vma-agent")
+    # Disks copied in parallel per job, and NBD connections per disk.
+    parallel_disks: int = 2
+    connections_per_disk: int = 4
+    # Incremental extents closer than this are merged into one read.
+    extent_merge_gap_bytes: int = 1 << 20
+    progress_interval_seconds: float = 1.0
+
+    def datastores(self) -> dict[str, Path]:
+        mapping = {}
+        for item in filter(None, (s.strip() for s in self.datastore_map.split(","))):
+            name, _, folder = item.partition("=")
+            mapping[name.strip()] = Path(folder.strip())
+        return mapping
+
+
+def _convert(raw: str, kind: Any) -> Any:
+    kind = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}.get(kind, kind)
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _convert(raw, f.type)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    if "work_dir" in values:
+        values["work_dir"] = Path(values["work_dir"])
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""Thin gRPC servicers of the agent: validate, call the domain module, convert."""
