@@ -21,11 +21,15 @@ _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 
 
 def row_values(row: Any) -> dict[str, Any]:
-    """Column name → raw value of a Peewee model instance (foreign keys as their id, no queries)."""
+    """Raw values of a Peewee model instance under both the attribute and the column name
+    (foreign keys as their id, so no queries)."""
     if isinstance(row, Mapping):
         return dict(row)
     data = row.__data__
-    return {f.column_name: data.get(f.name) for f in row._meta.sorted_fields}
+    values = {}
+    for f in row._meta.sorted_fields:
+        values[f.name] = values[f.column_name] = data.get(f.name)
+    return values
 
 
 def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -59,9 +59,13 @@ def _load_keys(settings: Settings) -> tuple[bytes, bytes]:
     return token_secret, enc_key
 
 
-def prepare_database(settings: Settings) -> str | None:
-    """Connect, migrate, create the admin user. Returns a generated admin password (print once)."""
-    database.init_database(settings.effective_db_url, pool_size=settings.db_pool_size)
+def prepare_database(settings: Settings, existing: Any = None) -> str | None:
+    """Connect (or bind an already connected database), migrate, create the admin user.
+    Returns a generated admin password (to print once)."""
+    if existing is not None:
+        database.database_proxy.initialize(existing)
+    else:
+        database.init_database(settings.effective_db_url, pool_size=settings.db_pool_size)
     with database.db.connection_context():
         applied = migrate(database.db)
         if applied:
@@ -131,11 +135,11 @@ class RunningServer:
         self.server.stop(grace).wait()
 
 
-def build_server(settings: Settings) -> RunningServer:
+def build_server(settings: Settings, existing_database: Any = None) -> RunningServer:
     """Prepare the database, register every service and start listening."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_secret, enc_key = _load_keys(settings)
-    generated = prepare_database(settings)
+    generated = prepare_database(settings, existing_database)
     if generated:
         print(f"oma-server: created user 'admin' with password: {generated}  (shown once)", flush=True)
 

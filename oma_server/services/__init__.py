@@ -8,11 +8,28 @@ from __future__ import annotations
 from typing import Any
 
 from oma_server.services.auth import AuthServicer
+from oma_server.services.discovery import DiscoveryServicer
+from oma_server.services.credentials import VMwareCredentialServicer
+from oma_server.services.groups import MachineGroupServicer
+from oma_server.services.job_log import JobLogServicer
+from oma_server.services.network_mappings import NetworkMappingServicer
+from oma_server.services.vm_contexts import VMContextServicer
 
 IMPLEMENTED: dict[str, Any] = {
     "oma.v1.AuthService": AuthServicer,
+    "oma.v1.VMContextService": VMContextServicer,
+    "oma.v1.VMwareCredentialService": VMwareCredentialServicer,
+    "oma.v1.MachineGroupService": MachineGroupServicer,
+    "oma.v1.NetworkMappingService": NetworkMappingServicer,
+    "oma.v1.JobLogService": JobLogServicer,
+    "oma.v1.DiscoveryService": DiscoveryServicer,
 }
 
 
 def start_components(runtime: Any) -> None:
     """Start background components (workers, followers) once the services are registered."""
+    from oma_server.domain.joblog import LogEventSink
+
+    sink = LogEventSink()
+    sink.start()
+    runtime.components["log_events"] = sink

@@ -1,0 +1,133 @@
+"""Database connection setup for the OMA: one ``DatabaseProxy`` the models bind to, initialised from a URL.
+
+Two backends, chosen by URL:
+
+* ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (one slash is the separator, as in SQLAlchemy and
+  ``playhouse.db_url``) — the embedded deployment.  Pragmas: ``foreign_keys=1`` (without it cascades and SET NULL
+  silently do nothing), ``journal_mode=wal`` (readers do not block the writer), ``busy_timeout``,
+  ``synchronous=normal``.  Transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
+  instead of failing with "database is locked" when a read transaction upgrades to a write.
+  ``sqlite:///:memory:`` gives a private in-memory database shared by every connection of the returned object (so
+  ``connection_context()`` per call and other threads see the same data) for quick unit use; it is not meant for
+  concurrent writers (SQLite shared-cache locks are not covered by the busy timeout).
+* ``mysql://user:password@host:port/dbname`` or ``mariadb://…`` — production MariaDB through pymysql with a
+  connection pool (``PooledMySQLDatabase``): ``mariadb=True`` (Peewee's JSON handling differs from MySQL's),
+  ``utf8mb4``, a strict ``sql_mode`` (bad values are errors, not silent truncation) and the session time zone set
+  to UTC so ``NOW()``/``CURRENT_TIMESTAMP`` agree with the naive-UTC timestamps the application stores.
+  ``stale_timeout`` (default 300 s) must stay below the server's ``wait_timeout`` (MariaDB default 28800 s) so the
+  pool recycles connections before the server drops them.
+
+Usage per RPC: ``with db.connection_context(): …`` (``db`` is ``database_proxy``) opens a connection for the
+calling thread and closes it afterwards — for the pool "close" returns the connection to the pool, for SQLite it
+closes the file handle.
+"""
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from urllib.parse import unquote, urlsplit
+
+from peewee import Database, DatabaseProxy, ModelSelect, MySQLDatabase, SqliteDatabase
+from playhouse.pool import PooledMySQLDatabase
+
+#: The database every model binds to; initialised by :func:`init_database` (or by tests).
+database_proxy = DatabaseProxy()
+#: Short name for the same proxy (``with db.connection_context(): …`` in the RPC layer).
+db = database_proxy
+
+MYSQL_SQL_MODE = "STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ZERO_DATE,NO_ZERO_IN_DATE,NO_ENGINE_SUBSTITUTION"
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> dict[str, object]:
+    return {"foreign_keys": 1, "journal_mode": "wal", "busy_timeout": busy_timeout_ms, "synchronous": "normal"}
+
+
+class SharedMemorySqliteDatabase(SqliteDatabase):
+    """An in-memory SQLite database that outlives its connections.
+
+    A plain ``:memory:`` database exists per connection and vanishes when ``connection_context()`` closes it.
+    This one uses a uniquely named shared-cache memory URI and keeps one anchor connection open for the lifetime
+    of the object, so every thread and every short-lived connection sees the same schema and data.
+    """
+
+    def __init__(self, busy_timeout_ms: int):
+        uri = f"file:oma-memory-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        super().__init__(uri, uri=True, pragmas=_sqlite_pragmas(busy_timeout_ms), timeout=busy_timeout_ms / 1000,
+                         lock_type="IMMEDIATE")
+        self._anchor = sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+
+def connect(url: str, *, pool_size: int = 20, stale_timeout: int = 300, pool_timeout: int = 10,
+            connect_timeout: int = 10, busy_timeout_ms: int = 5000) -> Database:
+    """Build (but do not bind) the database described by ``url``.
+
+    MariaDB: ``pool_size`` = maximum pooled connections (size it to the RPC worker threads), ``stale_timeout`` =
+    seconds after which an idle connection is recycled, ``pool_timeout`` = seconds to wait for a free connection
+    before raising, ``connect_timeout``.  SQLite: ``busy_timeout_ms``.
+    """
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(f"database URL must not carry query parameters or a fragment: {url!r}")
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        if parts.netloc:
+            raise ValueError(f"sqlite URL must look like sqlite:///path (got {url!r})")
+        path = parts.path[1:]
+        if not path:
+            raise ValueError(f"sqlite URL has no path: {url!r}")
+        if path == ":memory:":
+            return SharedMemorySqliteDatabase(busy_timeout_ms)
+        return SqliteDatabase(path, pragmas=_sqlite_pragmas(busy_timeout_ms), timeout=busy_timeout_ms / 1000,
+                              lock_type="IMMEDIATE")
+    if scheme in ("mysql", "mariadb"):
+        name = parts.path.lstrip("/")
+        if not name or not parts.hostname:
+            raise ValueError(f"MariaDB URL must look like mysql://user:password@host:port/dbname (got {url!r})")
+        if stale_timeout <= 0 or pool_size <= 0:
+            raise ValueError("stale_timeout and pool_size must be positive")
+        return PooledMySQLDatabase(
+            name,
+            host=parts.hostname,
+            port=parts.port or 3306,
+            user=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+            mariadb=True,
+            charset="utf8mb4",
+            sql_mode=MYSQL_SQL_MODE,
+            init_command="SET time_zone = '+00:00'",
+            connect_timeout=connect_timeout,
+            max_connections=pool_size,
+            stale_timeout=stale_timeout,
+            timeout=pool_timeout,
+        )
+    raise ValueError(f"unsupported database URL scheme {parts.scheme!r} (use sqlite, mysql or mariadb)")
+
+
+def init_database(url: str, **options) -> Database:
+    """Build the database for ``url`` (options as :func:`connect`) and bind the models to it."""
+    database = connect(url, **options)
+    database_proxy.initialize(database)
+    return database
+
+
+def _unwrap(database: Database | DatabaseProxy | None) -> Database:
+    database = database_proxy if database is None else database
+    if isinstance(database, DatabaseProxy):
+        if database.obj is None:
+            raise RuntimeError("the OMA database is not initialised (call init_database first)")
+        return database.obj
+    return database
+
+
+def is_mysql(database: Database | DatabaseProxy | None = None) -> bool:
+    """True when ``database`` (default: the bound one) is MariaDB/MySQL."""
+    return isinstance(_unwrap(database), MySQLDatabase)
+
+
+def db_for_update(query: ModelSelect) -> ModelSelect:
+    """``query`` with ``FOR UPDATE`` where the backend supports row locks (MariaDB).
+
+    SQLite has no row locks and Peewee raises on ``for_update()`` there; its writers are serialised by
+    ``BEGIN IMMEDIATE`` instead, so inside ``atomic()`` the select is already protected.
+    """
+    return query.for_update() if _unwrap(query.model._meta.database).for_update else query

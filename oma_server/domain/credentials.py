@@ -1,0 +1,199 @@
+"""Saved vCenter credentials (vmware_credentials).
+
+Passwords are encrypted with the server's SecretBox before they reach the database and are only
+decrypted by :func:`use` (for a vCenter call), which also records ``last_used``/``usage_count``;
+admin reads have no side effects. At most one active credential is the default, switched in one
+transaction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import IntegrityError, fn
+
+from oma_server.db.database import database_proxy as db
+from oma_server.db.models import VmReplicationContext, VmwareCredential, utcnow
+from oma_server.domain.crypto import SecretBox
+from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
+
+_REQUIRED = ("credential_name", "vcenter_host", "username", "datacenter")
+
+
+@dataclass(frozen=True)
+class VCenterLogin:
+    """Decrypted connection details for one call to vCenter (never stored, never logged)."""
+
+    credential_id: int | None
+    host: str
+    username: str
+    password: str
+    datacenter: str
+    thumbprint: str = ""
+    insecure: bool = False
+
+    def __repr__(self) -> str:  # keep the password out of logs and tracebacks
+        return f"VCenterLogin(host={self.host!r}, username={self.username!r}, datacenter={self.datacenter!r})"
+
+
+def _validate_thumbprint(value: str) -> str:
+    value = value.strip()
+    if value:
+        hex_part = value.replace(":", "")
+        if len(hex_part) not in (40, 64) or any(c not in "0123456789abcdefABCDEF" for c in hex_part):
+            raise InvalidArgument("tls_thumbprint must be a SHA-1 or SHA-256 fingerprint in hex (colons allowed)")
+    return value
+
+
+def get(credential_id: int) -> VmwareCredential:
+    require(credential_id > 0, "id is required")
+    cred = VmwareCredential.get_or_none(VmwareCredential.id == credential_id)
+    if cred is None:
+        raise NotFound(f"no VMware credential with id {credential_id}")
+    return cred
+
+
+def context_counts(ids: list[int]) -> dict[int, int]:
+    if not ids:
+        return {}
+    rows = (
+        VmReplicationContext.select(VmReplicationContext.credential, fn.COUNT(VmReplicationContext.context_id))
+        .where(VmReplicationContext.credential.in_(ids))
+        .group_by(VmReplicationContext.credential)
+        .tuples()
+    )
+    return {cid: n for cid, n in rows}
+
+
+def list_credentials(active_only: bool = False) -> list[VmwareCredential]:
+    query = VmwareCredential.select()
+    if active_only:
+        query = query.where(VmwareCredential.is_active == True)  # noqa: E712 - peewee expression
+    return list(query.order_by(VmwareCredential.credential_name))
+
+
+def _clear_default_except(credential_id: int) -> None:
+    VmwareCredential.update(is_default=False).where(
+        VmwareCredential.is_default == True, VmwareCredential.id != credential_id  # noqa: E712
+    ).execute()
+
+
+def create(box: SecretBox, *, credential_name: str, vcenter_host: str, username: str, password: str,
+           datacenter: str, is_active: bool = True, is_default: bool = False, tls_thumbprint: str = "",
+           tls_insecure: bool = False, created_by: str) -> VmwareCredential:
+    fields = {"credential_name": credential_name.strip(), "vcenter_host": vcenter_host.strip(),
+              "username": username.strip(), "datacenter": datacenter.strip()}
+    missing = [name for name in _REQUIRED if not fields[name]]
+    if not password:
+        missing.append("password")
+    if missing:
+        raise InvalidArgument(f"missing required fields: {', '.join(missing)}")
+    if is_default and not is_active:
+        raise InvalidArgument("an inactive credential cannot be the default")
+    thumbprint = _validate_thumbprint(tls_thumbprint)
+    if VmwareCredential.select().where(VmwareCredential.credential_name == fields["credential_name"]).exists():
+        raise AlreadyExists(f"a credential named {fields['credential_name']!r} already exists")
+    encrypted = box.encrypt(password)
+    try:
+        with db.atomic():
+            cred = VmwareCredential.create(
+                **fields, password_encrypted=encrypted, is_active=is_active, is_default=is_default,
+                tls_thumbprint=thumbprint, tls_insecure=tls_insecure, created_by=created_by,
+            )
+            if is_default:
+                _clear_default_except(cred.id)
+    except IntegrityError:
+        raise AlreadyExists(f"a credential named {fields['credential_name']!r} already exists") from None
+    return get(cred.id)
+
+
+def update(box: SecretBox, credential_id: int, changes: dict[str, Any]) -> VmwareCredential:
+    """Partial update: only the keys present in ``changes`` are applied."""
+    with db.atomic():
+        cred = get(credential_id)
+        values: dict[str, Any] = {}
+        for name in _REQUIRED:
+            if name in changes:
+                value = str(changes[name]).strip()
+                if not value:
+                    raise InvalidArgument(f"{name} cannot be empty")
+                values[name] = value
+        if "password" in changes:
+            if not changes["password"]:
+                raise InvalidArgument("password cannot be empty")
+            values["password_encrypted"] = box.encrypt(changes["password"])
+        if "tls_thumbprint" in changes:
+            values["tls_thumbprint"] = _validate_thumbprint(changes["tls_thumbprint"])
+        if "tls_insecure" in changes:
+            values["tls_insecure"] = bool(changes["tls_insecure"])
+        is_active = changes.get("is_active", cred.is_active)
+        is_default = changes.get("is_default", cred.is_default)
+        if "is_active" in changes:
+            values["is_active"] = is_active
+        if is_default and not is_active:
+            if changes.get("is_default"):
+                raise InvalidArgument("an inactive credential cannot be the default")
+            is_default = False  # deactivating the default also removes the default flag
+        if is_default != cred.is_default or "is_default" in changes:
+            values["is_default"] = is_default
+        if "credential_name" in values and values["credential_name"] != cred.credential_name:
+            if VmwareCredential.select().where(
+                VmwareCredential.credential_name == values["credential_name"]
+            ).exists():
+                raise AlreadyExists(f"a credential named {values['credential_name']!r} already exists")
+        if values:
+            VmwareCredential.update(values).where(VmwareCredential.id == credential_id).execute()
+        if is_default:
+            _clear_default_except(credential_id)
+    return get(credential_id)
+
+
+def delete(credential_id: int) -> None:
+    with db.atomic():
+        cred = get(credential_id)
+        users = context_counts([credential_id]).get(credential_id, 0)
+        if users:
+            raise FailedPrecondition(
+                f"credential {cred.credential_name!r} is used by {users} VM context(s); "
+                "link them to another credential first"
+            )
+        other_active = VmwareCredential.select().where(
+            VmwareCredential.is_active == True, VmwareCredential.id != credential_id  # noqa: E712
+        ).count()
+        if cred.is_active and other_active == 0:
+            raise FailedPrecondition(
+                f"credential {cred.credential_name!r} is the last active credential; add another first"
+            )
+        VmwareCredential.delete().where(VmwareCredential.id == credential_id).execute()
+
+
+def set_default(credential_id: int) -> VmwareCredential:
+    with db.atomic():
+        cred = get(credential_id)
+        if not cred.is_active:
+            raise FailedPrecondition(f"credential {cred.credential_name!r} is inactive; activate it first")
+        _clear_default_except(credential_id)
+        VmwareCredential.update(is_default=True).where(VmwareCredential.id == credential_id).execute()
+    return get(credential_id)
+
+
+def get_default() -> VmwareCredential:
+    cred = VmwareCredential.get_or_none(
+        VmwareCredential.is_default == True, VmwareCredential.is_active == True  # noqa: E712
+    )
+    if cred is None:
+        raise NotFound("no default VMware credential is set")
+    return cred
+
+
+def use(box: SecretBox, credential_id: int) -> VCenterLogin:
+    """Decrypt a credential for a vCenter call and record the use."""
+    cred = get(credential_id)
+    if not cred.is_active:
+        raise FailedPrecondition(f"credential {cred.credential_name!r} is inactive")
+    password = box.decrypt(cred.password_encrypted)
+    VmwareCredential.update(
+        last_used=utcnow(), usage_count=VmwareCredential.usage_count + 1
+    ).where(VmwareCredential.id == credential_id).execute()
+    return VCenterLogin(cred.id, cred.vcenter_host, cred.username, password, cred.datacenter,
+                        cred.tls_thumbprint or "", bool(cred.tls_insecure))

@@ -1,0 +1,201 @@
+"""CloudStack through the ``cs`` library: the only module that imports it.
+
+``cs`` signs requests, pages lists and polls async jobs (``queryAsyncJobResult``); this module adds
+the calls the OMA needs with CloudStack's quirks handled once (``listall`` for admin lists, ``{}`` for
+empty lists, job results unwrapped) and maps failures to domain errors that say what CloudStack said:
+unreachable → UNAVAILABLE, refused credentials → FAILED_PRECONDITION, parameter errors (431) →
+INVALID_ARGUMENT, resource errors (530) → FAILED_PRECONDITION, job timeout → DEADLINE_EXCEEDED.
+Secret keys never appear in messages.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import requests
+from cs import CloudStack as _CsClient
+from cs import CloudStackApiException, CloudStackException
+
+from oma_server.errors import DeadlineExceeded, DomainError, FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger("oma_server.cloudstack")
+T = TypeVar("T")
+
+
+class CloudStackError(DomainError):
+    """CloudStack answered with an error; ``cs_code`` is CloudStack's error code (401, 431, 530 …)."""
+
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, cs_code: int = 0, code: str | None = None):
+        super().__init__(message)
+        self.cs_code = cs_code
+        if code:
+            self.code = code
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    api_url: str
+    api_key: str
+    secret_key: str
+    verify_tls: bool = True
+
+    def __repr__(self) -> str:  # keep the keys out of logs
+        return f"Endpoint({self.api_url!r})"
+
+
+def normalise_api_url(url: str) -> str:
+    """Fix common typos: missing scheme, ``https//``, missing ``/client/api``."""
+    url = url.strip()
+    for broken, fixed in (("https//", "https://"), ("http//", "http://")):
+        if url.startswith(broken):
+            url = fixed + url[len(broken):]
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    url = url.rstrip("/")
+    if not url.endswith("/client/api"):
+        url += "/client/api"
+    return url
+
+
+def _error_fields(exc: CloudStackApiException) -> tuple[int, str]:
+    error = exc.error if isinstance(exc.error, dict) else {}
+    code = int(error.get("errorcode") or getattr(exc.response, "status_code", 0) or 0)
+    return code, str(error.get("errortext") or exc)
+
+
+def translate_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapped(self: "CloudStack", *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except CloudStackApiException as exc:
+            code, text = _error_fields(exc)
+            if code == 401:
+                raise CloudStackError(
+                    f"CloudStack at {self.endpoint.api_url} refused the API key or signature: {text}", code
+                ) from None
+            if code == 431:
+                raise CloudStackError(f"CloudStack rejected the request: {text}", code, "INVALID_ARGUMENT") from None
+            raise CloudStackError(f"CloudStack failed ({code}): {text}", code) from None
+        except CloudStackException as exc:
+            if "Timeout waiting for async job" in str(exc):
+                raise DeadlineExceeded(f"CloudStack did not finish the job in time ({exc})") from None
+            raise CloudStackError(f"unexpected answer from CloudStack at {self.endpoint.api_url}: {exc}") from None
+        except requests.exceptions.Timeout:
+            raise Unavailable(f"CloudStack at {self.endpoint.api_url} did not answer in time") from None
+        except requests.exceptions.RequestException as exc:
+            raise Unavailable(f"CloudStack at {self.endpoint.api_url} is unreachable: {type(exc).__name__}") from None
+
+    return wrapped
+
+
+def _items(response: Any, key: str) -> list[dict[str, Any]]:
+    return list(response.get(key, [])) if isinstance(response, dict) else list(response or [])
+
+
+class CloudStack:
+    """Calls against one CloudStack endpoint (built per operation from the active configuration)."""
+
+    def __init__(self, endpoint: Endpoint, *, poll_interval: float = 2.0, job_timeout: float = 300.0,
+                 timeout: float = 30.0):
+        if not endpoint.api_url.startswith(("http://", "https://")):
+            raise InvalidArgument("the CloudStack API URL must start with http:// or https://")
+        self.endpoint = endpoint
+        self._cs = _CsClient(
+            endpoint.api_url, endpoint.api_key, endpoint.secret_key, timeout=int(timeout),
+            poll_interval=poll_interval, job_timeout=int(job_timeout), verify=endpoint.verify_tls,
+            retry=2, fetch_result=True,
+        )
+
+    # --- lookups ------------------------------------------------------------------------------
+    @translate_errors
+    def list_zones(self) -> list[dict[str, Any]]:
+        return _items(self._cs.listZones(fetch_list=True), "zone")
+
+    @translate_errors
+    def list_networks(self, zone_id: str = "") -> list[dict[str, Any]]:
+        params = {"listall": True, **({"zoneid": zone_id} if zone_id else {})}
+        return _items(self._cs.listNetworks(fetch_list=True, **params), "network")
+
+    @translate_errors
+    def list_service_offerings(self) -> list[dict[str, Any]]:
+        return _items(self._cs.listServiceOfferings(fetch_list=True), "serviceoffering")
+
+    @translate_errors
+    def list_disk_offerings(self) -> list[dict[str, Any]]:
+        return _items(self._cs.listDiskOfferings(fetch_list=True), "diskoffering")
+
+    @translate_errors
+    def list_templates(self, template_filter: str = "executable") -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for t in _items(self._cs.listTemplates(fetch_list=True, templatefilter=template_filter), "template"):
+            seen.setdefault(t["id"], t)  # CloudStack lists a template once per zone
+        return list(seen.values())
+
+    @translate_errors
+    def list_virtual_machines(self, **filters: Any) -> list[dict[str, Any]]:
+        return _items(self._cs.listVirtualMachines(fetch_list=True, listall=True, **filters), "virtualmachine")
+
+    @translate_errors
+    def list_accounts(self) -> list[dict[str, Any]]:
+        return _items(self._cs.listAccounts(fetch_list=True), "account")
+
+    @translate_errors
+    def list_volumes(self, **filters: Any) -> list[dict[str, Any]]:
+        return _items(self._cs.listVolumes(fetch_list=True, listall=True, **filters), "volume")
+
+    def get_volume(self, volume_id: str) -> dict[str, Any] | None:
+        try:
+            found = self.list_volumes(id=volume_id)
+        except CloudStackError as exc:
+            if exc.cs_code == 431:
+                return None
+            raise
+        return found[0] if found else None
+
+    def get_virtual_machine(self, vm_id: str) -> dict[str, Any] | None:
+        try:
+            found = self.list_virtual_machines(id=vm_id)
+        except CloudStackError as exc:
+            if exc.cs_code == 431:
+                return None
+            raise
+        return found[0] if found else None
+
+    def network_name(self, network_id: str) -> str | None:
+        for network in self.list_networks():
+            if network["id"] == network_id:
+                return network.get("name") or network_id
+        return None
+
+    # --- volumes -----------------------------------------------------------------------------
+    @translate_errors
+    def create_volume(self, *, name: str, zone_id: str, disk_offering_id: str, size_gb: int) -> dict[str, Any]:
+        result = self._cs.createVolume(name=name, zoneid=zone_id, diskofferingid=disk_offering_id, size=size_gb)
+        return result["volume"]
+
+    @translate_errors
+    def attach_volume(self, volume_id: str, vm_id: str, device_id: int | None = None) -> dict[str, Any]:
+        params = {"id": volume_id, "virtualmachineid": vm_id}
+        if device_id is not None:
+            params["deviceid"] = device_id
+        return self._cs.attachVolume(**params)["volume"]
+
+    @translate_errors
+    def detach_volume(self, volume_id: str) -> dict[str, Any]:
+        return self._cs.detachVolume(id=volume_id)["volume"]
+
+    @translate_errors
+    def delete_volume(self, volume_id: str) -> None:
+        self._cs.deleteVolume(id=volume_id)
+
+    @translate_errors
+    def resize_volume(self, volume_id: str, size_gb: int, disk_offering_id: str = "") -> dict[str, Any]:
+        params: dict[str, Any] = {"id": volume_id, "size": size_gb}
+        if disk_offering_id:
+            params["diskofferingid"] = disk_offering_id
+        return self._cs.resizeVolume(**params)["volume"]

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from oma.v1 import vmware_credentials_pb2 as pb, vmware_credentials_pb2_grpc
+
+from oma_server.convert import optional_fields
+from oma_server.domain import credentials
+from oma_server.rpc import caller_name
+from oma_server.services import messages
+
+_UPDATABLE = ("credential_name", "vcenter_host", "username", "password", "datacenter", "is_active",
+              "is_default", "tls_thumbprint", "tls_insecure")
+
+
+def _one(cred) -> pb.VMwareCredential:
+    return messages.credential(cred, credentials.context_counts([cred.id]).get(cred.id, 0))
+
+
+class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServiceServicer):
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self._box = runtime.secrets
+
+    def ListCredentials(self, request, context):
+        rows = credentials.list_credentials(request.active_only)
+        counts = credentials.context_counts([c.id for c in rows])
+        return pb.ListCredentialsResponse(
+            credentials=[messages.credential(c, counts.get(c.id, 0)) for c in rows], count=len(rows)
+        )
+
+    def CreateCredential(self, request, context):
+        cred = credentials.create(
+            self._box, credential_name=request.credential_name, vcenter_host=request.vcenter_host,
+            username=request.username, password=request.password, datacenter=request.datacenter,
+            is_active=request.is_active if request.HasField("is_active") else True,
+            is_default=request.is_default, tls_thumbprint=request.tls_thumbprint,
+            tls_insecure=request.tls_insecure, created_by=caller_name(),
+        )
+        return pb.CreateCredentialResponse(credential=_one(cred))
+
+    def GetCredential(self, request, context):
+        return pb.GetCredentialResponse(credential=_one(credentials.get(request.id)))
+
+    def UpdateCredential(self, request, context):
+        cred = credentials.update(self._box, request.id, optional_fields(request, *_UPDATABLE))
+        return pb.UpdateCredentialResponse(credential=_one(cred))
+
+    def DeleteCredential(self, request, context):
+        credentials.delete(request.id)
+        return pb.DeleteCredentialResponse(id=request.id)
+
+    def SetDefaultCredential(self, request, context):
+        return pb.SetDefaultCredentialResponse(credential=_one(credentials.set_default(request.id)))
+
+    def GetDefaultCredential(self, request, context):
+        return pb.GetDefaultCredentialResponse(credential=_one(credentials.get_default()))
