@@ -14,6 +14,7 @@ from typing import Any, Mapping, TypeVar
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from peewee import ForeignKeyField
 
 M = TypeVar("M", bound=Message)
 
@@ -21,14 +22,16 @@ _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 
 
 def row_values(row: Any) -> dict[str, Any]:
-    """Raw values of a Peewee model instance under both the attribute and the column name
-    (foreign keys as their id, so no queries)."""
+    """Raw values of a Peewee model instance under the column name and the attribute name
+    (foreign keys only as ``<x>_id``, read without a query)."""
     if isinstance(row, Mapping):
         return dict(row)
     data = row.__data__
     values = {}
     for f in row._meta.sorted_fields:
-        values[f.name] = values[f.column_name] = data.get(f.name)
+        values[f.column_name] = data.get(f.name)
+        if not isinstance(f, ForeignKeyField):  # a relation's name is not its id ("schedule" vs "schedule_id")
+            values[f.name] = values[f.column_name]
     return values
 
 
@@ -79,7 +82,7 @@ def fill(message: M, source: Any = None, **overrides: Any) -> M:
         value = values[fd.name]
         if value is None:
             continue
-        is_repeated = fd.label == FieldDescriptor.LABEL_REPEATED
+        is_repeated = fd.is_repeated
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
             target = getattr(message, fd.name)
             if is_repeated:

@@ -110,8 +110,8 @@ def summaries(groups: list[VmMachineGroup], include_memberships: bool = False) -
 def membership_query():
     """Memberships with their context's name and VMware id and their group's name (one join)."""
     return (
-        VmGroupMembership.select(VmGroupMembership, VmReplicationContext.vm_name,
-                                 VmReplicationContext.vmware_vm_id, VmMachineGroup.name)
+        VmGroupMembership.select(VmGroupMembership, VmReplicationContext.context_id, VmReplicationContext.vm_name,
+                                 VmReplicationContext.vmware_vm_id, VmMachineGroup.id, VmMachineGroup.name)
         .join(VmReplicationContext, on=(VmGroupMembership.vm_context == VmReplicationContext.context_id))
         .switch(VmGroupMembership)
         .join(VmMachineGroup, on=(VmGroupMembership.group == VmMachineGroup.id))

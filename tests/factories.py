@@ -1,0 +1,46 @@
+"""Rows for tests that need existing state (written through the models, as the server would)."""
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from oma_server.db import models
+
+_seq = itertools.count(1)
+
+
+def context(**overrides: Any) -> models.VmReplicationContext:
+    n = next(_seq)
+    values = {
+        "context_id": f"ctx-vm{n}-{uuid.uuid4().hex[:8]}", "vm_name": f"vm{n}", "vmware_vm_id": str(uuid.uuid4()),
+        "vm_path": f"/DC0/vm/vm{n}", "vcenter_host": "vcenter.lab", "datacenter": "DC0",
+        "cpu_count": 2, "memory_mb": 2048, "os_type": "linux", "power_state": "poweredOn",
+    }
+    values.update(overrides)
+    return models.VmReplicationContext.create(**values)
+
+
+def disk(ctx: models.VmReplicationContext, key: int = 2000, **overrides: Any) -> models.VmDisk:
+    values = {
+        "vm_context": ctx.context_id, "disk_id": f"disk-{key}", "vmdk_path": f"[ds0] {ctx.vm_name}/{key}.vmdk",
+        "size_gb": 1, "capacity_bytes": 1 << 30, "unit_number": key - 2000 if key < 3000 else 0,
+        "label": f"Hard disk {key - 1999}",
+    }
+    values.update(overrides)
+    return models.VmDisk.create(**values)
+
+
+def replication_job(ctx: models.VmReplicationContext, status: str = "completed", **overrides: Any) -> models.ReplicationJob:
+    n = next(_seq)
+    created = models.utcnow() - timedelta(minutes=60 - n % 60)
+    values = {
+        "id": f"job-test-{n}-{uuid.uuid4().hex[:6]}", "vm_context": ctx.context_id,
+        "source_vm_id": ctx.vmware_vm_id, "source_vm_name": ctx.vm_name, "source_vm_path": ctx.vm_path,
+        "vcenter_host": ctx.vcenter_host, "datacenter": ctx.datacenter, "replication_type": "initial",
+        "status": status, "created_at": created,
+        "completed_at": created + timedelta(minutes=5) if status in ("completed", "failed", "cancelled") else None,
+    }
+    values.update(overrides)
+    return models.ReplicationJob.create(**values)
