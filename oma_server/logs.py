@@ -12,13 +12,13 @@ import logging
 import sys
 from typing import Iterator
 
-_log_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("log_context", default={})
+_log_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("log_context", default=None)
 
 
 @contextlib.contextmanager
 def bind(**ids: str | None) -> Iterator[None]:
     """Attach ids (job_id=..., context_id=...) to every log record inside the block."""
-    merged = {**_log_context.get(), **{k: v for k, v in ids.items() if v}}
+    merged = {**(_log_context.get() or {}), **{k: v for k, v in ids.items() if v}}
     token = _log_context.set(merged)
     try:
         yield
@@ -27,12 +27,12 @@ def bind(**ids: str | None) -> Iterator[None]:
 
 
 def current_ids() -> dict[str, str]:
-    return dict(_log_context.get())
+    return dict(_log_context.get() or {})
 
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.ids = _log_context.get()
+        record.ids = _log_context.get() or {}
         return True
 
 

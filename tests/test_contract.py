@@ -54,7 +54,7 @@ def test_every_mapping_route_has_an_rpc():
 
 
 def test_routes_name_real_methods_and_paths():
-    for (side, route), methods in _routes_in_contract().items():
+    for (_side, route), methods in _routes_in_contract().items():
         verb, _, path = route.partition(" ")
         assert verb in {"GET", "POST", "PUT", "DELETE", "PATCH"}, (route, methods)
         assert path.startswith("/"), (route, methods)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from oma.v1 import discovery_pb2, machine_groups_pb2 as pb
+from oma.v1 import discovery_pb2
+from oma.v1 import machine_groups_pb2 as pb
 
 from oma_server.db import models
 from tests import factories

@@ -6,10 +6,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from oma.v1 import auth_pb2, schedules_pb2, vm_contexts_pb2
-from omaclient.client import OmaClient
 
 from oma_server.db.models import ApiUser
 from oma_server.domain.auth import TokenAuthority
+from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD, start_oma
 
 

@@ -9,13 +9,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from peewee import JOIN, fn
+from peewee import fn
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import (
-    CONTEXT_REPLICATION_BLOCKED_STATUSES, FAILOVER_ACTIVE_STATUSES, REPLICATION_ACTIVE_STATUSES,
-    CbtHistory, ContextStatus, FailoverJob, JobCategory, JobTracking, JobTrackingStatus, JobType,
-    ReplicationJob, VmDisk, VmGroupMembership, VmMachineGroup, VmReplicationContext, VmwareCredential,
+    CONTEXT_REPLICATION_BLOCKED_STATUSES,
+    FAILOVER_ACTIVE_STATUSES,
+    REPLICATION_ACTIVE_STATUSES,
+    CbtHistory,
+    ContextStatus,
+    FailoverJob,
+    JobCategory,
+    JobTracking,
+    JobTrackingStatus,
+    JobType,
+    ReplicationJob,
+    VmDisk,
+    VmGroupMembership,
+    VmMachineGroup,
+    VmReplicationContext,
+    VmwareCredential,
 )
 from oma_server.domain import joblog, paging
 from oma_server.domain.step_names import friendly_step_name

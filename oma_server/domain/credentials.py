@@ -186,14 +186,19 @@ def get_default() -> VmwareCredential:
     return cred
 
 
-def use(box: SecretBox, credential_id: int) -> VCenterLogin:
-    """Decrypt a credential for a vCenter call and record the use."""
+def login_for(box: SecretBox, credential_id: int) -> VCenterLogin:
+    """Decrypt a saved credential for a vCenter call (no write: see :func:`record_use`)."""
     cred = get(credential_id)
     if not cred.is_active:
         raise FailedPrecondition(f"credential {cred.credential_name!r} is inactive")
     password = box.decrypt(cred.password_encrypted)
-    VmwareCredential.update(
-        last_used=utcnow(), usage_count=VmwareCredential.usage_count + 1
-    ).where(VmwareCredential.id == credential_id).execute()
     return VCenterLogin(cred.id, cred.vcenter_host, cred.username, password, cred.datacenter,
                         cred.tls_thumbprint or "", bool(cred.tls_insecure))
+
+
+def record_use(credential_id: int | None) -> None:
+    """Bump last_used/usage_count once a call with the credential reached vCenter."""
+    if credential_id:
+        VmwareCredential.update(
+            last_used=utcnow(), usage_count=VmwareCredential.usage_count + 1
+        ).where(VmwareCredential.id == credential_id).execute()

@@ -10,12 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from peewee import JOIN, fn
+from peewee import fn
 
-from oma_server.db.database import database_proxy as db
 from oma_server.db.models import (
-    REPLICATION_ACTIVE_STATUSES, JobCategory, JobType, ReplicationJob, ReplicationSchedule,
-    ScheduleExecution, ScheduleExecutionStatus, VmGroupMembership, VmMachineGroup, VmReplicationContext,
+    REPLICATION_ACTIVE_STATUSES,
+    JobCategory,
+    JobType,
+    ReplicationJob,
+    ReplicationSchedule,
+    ScheduleExecution,
+    ScheduleExecutionStatus,
+    VmGroupMembership,
+    VmMachineGroup,
+    VmReplicationContext,
 )
 from oma_server.domain import joblog, paging
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require

@@ -24,8 +24,17 @@ from peewee import IntegrityError, fn
 from oma_server import logs
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import (
-    JOB_TRACKING_ACTIVE_STATUSES, JobCategory, JobExecutionLog, JobStep, JobTracking,
-    JobTrackingStatus, JobType, LogEvent, LogLevel, StepStatus, utcnow,
+    JOB_TRACKING_ACTIVE_STATUSES,
+    JobCategory,
+    JobExecutionLog,
+    JobStep,
+    JobTracking,
+    JobTrackingStatus,
+    JobType,
+    LogEvent,
+    LogLevel,
+    StepStatus,
+    utcnow,
 )
 from oma_server.errors import DomainError, InvalidArgument, NotFound
 

@@ -14,7 +14,12 @@ from peewee import IntegrityError
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import (
-    NetworkMapping, NetworkMappingType, NetworkValidationStatus, VmDisk, VmReplicationContext, utcnow,
+    NetworkMapping,
+    NetworkMappingType,
+    NetworkValidationStatus,
+    VmDisk,
+    VmReplicationContext,
+    utcnow,
 )
 from oma_server.domain import contexts, paging
 from oma_server.errors import AlreadyExists, InvalidArgument, NotFound, require

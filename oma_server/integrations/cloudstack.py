@@ -18,7 +18,7 @@ import requests
 from cs import CloudStack as _CsClient
 from cs import CloudStackApiException, CloudStackException
 
-from oma_server.errors import DeadlineExceeded, DomainError, FailedPrecondition, InvalidArgument, Unavailable
+from oma_server.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
 
 log = logging.getLogger("oma_server.cloudstack")
 T = TypeVar("T")

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from oma_server.services.auth import AuthServicer
-from oma_server.services.discovery import DiscoveryServicer
 from oma_server.services.credentials import VMwareCredentialServicer
+from oma_server.services.discovery import DiscoveryServicer
 from oma_server.services.groups import MachineGroupServicer
 from oma_server.services.job_log import JobLogServicer
 from oma_server.services.network_mappings import NetworkMappingServicer
@@ -29,7 +29,11 @@ IMPLEMENTED: dict[str, Any] = {
 def start_components(runtime: Any) -> None:
     """Start background components (workers, followers) once the services are registered."""
     from oma_server.domain.joblog import LogEventSink
+    from oma_server.integrations.vma_client import VmaClient
 
     sink = LogEventSink()
     sink.start()
     runtime.components["log_events"] = sink
+    settings = runtime.settings
+    runtime.components["vma"] = VmaClient(settings.vma_address, settings.vma_token,
+                                          timeout=settings.vma_timeout_seconds, retries=settings.vma_retries)

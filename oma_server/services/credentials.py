@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from oma.v1 import vmware_credentials_pb2 as pb, vmware_credentials_pb2_grpc
+from oma.v1 import vmware_credentials_pb2 as pb
+from oma.v1 import vmware_credentials_pb2_grpc
 
+from oma_server import errors
 from oma_server.convert import optional_fields
 from oma_server.domain import credentials
 from oma_server.rpc import caller_name
@@ -50,6 +52,26 @@ class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServi
 
     def SetDefaultCredential(self, request, context):
         return pb.SetDefaultCredentialResponse(credential=_one(credentials.set_default(request.id)))
+
+    def TestCredential(self, request, context):
+        """Logs in through the VMA; vCenter-side failures are a normal answer with the reason."""
+        login = credentials.login_for(self._box, request.id)
+        try:
+            checked = self._runtime.components["vma"].check_connection(login)
+        except errors.Unavailable as exc:
+            if "VMA agent" in exc.message:
+                raise
+            return pb.TestCredentialResponse(success=False, message="vCenter is unreachable", error=exc.message)
+        except (errors.Unauthenticated, errors.PermissionDenied, errors.NotFound,
+                errors.FailedPrecondition) as exc:
+            credentials.record_use(login.credential_id)
+            return pb.TestCredentialResponse(success=False, message="vCenter refused the connection",
+                                             error=exc.message)
+        credentials.record_use(login.credential_id)
+        return pb.TestCredentialResponse(
+            success=checked.success, message=checked.message, vcenter_version=checked.vcenter_version,
+            datacenters=checked.datacenters, error="" if checked.success else checked.message,
+        )
 
     def GetDefaultCredential(self, request, context):
         return pb.GetDefaultCredentialResponse(credential=_one(credentials.get_default()))

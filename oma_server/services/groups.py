@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from oma.v1 import machine_groups_pb2 as pb, machine_groups_pb2_grpc
+from oma.v1 import machine_groups_pb2 as pb
+from oma.v1 import machine_groups_pb2_grpc
 
 from oma_server.convert import fill, optional_fields, timestamp
 from oma_server.db.models import utcnow

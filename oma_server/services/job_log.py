@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from oma.v1 import job_log_pb2 as pb, job_log_pb2_grpc
+from oma.v1 import job_log_pb2 as pb
+from oma.v1 import job_log_pb2_grpc
 
 from oma_server.convert import fill, to_datetime
 from oma_server.domain import joblog, paging

@@ -4,7 +4,11 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from oma.v1 import (
-    job_log_pb2, machine_groups_pb2, network_mappings_pb2, resources_pb2, vm_contexts_pb2,
+    job_log_pb2,
+    machine_groups_pb2,
+    network_mappings_pb2,
+    resources_pb2,
+    vm_contexts_pb2,
     vmware_credentials_pb2,
 )
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from oma.v1 import network_mappings_pb2 as pb, network_mappings_pb2_grpc
+from oma.v1 import network_mappings_pb2 as pb
+from oma.v1 import network_mappings_pb2_grpc
 
 from oma_server.convert import fill
 from oma_server.domain import network_mappings

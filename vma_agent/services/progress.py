@@ -5,7 +5,12 @@ from vma.v1 import progress_pb2, progress_pb2_grpc
 
 from vma_agent import errors
 from vma_agent.progress_store import (
-    DiskStatus, JobRecord, JobStatus, ProgressStore, ProgressUpdate, Stage,
+    DiskStatus,
+    JobRecord,
+    JobStatus,
+    ProgressStore,
+    ProgressUpdate,
+    Stage,
 )
 
 _MIB = 1024 * 1024

@@ -1,0 +1,129 @@
+"""CloudStack ("OSSEA") configurations (ossea_configs): exactly one is active.
+
+Secret and API keys are encrypted at rest; responses show only the last characters of the API key.
+A CloudStack client is built per operation from the active configuration (never cached at start-up),
+so edits apply at once.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from oma_server.db.database import database_proxy as db
+from oma_server.db.models import OsseaConfig
+from oma_server.domain.crypto import SecretBox
+from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
+from oma_server.integrations.cloudstack import CloudStack, Endpoint, normalise_api_url
+
+_REQUIRED = ("name", "api_url", "api_key", "secret_key", "zone")
+_OPTIONAL = ("domain", "oma_vm_id", "template_id", "network_id", "service_offering_id", "disk_offering_id")
+
+
+def active_config() -> OsseaConfig | None:
+    return (OsseaConfig.select().where(OsseaConfig.is_active == True)  # noqa: E712
+            .order_by(OsseaConfig.id.desc()).first())
+
+
+def active_config_id() -> int | None:
+    config = active_config()
+    return config.id if config else None
+
+
+def require_active() -> OsseaConfig:
+    config = active_config()
+    if config is None:
+        raise FailedPrecondition("no CloudStack configuration is active; save one with OSSEAConfigService.CreateConfig")
+    return config
+
+
+def get(config_id: int) -> OsseaConfig:
+    require(config_id > 0, "id is required")
+    config = OsseaConfig.get_or_none(OsseaConfig.id == config_id)
+    if config is None:
+        raise NotFound(f"no CloudStack configuration with id {config_id}")
+    return config
+
+
+def api_key_hint(config: OsseaConfig, box: SecretBox) -> str:
+    try:
+        key = box.decrypt(config.api_key)
+    except Exception:  # noqa: BLE001 - a hint is cosmetic; never fail a read for it
+        return ""
+    return f"…{key[-4:]}" if len(key) > 8 else "…"
+
+
+def client(config: OsseaConfig, box: SecretBox, **options: Any) -> CloudStack:
+    return CloudStack(Endpoint(config.api_url, box.decrypt(config.api_key), box.decrypt(config.secret_key)),
+                      **options)
+
+
+def _validate_url(url: str) -> str:
+    url = url.strip()
+    if not url.startswith(("http://", "https://")):
+        raise InvalidArgument("api_url must start with http:// or https://")
+    return url
+
+
+def create(box: SecretBox, values: dict[str, Any], *, activate: bool = True) -> OsseaConfig:
+    missing = [k for k in _REQUIRED if not str(values.get(k) or "").strip()]
+    if missing:
+        raise InvalidArgument(f"missing required fields: {', '.join(missing)}")
+    name = values["name"].strip()
+    if OsseaConfig.select().where(OsseaConfig.name == name).exists():
+        raise AlreadyExists(f"a CloudStack configuration named {name!r} already exists")
+    row = {
+        "name": name, "api_url": _validate_url(values["api_url"]), "api_key": box.encrypt(values["api_key"]),
+        "secret_key": box.encrypt(values["secret_key"]), "zone": values["zone"].strip(), "is_active": activate,
+        **{k: (values.get(k) or None) for k in _OPTIONAL},
+    }
+    with db.atomic():
+        config = OsseaConfig.create(**row)
+        if activate:
+            OsseaConfig.update(is_active=False).where(OsseaConfig.id != config.id).execute()
+    return get(config.id)
+
+
+def update(box: SecretBox, config_id: int, changes: dict[str, Any]) -> OsseaConfig:
+    config = get(config_id)
+    values: dict[str, Any] = {}
+    for key in _REQUIRED:
+        if key in changes:
+            value = str(changes[key] or "").strip()
+            if not value:
+                raise InvalidArgument(f"{key} cannot be empty")
+            values[key] = value
+    if "api_url" in values:
+        values["api_url"] = _validate_url(values["api_url"])
+    for secret in ("api_key", "secret_key"):
+        if secret in values:
+            values[secret] = box.encrypt(values[secret])
+    for key in _OPTIONAL:
+        if key in changes:
+            values[key] = changes[key] or None
+    if not values:
+        raise InvalidArgument("no fields to update")
+    if "name" in values and values["name"] != config.name and \
+            OsseaConfig.select().where(OsseaConfig.name == values["name"]).exists():
+        raise AlreadyExists(f"a CloudStack configuration named {values['name']!r} already exists")
+    OsseaConfig.update(values).where(OsseaConfig.id == config_id).execute()
+    return get(config_id)
+
+
+def activate(config_id: int) -> OsseaConfig:
+    with db.atomic():
+        get(config_id)
+        OsseaConfig.update(is_active=False).where(OsseaConfig.id != config_id).execute()
+        OsseaConfig.update(is_active=True).where(OsseaConfig.id == config_id).execute()
+    return get(config_id)
+
+
+def deactivate_or_purge(config_id: int, purge: bool) -> OsseaConfig:
+    config = get(config_id)
+    if purge:
+        config.delete_instance()
+        return config
+    OsseaConfig.update(is_active=False).where(OsseaConfig.id == config_id).execute()
+    return get(config_id)
+
+
+def normalised_url(url: str) -> str:
+    return normalise_api_url(url)

@@ -1,0 +1,171 @@
+"""The OMA's client of the VMA agent: the only module that talks to the VMA's gRPC services.
+
+Every call carries the VMA bearer token and a deadline; calls that are safe to repeat are retried on
+UNAVAILABLE with backoff (gRPC's retry policy), and the VMA's status codes come back as the OMA's
+domain errors with the VMA's message, so the RPC that caused them answers with the same code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator
+
+import grpc
+from vma.v1 import (
+    cbt_pb2,
+    cbt_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    power_pb2,
+    power_pb2_grpc,
+    progress_pb2,
+    progress_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
+    vcenter_pb2,
+)
+
+from oma_server import errors
+from oma_server.domain.credentials import VCenterLogin
+
+log = logging.getLogger("oma_server.vma")
+
+_CODE_TO_ERROR = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+}
+
+
+def _retry_config(retries: int) -> str:
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": "vma.v1.DiscoveryService"}, {"service": "vma.v1.ProgressService"},
+                 {"service": "vma.v1.CBTService", "method": "GetCBTStatus"},
+                 {"service": "vma.v1.PowerService", "method": "GetPowerState"},
+                 {"service": "vma.v1.ReplicationService", "method": "GetReplicationStatus"}],
+        "retryPolicy": {"maxAttempts": max(2, retries + 1), "initialBackoff": "0.3s", "maxBackoff": "5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]})
+
+
+def connection(login: VCenterLogin) -> vcenter_pb2.VCenterConnection:
+    return vcenter_pb2.VCenterConnection(
+        host=login.host, username=login.username, password=login.password, datacenter=login.datacenter,
+        thumbprint=login.thumbprint, insecure=login.insecure,
+    )
+
+
+class VmaClient:
+    def __init__(self, address: str, token: str = "", *, timeout: float = 60.0, retries: int = 3):
+        self.address = address
+        self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.service_config", _retry_config(retries)), ("grpc.enable_retries", 1),
+            ("grpc.keepalive_time_ms", 30_000),
+        ])
+        self._discovery = discovery_pb2_grpc.DiscoveryServiceStub(self._channel)
+        self._progress = progress_pb2_grpc.ProgressServiceStub(self._channel)
+        self._replication = replication_pb2_grpc.ReplicationServiceStub(self._channel)
+        self._power = power_pb2_grpc.PowerServiceStub(self._channel)
+        self._cbt = cbt_pb2_grpc.CBTServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    stop = close
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+
+    def _translate(self, exc: grpc.RpcError) -> errors.DomainError:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # Either the agent is down, or the agent reports vCenter unavailable (then it says so).
+            if "vcenter" in details.lower():
+                return errors.Unavailable(details)
+            return errors.Unavailable(f"the VMA agent at {self.address} is unreachable ({details})")
+        if code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in details:
+            return errors.FailedPrecondition(f"the VMA agent at {self.address} refused the OMA's token")
+        error_class = _CODE_TO_ERROR.get(code)
+        if error_class is None:
+            log.warning("VMA call failed with %s: %s", code.name, details)
+            return errors.Unavailable(f"the VMA agent failed ({code.name}): {details}")
+        return error_class(details)
+
+    # --- discovery ------------------------------------------------------------------------------
+    def discover(self, login: VCenterLogin, *, filter: str = "", names: tuple[str, ...] = ()) -> discovery_pb2.DiscoverResponse:
+        return self._call(self._discovery.Discover, discovery_pb2.DiscoverRequest(
+            connection=connection(login), filter=filter, names=list(names)))
+
+    def check_connection(self, login: VCenterLogin) -> discovery_pb2.CheckConnectionResponse:
+        return self._call(self._discovery.CheckConnection,
+                          discovery_pb2.CheckConnectionRequest(connection=connection(login)))
+
+    # --- replication ----------------------------------------------------------------------------
+    def start_replication(self, request: replication_pb2.StartReplicationRequest) -> replication_pb2.StartReplicationResponse:
+        return self._call(self._replication.StartReplication, request)
+
+    def replication_status(self, job_id: str) -> replication_pb2.GetReplicationStatusResponse:
+        return self._call(self._replication.GetReplicationStatus,
+                          replication_pb2.GetReplicationStatusRequest(job_id=job_id), timeout=10)
+
+    def cancel_replication(self, job_id: str, reason: str) -> replication_pb2.CancelReplicationResponse:
+        return self._call(self._replication.CancelReplication,
+                          replication_pb2.CancelReplicationRequest(job_id=job_id, reason=reason), timeout=30)
+
+    # --- progress -------------------------------------------------------------------------------
+    def get_progress(self, job_id: str) -> progress_pb2.JobProgress:
+        return self._call(self._progress.GetProgress, progress_pb2.GetProgressRequest(job_id=job_id),
+                          timeout=10).progress
+
+    def watch_progress(self, job_id: str) -> "ProgressWatch":
+        return ProgressWatch(self, self._progress.WatchProgress(
+            progress_pb2.WatchProgressRequest(job_id=job_id), metadata=self._metadata))
+
+    # --- power and CBT --------------------------------------------------------------------------
+    def power_off(self, login: VCenterLogin, vm_uuid: str, *, force: bool = False, timeout_seconds: int = 300,
+                  force_after_timeout: bool = True) -> power_pb2.PowerOperationResult:
+        return self._call(self._power.PowerOff, power_pb2.PowerOffRequest(
+            connection=connection(login), vm=vcenter_pb2.VMReference(uuid=vm_uuid), force=force,
+            timeout_seconds=timeout_seconds, force_after_timeout=force_after_timeout,
+        ), timeout=timeout_seconds + 60).result
+
+    def power_on(self, login: VCenterLogin, vm_uuid: str, *, timeout_seconds: int = 600) -> power_pb2.PowerOperationResult:
+        return self._call(self._power.PowerOn, power_pb2.PowerOnRequest(
+            connection=connection(login), vm=vcenter_pb2.VMReference(uuid=vm_uuid), timeout_seconds=timeout_seconds,
+        ), timeout=timeout_seconds + 60).result
+
+    def power_state(self, login: VCenterLogin, vm_uuid: str) -> power_pb2.GetPowerStateResponse:
+        return self._call(self._power.GetPowerState, power_pb2.GetPowerStateRequest(
+            connection=connection(login), vm=vcenter_pb2.VMReference(uuid=vm_uuid)), timeout=30)
+
+    def cbt_status(self, login: VCenterLogin, vm_uuid: str) -> cbt_pb2.GetCBTStatusResponse:
+        return self._call(self._cbt.GetCBTStatus, cbt_pb2.GetCBTStatusRequest(
+            connection=connection(login), vm=vcenter_pb2.VMReference(uuid=vm_uuid)))
+
+
+class ProgressWatch:
+    """Iterates a VMA progress stream, translating its failure into a domain error; cancellable."""
+
+    def __init__(self, client: VmaClient, call):
+        self._client, self._call = client, call
+
+    def __iter__(self) -> Iterator[progress_pb2.JobProgress]:
+        try:
+            for response in self._call:
+                yield response.progress
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise self._client._translate(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
