@@ -13,7 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from peewee import fn
 
@@ -31,6 +31,7 @@ from oma_server.db.models import (
     FailoverJob,
     JobCategory,
     JobStatus,
+    JobTrackingStatus,
     JobType,
     NbdExport,
     OsseaVolume,
@@ -44,7 +45,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain import cloudstack_config, contexts, credentials, joblog
 from oma_server.domain.job_lifecycle import finish
-from oma_server.errors import FailedPrecondition, InvalidArgument, NotFound, require
+from oma_server.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, require
 
 CHANGE_ID_PATTERN = re.compile(r"^[0-9a-fA-F -]{8,}/\d+$")
 LIVE_SECONDS = 30
@@ -285,7 +286,7 @@ def store_change_id(job_id: str, disk_id: str, change_id: str, *, previous: str 
 
 # --- delete --------------------------------------------------------------------------------------
 
-def check_deletable(job: ReplicationJob) -> None:
+def _check_deletable(job: ReplicationJob) -> None:
     if job.status not in JOB_TERMINAL_STATUSES:
         raise FailedPrecondition(f"job {job.id} is {job.status}; cancel it before deleting it")
     if FailoverJob.select().where(FailoverJob.replication_job_id == job.id,
@@ -293,9 +294,44 @@ def check_deletable(job: ReplicationJob) -> None:
         raise FailedPrecondition(f"job {job.id} is used by a failover in progress")
 
 
-def delete_rows(job: ReplicationJob, volumes_deleted: Sequence[int]) -> int:
-    """Remove the job row (its exports and CBT history cascade, disk rows are kept with job_id NULL);
-    clear the change ids of disks whose replica volume was deleted. Returns the exports removed."""
+def job_volumes(job: ReplicationJob) -> list[OsseaVolume]:
+    """The replica volumes this job wrote to (through its disks)."""
+    ids = [d.ossea_volume_id for d in VmDisk.select(VmDisk.ossea_volume_id).where(VmDisk.job == job.id)
+           if d.ossea_volume_id]
+    return list(OsseaVolume.select().where(OsseaVolume.id.in_(ids))) if ids else []
+
+
+def delete(job_id: str, *, actor: str, remove_volume: Callable[[OsseaVolume], None] | None) -> dict[str, Any]:
+    """DeleteReplication as a cleanup job with named steps. Disk rows and their change ids are kept
+    (vm_disks.job_id is set NULL) unless their replica volume is deleted too."""
+    job = get(job_id)
+    _check_deletable(job)
+    tracking = joblog.start_job(JobType.CLEANUP, "delete-replication-job", owner=actor, context_id=job.vm_context_id,
+                                metadata={"target_job_id": job_id, "delete_volumes": remove_volume is not None})
+    deleted: list[int] = []
+    warning = ""
+    try:
+        with joblog.step(tracking, "delete-volumes") as step:
+            for volume in (job_volumes(job) if remove_volume else []):
+                try:
+                    remove_volume(volume)
+                    deleted.append(volume.id)
+                except DomainError as exc:
+                    warning = f"volume {volume.volume_id} was not deleted: {exc.message}"
+                    break
+            step.details.update(deleted=len(deleted), warning=warning or None)
+        with joblog.step(tracking, "database-cleanup") as step:
+            exports = _delete_rows(job, deleted)
+            step.details["nbd_exports_removed"] = exports
+    except joblog.StepFailed as exc:
+        joblog.end_job(tracking, JobTrackingStatus.FAILED, exc.message)
+        raise exc.cause from None
+    joblog.end_job(tracking, JobTrackingStatus.COMPLETED)
+    return {"job_id": job_id, "deletion_tracking_id": tracking, "volumes_deleted": len(deleted),
+            "nbd_exports_removed": exports, "volume_deletion_warning": warning}
+
+
+def _delete_rows(job: ReplicationJob, volumes_deleted: Sequence[int]) -> int:
     with db.atomic():
         exports = NbdExport.select().where(NbdExport.job == job.id).count()
         FailoverJob.update(replication_job_id=None).where(FailoverJob.replication_job_id == job.id).execute()
@@ -303,16 +339,14 @@ def delete_rows(job: ReplicationJob, volumes_deleted: Sequence[int]) -> int:
             VmDisk.update(disk_change_id=None, ossea_volume_id=None).where(
                 VmDisk.ossea_volume_id.in_(list(volumes_deleted))).execute()
         ReplicationJob.delete().where(ReplicationJob.id == job.id).execute()
-        if job.vm_context_id:
-            ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == job.vm_context_id)
-            if ctx is not None and ctx.last_successful_job_id is None and job.status == JobStatus.COMPLETED:
-                newest = (ReplicationJob.select(ReplicationJob.id)
-                          .where(ReplicationJob.vm_context == ctx.context_id,
-                                 ReplicationJob.status == JobStatus.COMPLETED)
-                          .order_by(ReplicationJob.created_at.desc()).first())
-                if newest:
-                    VmReplicationContext.update(last_successful_job=newest.id).where(
-                        VmReplicationContext.context_id == ctx.context_id).execute()
+        # The context's counters are history and stay; a deleted last success is replaced by the newest other one.
+        if job.vm_context_id and job.status == JobStatus.COMPLETED:
+            newest = (ReplicationJob.select(ReplicationJob.id)
+                      .where(ReplicationJob.vm_context == job.vm_context_id, ReplicationJob.status == JobStatus.COMPLETED)
+                      .order_by(ReplicationJob.created_at.desc()).first())
+            VmReplicationContext.update(last_successful_job=newest.id if newest else None).where(
+                VmReplicationContext.context_id == job.vm_context_id,
+                VmReplicationContext.last_successful_job.is_null()).execute()
     return exports
 
 

@@ -13,6 +13,8 @@ from oma_server.services.discovery import DiscoveryServicer
 from oma_server.services.groups import MachineGroupServicer
 from oma_server.services.job_log import JobLogServicer
 from oma_server.services.network_mappings import NetworkMappingServicer
+from oma_server.services.progress import ProgressServicer
+from oma_server.services.replications import ReplicationServicer
 from oma_server.services.vm_contexts import VMContextServicer
 
 IMPLEMENTED: dict[str, Any] = {
@@ -23,12 +25,16 @@ IMPLEMENTED: dict[str, Any] = {
     "oma.v1.NetworkMappingService": NetworkMappingServicer,
     "oma.v1.JobLogService": JobLogServicer,
     "oma.v1.DiscoveryService": DiscoveryServicer,
+    "oma.v1.ReplicationService": ReplicationServicer,
+    "oma.v1.ProgressService": ProgressServicer,
 }
 
 
 def start_components(runtime: Any) -> None:
     """Start background components (workers, followers) once the services are registered."""
     from oma_server.domain.joblog import LogEventSink
+    from oma_server.domain.replication_workflow import ReplicationEngine
+    from oma_server.integrations.nbd_exports import ExportManager
     from oma_server.integrations.vma_client import VmaClient
 
     sink = LogEventSink()
@@ -37,3 +43,9 @@ def start_components(runtime: Any) -> None:
     settings = runtime.settings
     runtime.components["vma"] = VmaClient(settings.vma_address, settings.vma_token,
                                           timeout=settings.vma_timeout_seconds, retries=settings.vma_retries)
+    runtime.components["exports"] = ExportManager(
+        bind_host=settings.nbd_bind_host, public_host=settings.nbd_public_host,
+        port_min=settings.nbd_port_min, port_max=settings.nbd_port_max)
+    engine = ReplicationEngine(runtime)
+    runtime.components["replication"] = engine
+    engine.recover()

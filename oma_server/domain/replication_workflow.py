@@ -1,0 +1,460 @@
+"""One replication, step by step (the worker behind CreateReplication).
+
+    prepare-disks      refresh the VM's disks from vCenter (through the VMA)      → status provisioning
+    provision-volumes  reuse or create a CloudStack replica volume per disk
+    attach-volumes     attach them to the OMA VM and find each device by the volume id
+    start-exports      serve each device over NBD (nbd_exports)
+    start-transfer     hand the disks, NBD targets and usable change ids to the VMA → status replicating
+    transfer           follow the VMA's progress stream: persist progress, store each disk's new change id
+    finalize           check every disk of the job has its change id                → completed
+
+Each step is a job_steps row of the job's JobLog job, so a failure names its step. Every way out —
+success, a failed step, the VMA reporting failure, a stalled or lost job, a cancel — ends in
+:func:`job_lifecycle.finish`, which releases the VM in the same transaction.
+
+The engine runs workflows on a bounded thread pool. On start it recovers: jobs whose setup was cut by
+a restart fail ("interrupted"), jobs that were replicating resume following the VMA's stream.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vma.v1 import progress_pb2, replication_pb2, vcenter_pb2
+
+from oma_server import errors, logs, metrics
+from oma_server.db.database import database_proxy as db
+from oma_server.db.models import (
+    REPLICATION_ACTIVE_STATUSES,
+    DiskSyncStatus,
+    JobStatus,
+    OsseaConfig,
+    ReplicationJob,
+    VmaErrorClassification,
+    VmDisk,
+    VmReplicationContext,
+    utcnow,
+)
+from oma_server.domain import (
+    cloudstack_config,
+    contexts,
+    credentials,
+    discovery,
+    joblog,
+    replications,
+    volumes,
+)
+from oma_server.domain.job_lifecycle import finish, tracking_job_id
+from oma_server.integrations import vma_client
+
+log = logging.getLogger("oma_server.replication")
+
+_DISK_STATUS = {
+    progress_pb2.DISK_STATUS_QUEUED: DiskSyncStatus.PENDING,
+    progress_pb2.DISK_STATUS_STREAMING: DiskSyncStatus.SYNCING,
+    progress_pb2.DISK_STATUS_COMPLETED: DiskSyncStatus.SYNCING,  # completed only once its change id is stored
+    progress_pb2.DISK_STATUS_FAILED: DiskSyncStatus.FAILED,
+}
+_MIB = 1024 * 1024
+
+
+class Cancelled(Exception):
+    """The operator cancelled the job."""
+
+
+@dataclass
+class _Control:
+    """How the engine talks to a running workflow: cancel it, or tell it the OMA is stopping."""
+
+    requested: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+    stopping: bool = False
+
+
+class ProgressHub:
+    """Wakes progress watchers of a job when its persisted progress changes (in this process)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._versions: dict[str, int] = {}
+
+    def notify(self, job_id: str) -> None:
+        with self._changed:
+            self._versions[job_id] = self._versions.get(job_id, 0) + 1
+            self._changed.notify_all()
+
+    def version(self, job_id: str) -> int:
+        with self._changed:
+            return self._versions.get(job_id, 0)
+
+    def wait(self, job_id: str, seen: int, timeout: float) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: self._versions.get(job_id, 0) != seen, timeout)
+            return self._versions.get(job_id, 0)
+
+
+@dataclass
+class Target:
+    disk: VmDisk
+    volume: Any = None
+    mapping: Any = None
+    export: Any = None
+    previous_change_id: str = ""
+
+
+@dataclass
+class JobState:
+    job_id: str
+    tracking_id: str
+    job: ReplicationJob
+    ctx: VmReplicationContext
+    config: OsseaConfig
+    login: credentials.VCenterLogin
+    targets: list[Target] = field(default_factory=list)
+    stored_change_ids: set[str] = field(default_factory=set)
+
+
+class ReplicationEngine:
+    def __init__(self, runtime: Any):
+        s = runtime.settings
+        self._runtime, self._settings, self._box = runtime, s, runtime.secrets
+        self._pool = ThreadPoolExecutor(max_workers=s.replication_workers, thread_name_prefix="replication")
+        self._controls: dict[str, _Control] = {}
+        self._lock = threading.Lock()
+        self.hub = ProgressHub()
+        self.exports = runtime.components["exports"]
+
+    @property
+    def _vma(self) -> vma_client.VmaClient:
+        return self._runtime.components["vma"]
+
+    # --- public ---------------------------------------------------------------------------------
+    def submit(self, job_id: str, *, resume: bool = False) -> None:
+        with self._lock:
+            self._controls[job_id] = _Control()
+        self._pool.submit(self._run, job_id, resume)
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Ask a running workflow to stop; the VMA stops copying; the job ends cancelled."""
+        job = replications.get(job_id)
+        if job.status not in REPLICATION_ACTIVE_STATUSES:
+            raise errors.FailedPrecondition(f"job {job_id} already ended ({job.status})")
+        with self._lock:
+            control = self._controls.get(job_id)
+        if control is None:  # no worker in this process owns it (e.g. after a restart): end it here
+            finish(job_id, JobStatus.CANCELLED, reason or "cancelled by the operator")
+            return
+        control.reason = reason or "cancelled by the operator"
+        control.requested.set()
+        if job.status == JobStatus.REPLICATING:
+            try:
+                self._vma.cancel_replication(job_id, reason)
+            except errors.DomainError as exc:
+                log.warning("VMA could not cancel %s: %s", job_id, exc.message)
+
+    def recover(self) -> None:
+        """After a restart: fail interrupted setups, resume following replicating jobs."""
+        with db.connection_context():
+            active = list(ReplicationJob.select().where(ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)))
+        for job in active:
+            if job.status == JobStatus.REPLICATING:
+                log.info("resuming replication job %s after restart", job.id)
+                self.submit(job.id, resume=True)
+            else:
+                with db.connection_context():
+                    finish(job.id, JobStatus.FAILED, "interrupted by an OMA restart during setup; start it again")
+
+    def stop(self) -> None:
+        for control in list(self._controls.values()):
+            control.stopping = True
+            control.requested.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # --- the workflow ---------------------------------------------------------------------------
+    def _steps(self, resume: bool) -> list[joblog.Step]:
+        setup = [
+            joblog.Step("prepare-disks", self._prepare_disks),
+            joblog.Step("provision-volumes", self._provision_volumes),
+            joblog.Step("attach-volumes", self._attach_volumes),
+            joblog.Step("start-exports", self._start_exports),
+            joblog.Step("start-transfer", self._start_transfer),
+        ]
+        follow = [joblog.Step("transfer", self._transfer), joblog.Step("finalize", self._finalize)]
+        return follow if resume else setup + follow
+
+    def _run(self, job_id: str, resume: bool) -> None:
+        control = self._controls[job_id]
+        try:
+            with db.connection_context():
+                state = self._load(job_id)
+            with logs.bind(job_id=job_id, context_id=state.ctx.context_id, external_job_id=job_id):
+                for step in self._steps(resume):
+                    if control.requested.is_set():
+                        raise Cancelled(control.reason or "the OMA is stopping")
+                    with db.connection_context():
+                        with joblog.step(state.tracking_id, step.name) as handle:
+                            step.run(state, handle)
+            with db.connection_context():
+                finish(job_id, JobStatus.COMPLETED)
+        except (Cancelled, joblog.StepFailed) as exc:
+            cause = exc.cause if isinstance(exc, joblog.StepFailed) else exc
+            if control.stopping and not isinstance(cause, _VmaReportedFailure):
+                log.info("job %s left running: the OMA is stopping", job_id)
+            elif isinstance(cause, Cancelled):
+                with db.connection_context():
+                    finish(job_id, JobStatus.CANCELLED, str(cause) or "cancelled by the operator")
+            else:
+                with db.connection_context():
+                    finish(job_id, JobStatus.FAILED, exc.message if isinstance(exc, joblog.StepFailed) else str(exc),
+                           classification=getattr(cause, "classification", None),
+                           details=getattr(cause, "details", None))
+        except Exception as exc:  # noqa: BLE001 - a bug must still end the job and release the VM
+            log.exception("replication job %s crashed", job_id)
+            with db.connection_context():
+                finish(job_id, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.hub.notify(job_id)
+            with contextlib.suppress(KeyError):
+                metrics.REPLICATION_RATE.remove(job_id)
+            with self._lock:
+                self._controls.pop(job_id, None)
+
+    def _load(self, job_id: str) -> JobState:
+        job = replications.get(job_id)
+        ctx = contexts.get(job.vm_context_id)
+        config = cloudstack_config.get(job.ossea_config_id) if job.ossea_config_id else cloudstack_config.require_active()
+        credential_id = ctx.credential_id or credentials.get_default().id
+        login = credentials.login_for(self._box, credential_id)
+        tracking = tracking_job_id(job_id) or joblog.start_job(
+            "migration", "replication", context_id=ctx.context_id, external_job_id=job_id, category="replication")
+        return JobState(job_id, tracking, job, ctx, config, login)
+
+    def _set(self, state: JobState, **values: Any) -> None:
+        ReplicationJob.update(values).where(ReplicationJob.id == state.job_id).execute()
+        self.hub.notify(state.job_id)
+
+    def _cs(self, state: JobState):
+        s = self._settings
+        return cloudstack_config.client(state.config, self._box, poll_interval=s.cloudstack_poll_interval_seconds,
+                                        job_timeout=s.cloudstack_job_timeout_seconds)
+
+    # step 1
+    def _prepare_disks(self, state: JobState, step: joblog.StepHandle) -> None:
+        self._set(state, status=JobStatus.PROVISIONING, current_operation="Preparing disks",
+                  setup_progress_percent=10)
+        inventory = discovery.fetch_inventory(self._vma, state.login, names=(state.ctx.vm_name,))
+        vm = next((v for v in inventory.vms if v.id == state.ctx.vmware_vm_id), None) or next(
+            (v for v in inventory.vms if v.name == state.ctx.vm_name), None)
+        if vm is None:
+            raise errors.NotFound(f"VM {state.ctx.vm_name!r} is no longer in vCenter {state.ctx.vcenter_host}")
+        if not vm.disks:
+            raise errors.FailedPrecondition(f"VM {vm.name!r} has no disks to replicate")
+        rows = discovery.disk_rows(state.ctx.context_id, vm)
+        with db.atomic():
+            for row in rows:
+                row["job"] = state.job_id
+                existing = VmDisk.get_or_none(VmDisk.vm_context == state.ctx.context_id, VmDisk.disk_id == row["disk_id"])
+                if existing is None:
+                    VmDisk.create(**row)
+                else:
+                    row.pop("vm_context")
+                    VmDisk.update(**row, sync_status=DiskSyncStatus.PENDING).where(VmDisk.id == existing.id).execute()
+            VmReplicationContext.update(
+                cpu_count=vm.num_cpu, memory_mb=vm.memory_mb, power_state=vm.power_state, vm_path=vm.path,
+                os_type=vm.guest_os or "unknown", vm_tools_version=vm.tools_version, vm_name=vm.name,
+            ).where(VmReplicationContext.context_id == state.ctx.context_id).execute()
+        current = {row["disk_id"] for row in rows}
+        state.targets = [Target(d) for d in contexts.disks(state.ctx.context_id) if d.disk_id in current]
+        total = sum(t.disk.capacity_bytes or 0 for t in state.targets)
+        self._set(state, total_bytes=total, setup_progress_percent=20)
+        step.details.update(disks=[t.disk.disk_id for t in state.targets], capacity_bytes=total)
+
+    # step 2
+    def _provision_volumes(self, state: JobState, step: joblog.StepHandle) -> None:
+        self._set(state, current_operation="Provisioning replica volumes")
+        cs = self._cs(state)
+        for target in state.targets:
+            result = volumes.provision(cs, state.config, state.ctx, target.disk, self._settings.replica_extra_gib)
+            target.volume = result.volume
+            target.disk = VmDisk.get_by_id(target.disk.id)
+            step.details[target.disk.disk_id] = {"volume_id": result.volume.volume_id, "created": result.created,
+                                                 "resized": result.resized}
+        self._set(state, setup_progress_percent=60)
+
+    # step 3
+    def _attach_volumes(self, state: JobState, step: joblog.StepHandle) -> None:
+        self._set(state, current_operation="Attaching replica volumes")
+        cs = self._cs(state)
+        for target in state.targets:
+            target.mapping = volumes.attach(cs, state.config, target.volume, device_dir=self._settings.device_dir,
+                                            wait_seconds=self._settings.device_wait_seconds)
+            step.details[target.disk.disk_id] = target.mapping.device_path
+        self._set(state, setup_progress_percent=70)
+
+    # step 4
+    def _start_exports(self, state: JobState, step: joblog.StepHandle) -> None:
+        self._set(state, current_operation="Starting NBD exports")
+        for target in state.targets:
+            target.export = volumes.export(self.exports, target.mapping, target.disk, state.job_id)
+            step.details[target.disk.disk_id] = target.export.uri
+        first = state.targets[0].export
+        self._set(state, nbd_export_name=first.name, nbd_port=first.port, target_device=state.targets[0].mapping.device_path,
+                  setup_progress_percent=80)
+
+    # step 5
+    def _start_transfer(self, state: JobState, step: joblog.StepHandle) -> None:
+        disks = []
+        for target in state.targets:
+            target.previous_change_id = replications.usable_change_id(target.disk)
+            key = int(target.disk.disk_id.rsplit("-", 1)[-1])
+            disks.append(replication_pb2.ReplicationDisk(
+                disk_id=target.disk.disk_id, vmware_disk_key=key, target_nbd_uri=target.export.uri,
+                previous_change_id=target.previous_change_id))
+        request = replication_pb2.StartReplicationRequest(
+            job_id=state.job_id, context_id=state.ctx.context_id, connection=vma_client.connection(state.login),
+            vm=vcenter_pb2.VMReference(uuid=state.ctx.vmware_vm_id, path=state.ctx.vm_path), disks=disks,
+            enable_cbt=True,
+        )
+        started = self._vma.start_replication(request)
+        self._set(state, status=JobStatus.REPLICATING, started_at=utcnow(), progress_percent=0,
+                  current_operation="Replicating", setup_progress_percent=100, snapshot_id=started.snapshot_name)
+        step.details.update(snapshot=started.snapshot_name,
+                            incremental_disks=[d.disk_id for d in disks if d.previous_change_id])
+
+    # step 6
+    def _transfer(self, state: JobState, step: joblog.StepHandle) -> None:
+        follower = _Follower(self, state)
+        follower.run()
+        step.details.update(bytes_transferred=follower.bytes_transferred, sync_type=follower.sync_type)
+
+    # step 7
+    def _finalize(self, state: JobState, step: joblog.StepHandle) -> None:
+        missing = [d.disk_id for d in VmDisk.select().where(VmDisk.job == state.job_id)
+                   if d.sync_status != DiskSyncStatus.COMPLETED or not d.disk_change_id]
+        if missing:
+            raise errors.FailedPrecondition(f"no change id stored for {', '.join(missing)}")
+        step.details["disks"] = len(state.targets) or VmDisk.select().where(VmDisk.job == state.job_id).count()
+
+
+class _VmaReportedFailure(errors.DomainError):
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, classification: str, details: str = ""):
+        super().__init__(message)
+        self.classification, self.details = classification, details
+
+
+class _Follower:
+    """Follows the VMA's progress stream for one job and persists what it says."""
+
+    def __init__(self, engine: ReplicationEngine, state: JobState):
+        self.engine, self.state = engine, state
+        self.settings = engine._settings
+        self.bytes_transferred = 0
+        self.sync_type = ""
+        self._last_write = 0.0
+        self._last_update = time.monotonic()
+        self._disk_status: dict[str, int] = {}
+
+    def run(self) -> None:
+        backoff = 0.5
+        not_found_since: float | None = None
+        while True:
+            try:
+                watch = self.engine._vma.watch_progress(self.state.job_id)
+                for progress in watch:
+                    backoff, not_found_since = 0.5, None
+                    if self._apply(progress):
+                        return
+                # The stream ended without a terminal record (the agent restarted or evicted it).
+                raise errors.NotFound("the VMA ended the progress stream early")
+            except errors.NotFound:
+                now = time.monotonic()
+                not_found_since = not_found_since or now
+                if now - not_found_since > self.settings.progress_not_found_grace_seconds:
+                    raise _VmaReportedFailure(
+                        "the VMA no longer knows this job (lost)", VmaErrorClassification.JOB_LOST) from None
+            except errors.Unavailable as exc:
+                if time.monotonic() - self._last_update > self.settings.progress_stale_after_seconds:
+                    raise _VmaReportedFailure(
+                        f"no progress from the VMA for {self.settings.progress_stale_after_seconds:.0f} s: {exc.message}",
+                        VmaErrorClassification.VMA_UNREACHABLE_TIMEOUT) from None
+            control = self.engine._controls.get(self.state.job_id)
+            if control is not None and control.stopping:
+                raise Cancelled("the OMA is stopping")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    def _apply(self, p: progress_pb2.JobProgress) -> bool:
+        """Persist one update; True once the job is terminal on the VMA."""
+        self._last_update = time.monotonic()
+        terminal = p.status in (progress_pb2.JOB_STATUS_SUCCEEDED, progress_pb2.JOB_STATUS_FAILED,
+                                progress_pb2.JOB_STATUS_CANCELLED)
+        disks_changed = any(self._disk_status.get(d.disk_id) != d.status for d in p.disks)
+        now = time.monotonic()
+        if not (terminal or disks_changed or now - self._last_write >= 0.5):
+            return False
+        self._last_write = now
+        delta = max(0, p.bytes_transferred - self.bytes_transferred)
+        self.bytes_transferred = max(self.bytes_transferred, p.bytes_transferred)
+        self.sync_type = p.sync_type or self.sync_type
+        metrics.REPLICATION_BYTES.inc(delta)
+        metrics.REPLICATION_RATE.labels(job_id=self.state.job_id).set(p.throughput.current_mbps * _MIB)
+        with db.connection_context():
+            self._persist(p)
+        self.engine.hub.notify(self.state.job_id)
+        if p.status == progress_pb2.JOB_STATUS_SUCCEEDED:
+            return True
+        if p.status == progress_pb2.JOB_STATUS_CANCELLED:
+            raise Cancelled(p.last_error or "cancelled on the VMA")
+        if p.status == progress_pb2.JOB_STATUS_FAILED:
+            raise _VmaReportedFailure(p.last_error or "the VMA reported the job failed",
+                                      VmaErrorClassification.VMA_REPORTED_FAILURE, "; ".join(p.errors))
+        return False
+
+    def _persist(self, p: progress_pb2.JobProgress) -> None:
+        with db.atomic():
+            values: dict[Any, Any] = {
+                ReplicationJob.progress_percent: round(p.percentage, 2),
+                ReplicationJob.bytes_transferred: p.bytes_transferred,
+                ReplicationJob.transfer_speed_bps: int(p.throughput.current_mbps * _MIB),
+                ReplicationJob.vma_sync_type: p.sync_type or None,
+                ReplicationJob.vma_current_phase: progress_pb2.Stage.Name(p.stage).removeprefix("STAGE_").lower(),
+                ReplicationJob.vma_throughput_mbps: round(p.throughput.current_mbps, 2),
+                ReplicationJob.vma_eta_seconds: p.eta_seconds,
+                ReplicationJob.vma_last_poll_at: utcnow(),
+                ReplicationJob.current_operation: p.current_operation,
+            }
+            if p.total_bytes:
+                values[ReplicationJob.total_bytes] = p.total_bytes
+            if p.last_error:
+                values[ReplicationJob.vma_error_details] = p.last_error
+            ReplicationJob.update(values).where(
+                ReplicationJob.id == self.state.job_id, ReplicationJob.status == JobStatus.REPLICATING).execute()
+            for d in p.disks:
+                self._disk_status[d.disk_id] = d.status
+                VmDisk.update(
+                    sync_status=_DISK_STATUS.get(d.status, DiskSyncStatus.SYNCING),
+                    sync_progress_percent=round(d.percent, 2), bytes_synced=d.bytes_transferred,
+                ).where(VmDisk.vm_context == self.state.ctx.context_id, VmDisk.disk_id == d.disk_id,
+                        VmDisk.sync_status != DiskSyncStatus.COMPLETED).execute()
+                if d.status == progress_pb2.DISK_STATUS_COMPLETED and d.change_id \
+                        and d.disk_id not in self.state.stored_change_ids:
+                    duration = 0
+                    if d.HasField("started_at") and d.HasField("completed_at"):
+                        duration = int(d.completed_at.ToSeconds() - d.started_at.ToSeconds())
+                    replications.store_change_id(
+                        self.state.job_id, d.disk_id, d.change_id, previous=d.previous_change_id,
+                        sync_type=d.sync_type or "full", bytes_transferred=d.bytes_transferred,
+                        duration_seconds=duration)
+                    self.state.stored_change_ids.add(d.disk_id)
+                    log.info("disk %s copied (%s, %d bytes); change id stored", d.disk_id, d.sync_type,
+                             d.bytes_transferred)
+            if p.sync_type == "incremental":
+                ReplicationJob.update(replication_type="incremental").where(
+                    ReplicationJob.id == self.state.job_id).execute()
