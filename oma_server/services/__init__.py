@@ -8,11 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from oma_server.services.auth import AuthServicer
+from oma_server.services.cloudstack_settings import CloudStackSettingsServicer
 from oma_server.services.credentials import VMwareCredentialServicer
 from oma_server.services.discovery import DiscoveryServicer
 from oma_server.services.groups import MachineGroupServicer
 from oma_server.services.job_log import JobLogServicer
 from oma_server.services.network_mappings import NetworkMappingServicer
+from oma_server.services.ossea_config import OSSEAConfigServicer
 from oma_server.services.progress import ProgressServicer
 from oma_server.services.replications import ReplicationServicer
 from oma_server.services.vm_contexts import VMContextServicer
@@ -27,6 +29,8 @@ IMPLEMENTED: dict[str, Any] = {
     "oma.v1.DiscoveryService": DiscoveryServicer,
     "oma.v1.ReplicationService": ReplicationServicer,
     "oma.v1.ProgressService": ProgressServicer,
+    "oma.v1.OSSEAConfigService": OSSEAConfigServicer,
+    "oma.v1.CloudStackSettingsService": CloudStackSettingsServicer,
 }
 
 
