@@ -14,15 +14,35 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 from oma.v1 import (
-    auth_pb2, auth_pb2_grpc, cloudstack_settings_pb2_grpc, debug_pb2_grpc, discovery_pb2_grpc,
-    enrollment_admin_pb2_grpc, enrollment_pb2_grpc, failover_pb2_grpc, job_log_pb2_grpc,
-    machine_groups_pb2_grpc, network_mappings_pb2_grpc, ossea_config_pb2_grpc, progress_pb2,
-    progress_pb2_grpc, replications_pb2_grpc, schedules_pb2_grpc, validation_pb2_grpc,
-    vm_contexts_pb2_grpc, vmware_credentials_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    cloudstack_settings_pb2_grpc,
+    debug_pb2_grpc,
+    discovery_pb2_grpc,
+    enrollment_admin_pb2_grpc,
+    enrollment_pb2_grpc,
+    failover_pb2_grpc,
+    job_log_pb2_grpc,
+    machine_groups_pb2_grpc,
+    network_mappings_pb2_grpc,
+    ossea_config_pb2_grpc,
+    progress_pb2,
+    progress_pb2_grpc,
+    replications_pb2_grpc,
+    schedules_pb2_grpc,
+    validation_pb2_grpc,
+    vm_contexts_pb2_grpc,
+    vmware_credentials_pb2_grpc,
 )
 
 DEFAULT_TARGET = "127.0.0.1:9090"
-CONFIG_PATH = Path(os.environ.get("OMACTL_CONFIG", Path.home() / ".config" / "omactl" / "config.json"))
+
+
+def config_path() -> Path:
+    """Where omactl keeps its login: ``$OMACTL_CONFIG``, else ~/.config/omactl/config.json (read at each
+    call, so a changed environment is honoured)."""
+    return Path(os.environ.get("OMACTL_CONFIG") or Path.home() / ".config" / "omactl" / "config.json")
+
 
 _RETRY_SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
@@ -69,7 +89,7 @@ class _CallDetails(grpc.ClientCallDetails):
 def saved_settings() -> dict[str, Any]:
     """Target and token saved by ``omactl login`` (empty when none)."""
     try:
-        return json.loads(CONFIG_PATH.read_text())
+        return json.loads(config_path().read_text())
     except (OSError, ValueError):
         return {}
 
