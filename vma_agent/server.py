@@ -28,9 +28,25 @@ class AgentRuntime:
 
 
 def _implemented(runtime: AgentRuntime) -> dict[str, Any]:
+    from vma_agent.integrations.vsphere import SessionCache
+    from vma_agent.services.cbt import CBTServicer
+    from vma_agent.services.discovery import DiscoveryServicer
+    from vma_agent.services.power import PowerServicer
+    from vma_agent.replication import ReplicationJobs
     from vma_agent.services.progress import ProgressServicer
+    from vma_agent.services.replication import ReplicationServicer
 
-    return {"vma.v1.ProgressService": ProgressServicer(runtime.progress)}
+    # vCenter logins shared by the vSphere-facing services (logged out when the agent stops)
+    sessions = runtime.components.setdefault("vsphere_sessions", SessionCache())
+    jobs = runtime.components.setdefault(
+        "replication_jobs", ReplicationJobs(runtime.settings, runtime.progress, sessions))
+    return {
+        "vma.v1.ProgressService": ProgressServicer(runtime.progress),
+        "vma.v1.DiscoveryService": DiscoveryServicer(sessions, runtime.settings),
+        "vma.v1.PowerService": PowerServicer(sessions, runtime.settings),
+        "vma.v1.CBTService": CBTServicer(sessions, runtime.settings),
+        "vma.v1.ReplicationService": ReplicationServicer(jobs, runtime.settings.vcenter_timeout_seconds),
+    }
 
 
 @dataclass

@@ -67,6 +67,8 @@ class VmaClient:
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.service_config", _retry_config(retries)), ("grpc.enable_retries", 1),
             ("grpc.keepalive_time_ms", 30_000),
+            # Discovery of thousands of VMs answers in tens of megabytes.
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
         ])
         self._discovery = discovery_pb2_grpc.DiscoveryServiceStub(self._channel)
         self._progress = progress_pb2_grpc.ProgressServiceStub(self._channel)

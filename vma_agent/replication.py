@@ -1,0 +1,383 @@
+"""The data mover: one replication job on the agent, from snapshot to new change ids.
+
+    enable CBT   (if asked and off: reconfigure, then a create+remove snapshot so it takes effect)
+    snapshot     srep-<job_id> (quiesced if asked); stale srep-* of the same VM no running job owns go first
+    transfer     per disk, several disks in parallel: ask CBT what to copy —
+                   incremental: the areas changed since the stored change id;
+                   full (no/foreign/refused change id): the allocated areas, everything else zeroed —
+                 read them from the snapshot's disk over NBD (nbdkit vddk, or file in the lab) and write
+                 them to the OMA's NBD export; flush; then report the disk COMPLETED with its new change id
+    finalize     remove the snapshot (also when anything failed)
+
+The job is SUCCEEDED only when every disk is COMPLETED; any error ends it FAILED with the step and
+reason, and a cancel ends it CANCELLED. A change id vCenter refuses (CBT reset, new target) falls
+back to a full copy of that disk only, and the job's progress says why. No grpc or pyVmomi here:
+vCenter is reached through :mod:`vma_agent.integrations.vsphere`, NBD through the copier.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from vma_agent import errors, metrics
+from vma_agent.config import Settings
+from vma_agent.datamover import copier
+from vma_agent.integrations import vsphere
+from vma_agent.integrations.nbdkit import NbdkitServer, file_plugin_args, vddk_plugin_args
+from vma_agent.progress_store import DiskStatus, JobStatus, ProgressStore, ProgressUpdate, Stage
+
+log = logging.getLogger("vma_agent.replication")
+
+SNAPSHOT_PREFIX = "srep-"
+
+
+@dataclass(frozen=True)
+class DiskRequest:
+    disk_id: str
+    key: int
+    target_uri: str
+    previous_change_id: str = ""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    context_id: str
+    connection: vsphere.VCenterParams
+    datacenter: str
+    vm: vsphere.VMRef
+    disks: tuple[DiskRequest, ...]
+    quiesce: bool = False
+    enable_cbt: bool = True
+
+
+@dataclass
+class RunningJob:
+    request: JobRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = ""
+    thread: threading.Thread | None = None
+    vm_moref: str = ""
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    finished_at: datetime | None = None
+    status: JobStatus = JobStatus.QUEUED
+    last_error: str = ""
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def change_tracking_identity(change_id: str) -> str:
+    """The CBT identity part of ``<identity>/<sequence>`` ('' when malformed)."""
+    identity, sep, sequence = change_id.rpartition("/")
+    return identity.strip() if sep and identity.strip() and sequence.isdigit() else ""
+
+
+def _sha1_thumbprint(params: vsphere.VCenterParams) -> str:
+    """VDDK pins the server by SHA-1 thumbprint: the configured one, else read from the server."""
+    pinned = params.thumbprint.replace(":", "")
+    if len(pinned) == 40:
+        return params.thumbprint.upper()
+    return vsphere.probe_certificate(*params.address()).sha1
+
+
+class SourceDisks:
+    """Serves a snapshot disk over NBD: nbdkit vddk in production, nbdkit file over datastore folders
+    (``datastore_map``) in the lab."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._datastores = settings.datastores()
+
+    def local_path(self, file_name: str) -> Path:
+        """"[ds] dir/file.vmdk" → the file in the mapped datastore folder."""
+        if not file_name.startswith("["):
+            raise errors.FailedPrecondition(f"unexpected disk path {file_name!r}")
+        datastore, _, rel = file_name[1:].partition("]")
+        folder = self._datastores.get(datastore.strip())
+        if folder is None:
+            raise errors.FailedPrecondition(
+                f"datastore {datastore!r} is not mapped to a folder (VMA_DATASTORE_MAP) for source_mode=file")
+        return folder / rel.strip()
+
+    @contextlib.contextmanager
+    def serve(self, job: RunningJob, snapshot: vsphere.SnapshotInfo, disk: vsphere.Disk) -> Iterator[str]:
+        work = self._settings.work_dir / job.request.job_id
+        work.mkdir(parents=True, exist_ok=True)
+        socket_path = work / f"src-{disk.key}.sock"
+        if self._settings.source_mode == "file":
+            plugin = file_plugin_args(self.local_path(disk.file_name), readonly=True)
+        else:
+            params = job.request.connection
+            plugin = vddk_plugin_args(
+                server=params.address()[0], user=params.username, password=params.password,
+                thumbprint=_sha1_thumbprint(params), vm_moref=job.vm_moref,
+                snapshot_moref=snapshot.moref, disk_file=disk.file_name, libdir=self._settings.vddk_libdir,
+                port=params.address()[1])
+        with NbdkitServer(plugin, socket_path=socket_path, threads=self._settings.connections_per_disk * 4) as server:
+            yield server.uri
+
+
+class ReplicationJobs:
+    """Runs and supervises the agent's replication jobs (one worker thread per job)."""
+
+    def __init__(self, settings: Settings, progress: ProgressStore, sessions: vsphere.SessionCache,
+                 sources: SourceDisks | None = None):
+        self._settings, self._progress, self._sessions = settings, progress, sessions
+        self._sources = sources or SourceDisks(settings)
+        self._jobs: dict[str, RunningJob] = {}
+        self._lock = threading.Lock()
+
+    # --- public ---------------------------------------------------------------------------------
+    def start(self, request: JobRequest) -> RunningJob:
+        self._validate(request)
+        with self._lock:
+            existing = self._jobs.get(request.job_id)
+            if existing is not None:
+                if existing.request == request:
+                    return existing  # a retried start of the same job
+                raise errors.AlreadyExists(f"job {request.job_id} already exists on this agent")
+            busy = [j for j in self._jobs.values() if j.thread and j.thread.is_alive()
+                    and j.request.vm == request.vm and j.request.connection.host == request.connection.host]
+            if busy:
+                raise errors.FailedPrecondition(
+                    f"job {busy[0].request.job_id} is already replicating this VM; wait for it or cancel it")
+            job = self._jobs[request.job_id] = RunningJob(request)
+        self._progress.apply(ProgressUpdate(job_id=request.job_id, stage=Stage.DISCOVER, status=JobStatus.QUEUED,
+                                            snapshot_name=SNAPSHOT_PREFIX + request.job_id))
+        for disk in request.disks:
+            self._progress.apply(ProgressUpdate(job_id=request.job_id, disk_id=disk.disk_id,
+                                                disk_status=DiskStatus.QUEUED))
+        job.thread = threading.Thread(target=self._run, args=(job,), name=f"job-{request.job_id}", daemon=True)
+        job.thread.start()
+        return job
+
+    def get(self, job_id: str) -> RunningJob:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise errors.NotFound(f"job {job_id} is not known to this agent")
+        return job
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        job = self.get(job_id)
+        if job.thread is None or not job.thread.is_alive():
+            return False
+        job.cancel_reason = reason or "cancelled"
+        job.cancel.set()
+        return True
+
+    def stop(self) -> None:
+        for job in list(self._jobs.values()):
+            job.cancel_reason = "the agent is stopping"
+            job.cancel.set()
+        for job in list(self._jobs.values()):
+            if job.thread:
+                job.thread.join(timeout=30)
+
+    def cleanup_snapshots(self, params: vsphere.VCenterParams, datacenter: str, vm_ref: vsphere.VMRef,
+                          job_id: str = "") -> list[str]:
+        """Remove this system's snapshots of a VM that no running job owns."""
+        with self._sessions.session(params) as session:
+            vm = session.find_vm(vm_ref, datacenter)
+            return self._remove_stale_snapshots(session, vm, only=SNAPSHOT_PREFIX + job_id if job_id else "")
+
+    # --- the job --------------------------------------------------------------------------------
+    @staticmethod
+    def _validate(request: JobRequest) -> None:
+        if not request.job_id:
+            raise errors.InvalidArgument("job_id is required")
+        if not request.disks:
+            raise errors.InvalidArgument("at least one disk is required")
+        for disk in request.disks:
+            if disk.key <= 0 or not disk.disk_id:
+                raise errors.InvalidArgument(f"disk {disk.disk_id!r} needs its VMware device key (vmware_disk_key)")
+            if not disk.target_uri.startswith(("nbd://", "nbd+unix://", "nbds://")):
+                raise errors.InvalidArgument(f"disk {disk.disk_id}: target_nbd_uri must be an NBD URI")
+        if len({d.key for d in request.disks}) != len(request.disks):
+            raise errors.InvalidArgument("each disk may appear only once")
+
+    def _update(self, job: RunningJob, **values) -> None:
+        self._progress.apply(ProgressUpdate(job_id=job.request.job_id, **values))
+
+    def _run(self, job: RunningJob) -> None:
+        request = job.request
+        job.status = JobStatus.RUNNING
+        self._update(job, status=JobStatus.RUNNING)
+        try:
+            with self._sessions.session(request.connection) as session:
+                self._replicate(session, job)
+        except JobCancelled:
+            job.status, job.last_error = JobStatus.CANCELLED, job.cancel_reason or "cancelled"
+        except errors.AgentError as exc:
+            job.status, job.last_error = JobStatus.FAILED, exc.message
+        except Exception as exc:  # noqa: BLE001 - the job must end FAILED, never hang
+            log.exception("replication job %s crashed", request.job_id)
+            job.status, job.last_error = JobStatus.FAILED, f"{type(exc).__name__}: {exc}"
+        else:
+            job.status = JobStatus.SUCCEEDED
+        finally:
+            job.finished_at = datetime.now(timezone.utc)
+            metrics.JOBS.labels(status=job.status.name.lower()).inc()
+            with contextlib.suppress(KeyError):
+                metrics.COPY_RATE.remove(request.job_id)
+            self._update(job, status=job.status, error_message=job.last_error or None)
+            log.info("job %s %s%s", request.job_id, job.status.name, f": {job.last_error}" if job.last_error else "")
+
+    def _replicate(self, session: vsphere.Session, job: RunningJob) -> None:
+        request = job.request
+        vm = session.find_vm(request.vm, request.datacenter)
+        job.vm_moref = vm.moref
+        record = session.vm_record(vm, ("name", "config.changeTrackingEnabled", "snapshot"))
+        self._update(job, vm_name=record.name or vm.name, vm_path=request.vm.path, cbt_enabled=record.cbt_enabled)
+        if not record.cbt_enabled and request.enable_cbt:
+            self._update(job, stage=Stage.ENABLE_CBT)
+            self._enable_cbt(session, vm, job)
+        self._check_cancel(job)
+        self._update(job, stage=Stage.SNAPSHOT)
+        self._remove_stale_snapshots(session, vm)
+        snapshot = session.create_snapshot(vm, SNAPSHOT_PREFIX + request.job_id,
+                                           f"replication job {request.job_id}", quiesce=request.quiesce)
+        try:
+            disks = {d.key: d for d in session.snapshot_disks(snapshot)}
+            self._check_cancel(job)
+            self._update(job, stage=Stage.TRANSFER)
+            self._transfer(session, vm, snapshot, disks, job)
+            self._update(job, stage=Stage.FINALIZE)
+        finally:
+            # Also on failure: a leftover snapshot grows on the datastore and blocks the next run.
+            try:
+                session.remove_snapshot(snapshot)
+            except errors.AgentError as exc:
+                log.warning("could not remove snapshot %s of job %s: %s", snapshot.name, request.job_id, exc.message)
+                if sys.exc_info()[0] is None:
+                    raise errors.FailedPrecondition(f"snapshot {snapshot.name} could not be removed: {exc.message}") \
+                        from None
+
+    @staticmethod
+    def _check_cancel(job: RunningJob) -> None:
+        if job.cancel.is_set():
+            raise JobCancelled()
+
+    def _enable_cbt(self, session: vsphere.Session, vm: vsphere.VMHandle, job: RunningJob) -> None:
+        foreign = [s.name for s in session.list_snapshots(vm) if not s.name.startswith(SNAPSHOT_PREFIX)]
+        if foreign:
+            raise errors.FailedPrecondition(
+                f"CBT is off and cannot be enabled reliably while the VM has snapshots ({', '.join(foreign)})")
+        session.set_change_tracking(vm, True)
+        activation = session.create_snapshot(vm, f"cbt-init-{int(time.time())}", "activates CBT on the disks")
+        session.remove_snapshot(activation)
+        self._update(job, cbt_enabled=True)
+
+    def _remove_stale_snapshots(self, session: vsphere.Session, vm: vsphere.VMHandle, only: str = "") -> list[str]:
+        with self._lock:
+            owned = {SNAPSHOT_PREFIX + j.request.job_id for j in self._jobs.values()
+                     if j.thread is not None and j.thread.is_alive()}
+        removed = []
+        for snap in session.list_snapshots(vm):
+            if not snap.name.startswith(SNAPSHOT_PREFIX) or snap.name in owned or (only and snap.name != only):
+                continue
+            session.remove_snapshot(snap)
+            removed.append(snap.name)
+            log.info("removed stale snapshot %s of VM %s", snap.name, vm.name or vm.moref)
+        return removed
+
+    def _transfer(self, session: vsphere.Session, vm: vsphere.VMHandle, snapshot: vsphere.SnapshotInfo,
+                  disks: dict[int, vsphere.Disk], job: RunningJob) -> None:
+        missing = [d.disk_id for d in job.request.disks if d.key not in disks]
+        if missing:
+            raise errors.NotFound(f"the VM has no disk {', '.join(missing)} (device keys: {sorted(disks)})")
+        failures: list[str] = []
+        with ThreadPoolExecutor(max_workers=max(1, self._settings.parallel_disks),
+                                thread_name_prefix=f"copy-{job.request.job_id}") as pool:
+            futures = {pool.submit(self._copy_disk, session, vm, snapshot, disks[d.key], d, job): d
+                       for d in job.request.disks}
+            for future, disk in futures.items():
+                try:
+                    future.result()
+                except JobCancelled:
+                    raise
+                except errors.AgentError as exc:
+                    failures.append(f"{disk.disk_id}: {exc.message}")
+                    job.cancel.set()  # stop the other disks: the job has failed anyway
+                except copier.CopyCancelled:
+                    if not failures:
+                        raise JobCancelled() from None
+                except copier.CopyError as exc:
+                    failures.append(f"{disk.disk_id}: {exc}")
+                    job.cancel.set()
+        if failures:
+            job.cancel.clear()
+            raise errors.FailedPrecondition("; ".join(failures))
+        self._check_cancel(job)
+
+    def _plan(self, session: vsphere.Session, vm: vsphere.VMHandle, snapshot: vsphere.SnapshotInfo,
+              disk: vsphere.Disk, request: DiskRequest) -> tuple[str, str, list, list]:
+        """(sync_type, full-copy reason, data extents, zero extents) for one disk."""
+        capacity = disk.capacity_bytes
+        if not disk.change_id:
+            return "full", "CBT is not active on this disk", [], []  # planned from block status later
+        previous = request.previous_change_id
+        reason = "no previous change id"
+        if previous:
+            if change_tracking_identity(previous) != change_tracking_identity(disk.change_id):
+                reason = "CBT was reset since the previous change id (new CBT identity)"
+            else:
+                try:
+                    changed = session.query_changed_areas(vm, snapshot, disk.key, previous, capacity)
+                    data, zero = copier.plan_incremental_copy(
+                        changed, capacity, merge_gap=self._settings.extent_merge_gap_bytes)
+                    return "incremental", "", data, zero
+                except vsphere.ChangeTrackingUnusable as exc:
+                    reason = f"vCenter refused the previous change id ({exc.message})"
+        try:
+            allocated = session.query_changed_areas(vm, snapshot, disk.key, "*", capacity)
+        except vsphere.ChangeTrackingUnusable as exc:
+            return "full", f"{reason}; allocation unknown ({exc.message})", [], []
+        data, zero = copier.plan_full_copy(allocated, capacity)
+        return "full", reason, data, zero
+
+    def _copy_disk(self, session: vsphere.Session, vm: vsphere.VMHandle, snapshot: vsphere.SnapshotInfo,
+                   disk: vsphere.Disk, request: DiskRequest, job: RunningJob) -> None:
+        job_id = job.request.job_id
+        sync_type, reason, data, zero = self._plan(session, vm, snapshot, disk, request)
+        if reason:
+            log.info("job %s: full copy of %s: %s", job_id, request.disk_id, reason)
+        with self._sources.serve(job, snapshot, disk) as source_uri:
+            if sync_type == "full" and not data and not zero:  # no CBT answer: ask the source what is allocated
+                data, zero = copier.plan_full_copy_from_block_status(source_uri)
+            total = copier.extents_total(data) + copier.extents_total(zero)
+            self._update(job, disk_id=request.disk_id, disk_status=DiskStatus.STREAMING, disk_label=disk.label,
+                         sync_type=sync_type, full_copy_reason=reason, total_bytes=total or None,
+                         capacity_bytes=disk.capacity_bytes, previous_change_id=request.previous_change_id)
+
+            def on_progress(p: copier.CopyProgress) -> None:
+                metrics.COPY_RATE.labels(job_id=job_id).set(p.throughput_bps)
+                self._update(job, disk_id=request.disk_id, bytes_transferred=p.bytes_done or None,
+                             bytes_zeroed=p.bytes_zeroed or None, throughput_bps=p.throughput_bps)
+
+            try:
+                result = copier.copy_disk(
+                    source_uri, request.target_uri, data, zero, on_progress=on_progress, cancel_event=job.cancel,
+                    connections=self._settings.connections_per_disk,
+                    progress_interval=self._settings.progress_interval_seconds)
+            except copier.CopyError as exc:
+                self._update(job, disk_id=request.disk_id, disk_status=DiskStatus.FAILED, error_message=str(exc))
+                raise
+        metrics.BYTES_COPIED.inc(result.bytes_copied)
+        metrics.BYTES_ZEROED.inc(result.bytes_zeroed)
+        # The new change id is reported only now, with the disk complete and flushed.
+        self._update(job, disk_id=request.disk_id, disk_status=DiskStatus.COMPLETED, stage=Stage.PERSIST_CHANGE_IDS,
+                     bytes_transferred=result.bytes_copied + result.bytes_zeroed or None,
+                     bytes_zeroed=result.bytes_zeroed or None, throughput_bps=0.0, change_id=disk.change_id)
+        log.info("job %s: %s copied (%s: %d data + %d zero bytes)", job_id, request.disk_id, sync_type,
+                 result.bytes_copied, result.bytes_zeroed)

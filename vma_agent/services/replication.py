@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+from vma.v1 import replication_pb2 as pb
+from vma.v1 import replication_pb2_grpc
+
+from vma_agent import errors
+from vma_agent.integrations import vsphere
+from vma_agent.replication import SNAPSHOT_PREFIX, DiskRequest, JobRequest, ReplicationJobs
+
+
+def _ts(value):
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def vcenter_params(connection, timeout: float) -> vsphere.VCenterParams:
+    for name in ("host", "username", "password"):
+        if not getattr(connection, name):
+            raise errors.InvalidArgument(f"connection.{name} is required")
+    return vsphere.VCenterParams(connection.host, connection.username, connection.password,
+                                 thumbprint=connection.thumbprint, ca_pem=connection.ca_pem,
+                                 insecure=connection.insecure, timeout=timeout)
+
+
+def vm_ref(vm) -> vsphere.VMRef:
+    if not (vm.uuid or vm.moref or vm.path):
+        raise errors.InvalidArgument("vm needs one of uuid, moref or path")
+    return vsphere.VMRef(uuid=vm.uuid, moref=vm.moref, path=vm.path)
+
+
+class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
+    def __init__(self, jobs: ReplicationJobs, timeout: float):
+        self._jobs, self._timeout = jobs, timeout
+
+    def StartReplication(self, request, context):
+        job = self._jobs.start(JobRequest(
+            job_id=request.job_id, context_id=request.context_id,
+            connection=vcenter_params(request.connection, self._timeout), datacenter=request.connection.datacenter,
+            vm=vm_ref(request.vm),
+            disks=tuple(DiskRequest(d.disk_id, d.vmware_disk_key, d.target_nbd_uri, d.previous_change_id)
+                        for d in request.disks),
+            quiesce=request.quiesce, enable_cbt=request.enable_cbt,
+        ))
+        return pb.StartReplicationResponse(job_id=request.job_id, started_at=_ts(job.started_at),
+                                           snapshot_name=SNAPSHOT_PREFIX + request.job_id)
+
+    def GetReplicationStatus(self, request, context):
+        job = self._jobs.get(request.job_id)
+        return pb.GetReplicationStatusResponse(
+            job_id=request.job_id, status=job.status.value, running=bool(job.thread and job.thread.is_alive()),
+            last_error=job.last_error, started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
+
+    def CancelReplication(self, request, context):
+        cancelled = self._jobs.cancel(request.job_id, request.reason)
+        return pb.CancelReplicationResponse(job_id=request.job_id, cancelled=cancelled,
+                                            status=self._jobs.get(request.job_id).status.value)
+
+    def CleanupSnapshots(self, request, context):
+        removed = self._jobs.cleanup_snapshots(vcenter_params(request.connection, self._timeout),
+                                               request.connection.datacenter, vm_ref(request.vm), request.job_id)
+        return pb.CleanupSnapshotsResponse(removed_snapshots=removed)
