@@ -94,6 +94,10 @@ class RpcInterceptor(grpc.ServerInterceptor):
             log.exception("bug: unhandled exception in %s", method)
             code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
         metrics.record_rpc(method, code.name, None)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # This UNAVAILABLE is an answer (a dependency is down), not a transport failure: tell
+            # clients with a retry policy not to repeat the call (gRPC server pushback).
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "-1"),))
         context.abort(code, message)
 
     def _wrap_unary(self, behavior: Callable, method: str, public: bool) -> Callable:

@@ -1,13 +1,15 @@
 """The OMA's client of the VMA agent: the only module that talks to the VMA's gRPC services.
 
-Every call carries the VMA bearer token and a deadline; calls that are safe to repeat are retried on
-UNAVAILABLE with backoff (gRPC's retry policy), and the VMA's status codes come back as the OMA's
-domain errors with the VMA's message, so the RPC that caused them answers with the same code.
+Every call carries the VMA bearer token and a deadline. Calls are retried with backoff only when the
+agent itself could not be reached: gRPC's built-in retry policy cannot be used because the agent
+also answers UNAVAILABLE, on purpose, when *vCenter* is down, and repeating that only delays the
+answer. The VMA's status codes come back as the OMA's domain errors with the VMA's message, so the
+RPC that caused them answers with the same code.
 """
 from __future__ import annotations
 
-import json
 import logging
+import time
 from typing import Iterator
 
 import grpc
@@ -41,17 +43,6 @@ _CODE_TO_ERROR = {
 }
 
 
-def _retry_config(retries: int) -> str:
-    return json.dumps({"methodConfig": [{
-        "name": [{"service": "vma.v1.DiscoveryService"}, {"service": "vma.v1.ProgressService"},
-                 {"service": "vma.v1.CBTService", "method": "GetCBTStatus"},
-                 {"service": "vma.v1.PowerService", "method": "GetPowerState"},
-                 {"service": "vma.v1.ReplicationService", "method": "GetReplicationStatus"}],
-        "retryPolicy": {"maxAttempts": max(2, retries + 1), "initialBackoff": "0.3s", "maxBackoff": "5s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }]})
-
-
 def connection(login: VCenterLogin) -> vcenter_pb2.VCenterConnection:
     return vcenter_pb2.VCenterConnection(
         host=login.host, username=login.username, password=login.password, datacenter=login.datacenter,
@@ -64,8 +55,8 @@ class VmaClient:
         self.address = address
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._retries = retries
         self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.service_config", _retry_config(retries)), ("grpc.enable_retries", 1),
             ("grpc.keepalive_time_ms", 30_000),
             # Discovery of thousands of VMs answers in tens of megabytes.
             ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -81,11 +72,18 @@ class VmaClient:
 
     stop = close
 
-    def _call(self, method, request, timeout: float | None = None):
-        try:
-            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise self._translate(exc) from None
+    def _call(self, method, request, timeout: float | None = None, retry: bool = True):
+        delay = 0.25
+        for attempt in range(self._retries + 1 if retry else 1):
+            try:
+                return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                unreachable = exc.code() == grpc.StatusCode.UNAVAILABLE and "vcenter" not in (exc.details() or "").lower()
+                if not unreachable or attempt == self._retries or not retry:
+                    raise self._translate(exc) from None
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     def _translate(self, exc: grpc.RpcError) -> errors.DomainError:
         code, details = exc.code(), exc.details() or ""
@@ -113,6 +111,7 @@ class VmaClient:
 
     # --- replication ----------------------------------------------------------------------------
     def start_replication(self, request: replication_pb2.StartReplicationRequest) -> replication_pb2.StartReplicationResponse:
+        # Not repeated blindly: the agent treats a second start of the same job as the same job anyway.
         return self._call(self._replication.StartReplication, request)
 
     def replication_status(self, job_id: str) -> replication_pb2.GetReplicationStatusResponse:

@@ -1,0 +1,92 @@
+"""The local lab: every real part of a migration wired together on one machine.
+
+    simulated vCenter (govmomi simulator, raw disk files)  ←  VMA agent (nbdkit file over the datastores)
+    CloudStack emulator (volumes are sparse files, attached ones appear in a by-id folder)
+    OMA server (SQLite or MariaDB) with a saved vCenter credential and an active CloudStack config
+
+Used by the end-to-end tests (fixture ``lab``) and by the demo (``scripts/lab``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from oma.v1 import ossea_config_pb2, vmware_credentials_pb2
+
+from oma_server.server import RunningServer
+from omaclient.client import OmaClient
+from tests.cloudstack_emulator import CloudStackEmulator, local_mac
+from tests.fixtures.servers import ADMIN_PASSWORD, start_oma, start_vma
+from tests.fixtures.vcsim import VCSim
+from vma_agent.server import RunningAgent
+
+
+@dataclass
+class Lab:
+    vcenter: VCSim
+    cloudstack: CloudStackEmulator
+    vma: RunningAgent
+    oma: RunningServer
+    client: OmaClient
+    credential_id: int
+    ossea_config_id: int
+
+    def vm_names(self) -> list[str]:
+        """VMs of the datacenter the lab's credential points at."""
+        datacenter = self.vcenter.datacenters[0]
+        return [v["name"] for v in self.vcenter.manifest["vms"] if v["datacenter"] == datacenter]
+
+    def volume_file(self, volume_uuid: str) -> Path:
+        return Path(self.cloudstack.volume_path(volume_uuid))
+
+
+def sha256_prefix(path: Path, length: int, chunk: int = 4 << 20) -> str:
+    """sha256 of the first ``length`` bytes (a replica volume is larger than its source disk)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = length
+        while remaining:
+            block = f.read(min(chunk, remaining))
+            if not block:
+                block = b"\0" * remaining  # a sparse file shorter than length reads as zeroes
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def start_lab(work: Path, *, existing_database: Any = None, db_url: str | None = None,
+              vcenter: VCSim | None = None, vms: int = 4, data_vms: int = 2, disk_size: str = "64MiB",
+              job_delay: float = 0.05, oma_settings: dict[str, Any] | None = None,
+              vma_settings: dict[str, Any] | None = None) -> Iterator[Lab]:
+    with contextlib.ExitStack() as stack:
+        if vcenter is None:
+            vcenter = stack.enter_context(VCSim(vms=vms, data_vms=data_vms, disks=2, disk_size=disk_size))
+        cloudstack = stack.enter_context(CloudStackEmulator(work / "cloudstack", oma_mac=local_mac(),
+                                                            job_delay=job_delay))
+        datastores = ",".join(f"{name}={folder}" for name, folder in vcenter.datastores.items())
+        vma = stack.enter_context(start_vma(**{
+            "source_mode": "file", "datastore_map": datastores, "work_dir": work / "vma",
+            "progress_interval_seconds": 0.2, **(vma_settings or {})}))
+        settings = {
+            "vma_address": f"127.0.0.1:{vma.port}", "device_dir": Path(cloudstack.byid_dir),
+            "device_wait_seconds": 10.0, "replica_extra_gib": 0, "nbd_port_min": 20000, "nbd_port_max": 20999,
+            **({"db_url": db_url} if db_url else {}), **(oma_settings or {}),
+        }
+        oma = stack.enter_context(start_oma(work / "oma", existing_database, **settings))
+        client = OmaClient(f"127.0.0.1:{oma.port}", token="")
+        stack.callback(client.close)
+        client.login("admin", ADMIN_PASSWORD)
+        credential = client.credentials.CreateCredential(vmware_credentials_pb2.CreateCredentialRequest(
+            credential_name="lab-vcenter", vcenter_host=vcenter.address, username=vcenter.username,
+            password=vcenter.password, datacenter=vcenter.datacenters[0], is_default=True,
+            tls_thumbprint=vcenter.thumbprint_sha1), timeout=10).credential
+        config = client.ossea.CreateConfig(ossea_config_pb2.CreateConfigRequest(
+            name="lab-cloudstack", api_url=cloudstack.url, api_key=cloudstack.api_key,
+            secret_key=cloudstack.secret_key, zone=cloudstack.zone_id, disk_offering_id=cloudstack.disk_offering_id,
+            oma_vm_id=cloudstack.oma_vm_id, service_offering_id=cloudstack.service_offering_id,
+            network_id=cloudstack.network_id), timeout=10).config
+        yield Lab(vcenter, cloudstack, vma, oma, client, credential.id, config.id)
