@@ -68,7 +68,7 @@ def _scalar(fd: FieldDescriptor, value: Any) -> Any:
     return int(value)
 
 
-def fill(message: M, source: Any = None, **overrides: Any) -> M:
+def fill(message: M, source: Any = None, /, **overrides: Any) -> M:
     """Set every field of ``message`` that ``source`` (row or dict) or ``overrides`` provides.
 
     None values are skipped (field stays unset/default). Timestamps accept datetimes; string fields

@@ -31,7 +31,7 @@ from vma_agent import errors, metrics
 from vma_agent.config import Settings
 from vma_agent.datamover import copier
 from vma_agent.integrations import vsphere
-from vma_agent.integrations.nbdkit import NbdkitServer, file_plugin_args, vddk_plugin_args
+from vma_agent.integrations.nbdkit import NbdkitError, NbdkitServer, file_plugin_args, vddk_plugin_args
 from vma_agent.progress_store import DiskStatus, JobStatus, ProgressStore, ProgressUpdate, Stage
 
 log = logging.getLogger("vma_agent.replication")
@@ -111,9 +111,6 @@ class SourceDisks:
 
     @contextlib.contextmanager
     def serve(self, job: RunningJob, snapshot: vsphere.SnapshotInfo, disk: vsphere.Disk) -> Iterator[str]:
-        work = self._settings.work_dir / job.request.job_id
-        work.mkdir(parents=True, exist_ok=True)
-        socket_path = work / f"src-{disk.key}.sock"
         if self._settings.source_mode == "file":
             plugin = file_plugin_args(self.local_path(disk.file_name), readonly=True)
         else:
@@ -123,8 +120,16 @@ class SourceDisks:
                 thumbprint=_sha1_thumbprint(params), vm_moref=job.vm_moref,
                 snapshot_moref=snapshot.moref, disk_file=disk.file_name, libdir=self._settings.vddk_libdir,
                 port=params.address()[1])
-        with NbdkitServer(plugin, socket_path=socket_path, threads=self._settings.connections_per_disk * 4) as server:
+        # A private short temp dir for the socket (unix socket paths are limited to 107 bytes).
+        server = NbdkitServer(plugin, threads=self._settings.connections_per_disk * 4)
+        try:
+            server.start()
+        except NbdkitError as exc:
+            raise errors.FailedPrecondition(f"cannot serve the source disk {disk.file_name}: {exc}") from None
+        try:
             yield server.uri
+        finally:
+            server.stop()
 
 
 class ReplicationJobs:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from peewee import fn
 
 from oma_server.db.database import database_proxy as db
+from oma_server.db.database import db_for_update
 from oma_server.db.models import (
     CONTEXT_REPLICATION_BLOCKED_STATUSES,
     FAILOVER_ACTIVE_STATUSES,
@@ -136,6 +137,13 @@ def create(request: CreateRequest, actor: str) -> Created:
     job_id = new_job_id()
     now = utcnow()
     with db.atomic():
+        # Lock the context row first (MariaDB: SELECT … FOR UPDATE; SQLite: the IMMEDIATE transaction
+        # already serialises writers): inserting the job first would take a shared lock through the
+        # foreign key and concurrent creates would deadlock upgrading it.
+        locked = db_for_update(VmReplicationContext.select().where(
+            VmReplicationContext.context_id == ctx.context_id)).get()
+        if locked.current_job_id:
+            raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {locked.current_job_id}")
         ReplicationJob.create(
             id=job_id, vm_context=ctx.context_id, source_vm_id=ctx.vmware_vm_id, source_vm_name=ctx.vm_name,
             source_vm_path=ctx.vm_path, vcenter_host=ctx.vcenter_host, datacenter=ctx.datacenter,
@@ -152,8 +160,7 @@ def create(request: CreateRequest, actor: str) -> Created:
             VmReplicationContext.context_id == ctx.context_id, VmReplicationContext.current_job.is_null(),
             VmReplicationContext.current_status.not_in(list(CONTEXT_REPLICATION_BLOCKED_STATUSES)),
         ).execute()
-        if claimed != 1:
-            db.rollback()
+        if claimed != 1:  # another create won the claim: raising rolls this insert back
             current = VmReplicationContext.get_by_id(ctx.context_id).current_job_id
             raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {current}")
         VmDisk.update(job=job_id, sync_status=DiskSyncStatus.PENDING, sync_progress_percent=0,

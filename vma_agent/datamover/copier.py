@@ -714,7 +714,7 @@ def _flush(workers: Sequence[_Worker], cfg: _Settings, cancel: threading.Event |
                         conn.close()
                     conn = NbdConnection(cfg.target_uri, name=f"target {cfg.target_uri}", write=True)
                     workers[0].extra_conns.append(conn)
-                conn.flush()
+                _flush_one(conn, cfg, cancel)
                 break
             except NbdError as exc:
                 failures += 1
@@ -725,6 +725,22 @@ def _flush(workers: Sequence[_Worker], cfg: _Settings, cancel: threading.Event |
                     raise CopyCancelled("copy cancelled during flush") from None
                 if cancel is None:
                     time.sleep(retry.delay(failures))
+
+
+def _flush_one(conn: NbdConnection, cfg: _Settings, cancel: threading.Event | None) -> None:
+    """Asynchronous flush polled with cancellation checks (a big flush can take minutes)."""
+    if not conn.can_flush:
+        return
+    result: list[int] = []
+    conn.aio_flush(result.append)
+    while not result:
+        if cancel is not None and cancel.is_set():
+            raise CopyCancelled("copy cancelled during flush")
+        conn.poll(max(1, int(cfg.poll_interval * 1000)))
+        if not result and conn.is_dead():
+            raise NbdError(f"{conn.name}: connection lost during flush", errno.ENOTCONN)
+    if result[0]:
+        raise NbdError(f"{conn.name}: flush failed: {strerror(result[0])}", result[0])
 
 
 # ============================================================== entry point

@@ -3,12 +3,14 @@
 It wraps what the data mover needs behind a small surface:
 
 * :class:`NbdConnection` — one connection to an NBD URI (``nbd://host:port/export``,
-  ``nbd+unix:///export?socket=/path``): size and capabilities, synchronous and
+  ``nbd+unix:///export?socket=/path``; TLS ``nbds://`` as far as libnbd was built with
+  it), with a connect timeout: size and capabilities, synchronous and
   asynchronous pread/pwrite/zero/flush, block status, and the low-level event-loop
   hooks (``fileno``/``wants``/``notify_read``/``notify_write``) that let one thread
   drive several connections with a single ``select.poll``.
-* :class:`IoBuffer` — a reusable I/O buffer (libnbd ``nbd.Buffer``) that stays valid
-  while an asynchronous command is in flight; ``is_zero`` runs in C.
+* :class:`IoBuffer` — a reusable I/O buffer (anonymous mmap seen through libnbd's
+  ``nbd.Buffer``) that stays valid while an asynchronous command is in flight; commands
+  may use a sub-range without copying; ``is_zero`` runs in C.
 * :class:`NbdError` — every libnbd failure, with ``errno`` (an int or ``None``).
 
 Completion callbacks receive one argument, ``error`` (0 on success, else an errno
@@ -155,8 +157,8 @@ class NbdConnection:
         self.name = name or uri
         self._fd: int | None = None
         self._h = nbd.NBD()
-        # Sub-buffer views and failed-read sanitising cost time; our reads always
-        # overwrite the whole buffer or are retried.
+        # libnbd would otherwise memset every read buffer before the read; ours are
+        # fully overwritten on success and re-read on failure.
         try:
             self._h.set_pread_initialize(False)
         except (AttributeError, nbd.Error):  # pragma: no cover - older libnbd
@@ -227,16 +229,17 @@ class NbdConnection:
             return True
 
     def close(self) -> None:
-        """Close the connection (in-flight commands are abandoned). Idempotent."""
+        """Close the connection; in-flight commands are abandoned. Never blocks (a
+        synchronous NBD_CMD_DISC could hang on a dead peer). Idempotent."""
         h, self._h = self._h, None
         if h is None:
             return
         try:
-            if h.aio_is_ready() or h.aio_is_processing():
-                h.shutdown()
+            if h.aio_is_ready() and not h.aio_in_flight():
+                h.aio_disconnect()  # polite, queued without waiting for the server
         except nbd.Error:
             pass
-        del h  # the handle is closed when the last reference goes
+        del h  # libnbd closes the socket when the last reference goes
 
     def __enter__(self) -> Self:
         return self
