@@ -76,6 +76,13 @@ class JobCancelled(Exception):
     pass
 
 
+def _same_vm(a: JobRequest, b: JobRequest) -> bool:
+    """Two requests name the same VM (same vCenter and any identifier in common)."""
+    if a.connection.address() != b.connection.address():
+        return False
+    return any(x and x == y for x, y in ((a.vm.uuid, b.vm.uuid), (a.vm.moref, b.vm.moref), (a.vm.path, b.vm.path)))
+
+
 def change_tracking_identity(change_id: str) -> str:
     """The CBT identity part of ``<identity>/<sequence>`` ('' when malformed)."""
     identity, sep, sequence = change_id.rpartition("/")
@@ -152,7 +159,7 @@ class ReplicationJobs:
                     return existing  # a retried start of the same job
                 raise errors.AlreadyExists(f"job {request.job_id} already exists on this agent")
             busy = [j for j in self._jobs.values() if j.thread and j.thread.is_alive()
-                    and j.request.vm == request.vm and j.request.connection.host == request.connection.host]
+                    and _same_vm(j.request, request)]
             if busy:
                 raise errors.FailedPrecondition(
                     f"job {busy[0].request.job_id} is already replicating this VM; wait for it or cancel it")
@@ -241,7 +248,12 @@ class ReplicationJobs:
     def _replicate(self, session: vsphere.Session, job: RunningJob) -> None:
         request = job.request
         vm = session.find_vm(request.vm, request.datacenter)
-        job.vm_moref = vm.moref
+        with self._lock:
+            other = next((j for j in self._jobs.values() if j is not job and j.vm_moref == vm.moref
+                          and j.thread and j.thread.is_alive()), None)
+            if other is not None:
+                raise errors.FailedPrecondition(f"job {other.request.job_id} is already replicating this VM")
+            job.vm_moref = vm.moref
         record = session.vm_record(vm, ("name", "config.changeTrackingEnabled", "snapshot"))
         self._update(job, vm_name=record.name or vm.name, vm_path=request.vm.path, cbt_enabled=record.cbt_enabled)
         if not record.cbt_enabled and request.enable_cbt:

@@ -29,10 +29,10 @@ class AgentRuntime:
 
 def _implemented(runtime: AgentRuntime) -> dict[str, Any]:
     from vma_agent.integrations.vsphere import SessionCache
+    from vma_agent.replication import ReplicationJobs
     from vma_agent.services.cbt import CBTServicer
     from vma_agent.services.discovery import DiscoveryServicer
     from vma_agent.services.power import PowerServicer
-    from vma_agent.replication import ReplicationJobs
     from vma_agent.services.progress import ProgressServicer
     from vma_agent.services.replication import ReplicationServicer
 

@@ -67,6 +67,10 @@ class Cancelled(Exception):
     """The operator cancelled the job."""
 
 
+class EndedElsewhere(Exception):
+    """The job reached a terminal status outside this workflow (UpdateReplication, a cancel)."""
+
+
 @dataclass
 class _Control:
     """How the engine talks to a running workflow: cancel it, or tell it the OMA is stopping."""
@@ -203,7 +207,9 @@ class ReplicationEngine:
                 finish(job_id, JobStatus.COMPLETED)
         except (Cancelled, joblog.StepFailed) as exc:
             cause = exc.cause if isinstance(exc, joblog.StepFailed) else exc
-            if control.stopping and not isinstance(cause, _VmaReportedFailure):
+            if isinstance(cause, EndedElsewhere):
+                log.info("job %s ended outside its workflow; the workflow stops", job_id)
+            elif control.stopping and not isinstance(cause, _VmaReportedFailure):
                 log.info("job %s left running: the OMA is stopping", job_id)
             elif isinstance(cause, Cancelled):
                 with db.connection_context():
@@ -235,8 +241,12 @@ class ReplicationEngine:
         return JobState(job_id, tracking, job, ctx, config, login)
 
     def _set(self, state: JobState, **values: Any) -> None:
-        ReplicationJob.update(values).where(ReplicationJob.id == state.job_id).execute()
+        """Write the job's progress — only while it is active, so a status never regresses."""
+        updated = ReplicationJob.update(values).where(
+            ReplicationJob.id == state.job_id, ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)).execute()
         self.hub.notify(state.job_id)
+        if not updated:
+            raise EndedElsewhere(state.job_id)
 
     def _cs(self, state: JobState):
         s = self._settings

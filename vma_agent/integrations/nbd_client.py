@@ -27,9 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
-from urllib.parse import quote
 
 import nbd
+
+# URI builders live with the nbdkit helper (importable without libnbd, e.g. on the OMA).
+from vma_agent.integrations.nbdkit import tcp_uri, unix_uri
 
 __all__ = [
     "DIR_READ",
@@ -76,18 +78,6 @@ def _wrap(exc: nbd.Error, what: str) -> NbdError:
 
 def libnbd_version() -> str:
     return nbd.NBD().get_version()
-
-
-def unix_uri(socket_path: str, export: str = "") -> str:
-    """``nbd+unix:///<export>?socket=<path>``."""
-    return f"nbd+unix:///{quote(export, safe='')}?socket={quote(str(socket_path), safe='/')}"
-
-
-def tcp_uri(host: str, port: int, export: str = "") -> str:
-    """``nbd://host:port/<export>`` (IPv6 literals are bracketed)."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"nbd://{host}:{port}/{quote(export, safe='')}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,8 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
-
-from vma_agent.integrations.nbd_client import tcp_uri, unix_uri
+from urllib.parse import quote
 
 __all__ = [
     "NbdkitError",
@@ -41,11 +40,25 @@ __all__ = [
     "file_plugin_args",
     "free_tcp_port",
     "nbdkit_binary",
+    "tcp_uri",
+    "unix_uri",
     "vddk_plugin_args",
 ]
 
 DEFAULT_START_TIMEOUT = 15.0
 DEFAULT_STOP_TIMEOUT = 5.0
+
+
+def unix_uri(socket_path: str | os.PathLike, export: str = "") -> str:
+    """``nbd+unix:///<export>?socket=<path>``."""
+    return f"nbd+unix:///{quote(export, safe='')}?socket={quote(os.fspath(socket_path), safe='/')}"
+
+
+def tcp_uri(host: str, port: int, export: str = "") -> str:
+    """``nbd://host:port/<export>`` (IPv6 literals are bracketed)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}/{quote(export, safe='')}"
 
 
 class NbdkitError(RuntimeError):
