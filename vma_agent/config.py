@@ -40,9 +40,10 @@ class Settings:
     datastore_map: str = ""
     vddk_libdir: str = "/opt/vmware-vix-disklib-distrib"
     work_dir: Path = Path("/tmp/vma-agent")
-    # Disks copied in parallel per job, and NBD connections per disk.
+    # Disks copied in parallel per job, and NBD connection pairs per disk (0 = the copier's default:
+    # one per two CPUs, at most 4 — more only adds threads competing with nbdkit on small VMAs).
     parallel_disks: int = 2
-    connections_per_disk: int = 4
+    connections_per_disk: int = 0
     # Incremental extents closer than this are merged into one read (the gap is copied too). 0 copies
     # exactly what CBT reports; the copier keeps many small requests in flight, so merging rarely pays.
     extent_merge_gap_bytes: int = 0

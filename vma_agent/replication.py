@@ -128,7 +128,7 @@ class SourceDisks:
                 snapshot_moref=snapshot.moref, disk_file=disk.file_name, libdir=self._settings.vddk_libdir,
                 port=params.address()[1])
         # A private short temp dir for the socket (unix socket paths are limited to 107 bytes).
-        server = NbdkitServer(plugin, threads=self._settings.connections_per_disk * 4)
+        server = NbdkitServer(plugin, threads=16)
         try:
             server.start()
         except NbdkitError as exc:
@@ -385,7 +385,7 @@ class ReplicationJobs:
             try:
                 result = copier.copy_disk(
                     source_uri, request.target_uri, data, zero, on_progress=on_progress, cancel_event=job.cancel,
-                    connections=self._settings.connections_per_disk,
+                    connections=self._settings.connections_per_disk or None,
                     progress_interval=self._settings.progress_interval_seconds)
             except copier.CopyError as exc:
                 self._update(job, disk_id=request.disk_id, disk_status=DiskStatus.FAILED, error_message=str(exc))
