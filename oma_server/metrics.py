@@ -1,7 +1,14 @@
-"""Prometheus metrics of the OMA server (RPCs, jobs, bytes replicated), served on a configurable port."""
+"""Prometheus metrics of the OMA server, served on a configurable port: RPCs (count and latency by
+method and status code), replication jobs by status (read from the database at scrape time, so
+every OMA sharing the database reports the same truth), bytes replicated and the copy rate."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import logging
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("oma_server.metrics")
 
 RPC_HANDLED = Counter(
     "oma_rpc_handled_total", "RPCs completed, by method and gRPC status code", ["method", "code"]
@@ -10,15 +17,36 @@ RPC_LATENCY = Histogram(
     "oma_rpc_handling_seconds", "Time to handle successful RPCs, by method", ["method"]
 )
 REPLICATION_JOBS = Counter(
-    "oma_replication_jobs_total", "Replication jobs that reached a terminal status", ["status"]
+    "oma_replication_jobs_ended_total", "Replication jobs that reached a terminal status", ["status"]
 )
 REPLICATION_BYTES = Counter(
-    "oma_replication_bytes_total", "Bytes the VMA reported copied into replica volumes"
+    "oma_replication_bytes_total", "Bytes the VMA reported written into replica volumes"
 )
 REPLICATION_RATE = Gauge(
     "oma_replication_throughput_bytes_per_second", "Latest reported copy rate of running jobs", ["job_id"]
 )
-ACTIVE_REPLICATIONS = Gauge("oma_replication_jobs_active", "Replication jobs not yet terminal")
+
+
+class JobsByStatus:
+    """``oma_replication_jobs{status}``: how many replication jobs are in each status right now."""
+
+    def collect(self):
+        from peewee import fn
+
+        from oma_server.db.database import database_proxy as db
+        from oma_server.db.models import JobStatus, ReplicationJob
+
+        family = GaugeMetricFamily("oma_replication_jobs", "Replication jobs by current status", labels=["status"])
+        try:
+            with db.connection_context():
+                counts = dict(ReplicationJob.select(ReplicationJob.status, fn.COUNT(ReplicationJob.id))
+                              .group_by(ReplicationJob.status).tuples())
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the database is down
+            log.warning("metrics: cannot count replication jobs: %s", exc)
+            return
+        for status in JobStatus:
+            family.add_metric([status.value], counts.get(status.value, 0))
+        yield family
 
 
 def record_rpc(method: str, code: str, seconds: float | None) -> None:
@@ -27,7 +55,14 @@ def record_rpc(method: str, code: str, seconds: float | None) -> None:
         RPC_LATENCY.labels(method=method).observe(seconds)
 
 
+_collector_registered = False
+
+
 def serve(listen: str) -> None:
     """Start the metrics HTTP endpoint ("host:port") in a daemon thread."""
+    global _collector_registered
+    if not _collector_registered:
+        REGISTRY.register(JobsByStatus())
+        _collector_registered = True
     host, _, port = listen.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Any, Callable, Iterable
 
 import grpc
 
-from vma_agent import errors
+from vma_agent import errors, metrics
 
 log = logging.getLogger("vma_agent.rpc")
 
@@ -40,19 +41,25 @@ class AgentInterceptor(grpc.ServerInterceptor):
         if context.code() is not None and not isinstance(exc, errors.AgentError):
             raise exc
         if isinstance(exc, errors.AgentError):
-            context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
-        if isinstance(exc, NotImplementedError):
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not built yet")
-        log.exception("bug: unhandled exception in %s", method)
-        context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the agent)")
+            code, message = getattr(grpc.StatusCode, exc.code), exc.message
+        elif isinstance(exc, NotImplementedError):
+            code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not built yet"
+        else:
+            log.exception("bug: unhandled exception in %s", method)
+            code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the agent)"
+        metrics.record_rpc(method, code.name, None)
+        context.abort(code, message)
 
     def _wrap_unary(self, behavior: Callable, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
             try:
                 self._check_token(context)
-                return behavior(request, context)
+                response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001
                 self._abort(context, method, exc)
+            metrics.record_rpc(method, "OK", time.monotonic() - started)
+            return response
 
         return wrapped
 
@@ -63,5 +70,6 @@ class AgentInterceptor(grpc.ServerInterceptor):
                 yield from behavior(request, context)
             except Exception as exc:  # noqa: BLE001
                 self._abort(context, method, exc)
+            metrics.record_rpc(method, "OK", None)
 
         return wrapped
