@@ -86,11 +86,26 @@ def test_wrong_password_is_unauthenticated(omaclient_binary, oma_server):
     assert result.stdout == ""
 
 
-def test_watching_an_unknown_job_reports_the_server_error(omaclient_binary, oma_server):
-    # The progress stream is still being built, so the server answers UNIMPLEMENTED today; once it streams,
-    # an unknown job is NOT_FOUND. The lead extends this to follow a real job when replication lands.
+def test_watching_an_unknown_job_is_not_found(omaclient_binary, oma_server):
     result = run_client(omaclient_binary, oma_server.port, "-watch", "no-such-job")
-    expected = {EXIT_UNIMPLEMENTED: "error: UNIMPLEMENTED: oma.v1.ProgressService.WatchReplicationProgress",
-                EXIT_NOT_FOUND: "error: NOT_FOUND: "}
-    assert result.returncode in expected, result.stderr
-    assert result.stderr.startswith(expected[result.returncode]) and result.stdout == ""
+    assert result.returncode == EXIT_NOT_FOUND, result.stderr
+    assert result.stderr.startswith("error: NOT_FOUND: ") and result.stdout == ""
+
+
+def test_follows_a_real_replication_to_the_end(omaclient_binary, lab_private):
+    from oma.v1 import discovery_pb2, replications_pb2
+
+    lab = lab_private
+    context_id = lab.client.discovery.AddVMs(discovery_pb2.AddVMsRequest(
+        source=discovery_pb2.VCenterSource(credential_id=lab.credential_id), vm_names=[lab.vcenter.data_vms[0]]),
+        timeout=60).processed_vms[0].context_id
+    job_id = lab.client.replications.CreateReplication(
+        replications_pb2.CreateReplicationRequest(context_id=context_id), timeout=30).job_id
+    result = run_client(omaclient_binary, lab.oma.port, "-watch", job_id)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    contexts = [line for line in lines if line.get("id") == context_id]
+    updates = [line for line in lines if line.get("job_id") == job_id]
+    assert len(contexts) == 1 and len(updates) >= 2, result.stdout[:2000]
+    assert updates[-1]["status"] == "completed" and updates[-1]["progress_percent"] == 100
+    assert updates[-1]["terminal"] is True

@@ -12,13 +12,11 @@ import os
 import stat
 import subprocess
 import sys
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from oma.v1 import progress_pb2, progress_pb2_grpc, resources_pb2
+from oma.v1 import resources_pb2
 
 from oma_server.db.models import (
     JobStep,
@@ -351,64 +349,49 @@ def test_a_missing_rpc_exits_112_naming_it(run_omactl, oma_factory, monkeypatch,
 
 
 # --- following a job ------------------------------------------------------------------------------
-class _ScriptedProgress(progress_pb2_grpc.ProgressServiceServicer):
-    """Stands in for the OMA's progress stream (being built): replays the updates of one job."""
-
-    def __init__(self, updates):
-        self.updates = updates
-
-    def WatchReplicationProgress(self, request, context):
-        for update in self.updates:
-            yield progress_pb2.WatchReplicationProgressResponse(progress=update)
-
-
 def _progress(status: str, pct: float, *, terminal: bool = False) -> resources_pb2.ReplicationProgress:
+    """A progress update as the server sends it (for the display's rendering test)."""
     update = resources_pb2.ReplicationProgress(
         job_id="job-7", vm_name="web-01", status=status, replication_type="initial", progress_percent=pct,
         bytes_transferred=int(pct * 1024**3 / 10), total_bytes=10 * 1024**3, transfer_speed_bps=100 * 1024**2,
-        terminal=terminal, error_message="disk-2000: read error" if status == "failed" else "",
+        terminal=terminal,
     )
     update.started_at.FromSeconds(1_700_000_000)
-    if terminal:
-        update.completed_at.FromSeconds(1_700_000_200)
     update.disks.add(disk_id="disk-2000", label="Hard disk 1", sync_status="syncing", sync_progress_percent=pct,
                      bytes_synced=int(pct * 1024**3 / 10), total_bytes=10 * 1024**3, throughput_mbps=100)
     return update
 
 
-@pytest.fixture
-def scripted_progress_server():
-    servicer = _ScriptedProgress([])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    progress_pb2_grpc.add_ProgressServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    server.stop(grace=None)
+def test_replicate_follows_a_real_job_and_watch_replays_it(lab_private, run_omactl, monkeypatch):
+    lab = lab_private
+    target = f"127.0.0.1:{lab.oma.port}"
+    assert run_omactl("--target", target, "login", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").code == 0
+    vm = lab.vcenter.data_vms[0]
+    added = run_omactl("add", vm, "--credential", str(lab.credential_id))
+    assert added.code == 0, added.err
+    done = run_omactl("replicate", vm, "--full")
+    assert done.code == 0, done.err
+    started, finished = done.out.strip().splitlines()
+    job_id = started.rsplit(" ", 1)[1]
+    assert started == f"started initial replication of {vm}: job {job_id}"
+    assert finished.startswith(f"job {job_id} completed: 128.0 MiB")
+    lines = done.err.splitlines()  # stderr is not a terminal here: plain progress lines
+    assert lines and all(f"job {job_id}" in line for line in lines) and "completed" in lines[-1]
 
+    as_json = run_omactl("--json", "watch", job_id)
+    updates = [json.loads(line) for line in as_json.out.splitlines()]
+    assert as_json.code == 0 and updates[-1]["status"] == "completed" and updates[-1]["terminal"]
 
-def test_watch_follows_the_job_until_it_ends(scripted_progress_server, run_omactl, monkeypatch):
-    servicer, address = scripted_progress_server
-    servicer.updates = [_progress("replicating", 10), _progress("replicating", 60),
-                        _progress("completed", 100, terminal=True)]
-    done = run_omactl("--target", address, "--token", "t", "watch", "job-7")
-    assert done.code == 0 and done.out.strip() == "job job-7 completed: 10.0 GiB in 3m20s"
-    lines = done.err.splitlines()  # stderr is not a terminal here: plain lines
-    assert len(lines) == 2 and "web-01  job job-7  replicating (initial)  10.0%" in lines[0] and "completed" in lines[1]
-
-    as_json = run_omactl("--target", address, "--token", "t", "--json", "watch", "job-7")
-    assert [json.loads(line)["progress_percent"] for line in as_json.out.splitlines()] == [10, 60, 100]
-
-    servicer.updates = [_progress("replicating", 10), _progress("failed", 40, terminal=True)]
-    failed = run_omactl("--target", address, "--token", "t", "watch", "job-7")
-    assert failed.code == cli.EXIT_FAILED and failed.out.strip() == "job job-7 failed: disk-2000: read error"
+    lab.vcenter.stop()  # vCenter goes away: the next job fails in its first step
+    failed = run_omactl("replicate", vm)
+    assert failed.code == cli.EXIT_FAILED and "step 'prepare-disks' failed" in failed.out, failed
 
     def interrupted(*_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(progress, "follow", interrupted)
-    stopped = run_omactl("--target", address, "--token", "t", "watch", "job-7")
-    assert stopped.code == cli.EXIT_INTERRUPTED and "Resume with: omactl watch job-7" in stopped.err
+    stopped = run_omactl("watch", job_id)
+    assert stopped.code == cli.EXIT_INTERRUPTED and f"Resume with: omactl watch {job_id}" in stopped.err
 
 
 def test_terminal_display_redraws_one_bar_per_disk_in_place(monkeypatch):

@@ -385,6 +385,7 @@ def progress_view(job: ReplicationJob) -> dict[str, Any]:
         "disks": [{
             "disk_id": d.disk_id, "label": d.label or "", "sync_status": d.sync_status,
             "sync_progress_percent": d.sync_progress_percent, "bytes_synced": d.bytes_synced,
+            "total_bytes": d.capacity_bytes or 0,
             "change_id": d.disk_change_id if d.disk_id in history else "",
             "sync_type": history[d.disk_id].sync_type if d.disk_id in history else "",
         } for d in disks],
