@@ -10,7 +10,8 @@ import time
 
 import grpc
 import pytest
-from oma.v1 import discovery_pb2, replications_pb2 as pb
+from oma.v1 import discovery_pb2
+from oma.v1 import replications_pb2 as pb
 
 from oma_server.db import models
 from tests.lab import sha256_prefix

@@ -11,7 +11,8 @@ import time
 
 import grpc
 import pytest
-from oma.v1 import discovery_pb2, replications_pb2 as pb
+from oma.v1 import discovery_pb2
+from oma.v1 import replications_pb2 as pb
 from oma.v1 import vmware_credentials_pb2 as cred_pb
 from vma.v1 import replication_pb2 as vma_pb
 from vma.v1 import replication_pb2_grpc as vma_grpc
