@@ -21,12 +21,17 @@ def _source(lab, **kw):
     return pb.VCenterSource(credential_id=lab.credential_id, **kw)
 
 
+def _snapshot():
+    return {m.__name__: [r.__data__ for r in m.select()] for m in models.ALL_MODELS}
+
+
 def test_preview_is_read_only_and_lists_every_vm(lab):
-    before = {m: m.select().count() for m in (models.VmReplicationContext, models.VmDisk, models.JobTracking)}
+    before = _snapshot()
     preview = lab.client.discovery.PreviewDiscovery(pb.PreviewDiscoveryRequest(source=_source(lab)), timeout=60)
     assert preview.total_discovered == len(lab.vm_names()) and preview.new_vms == preview.total_discovered
     assert {v.vm.name for v in preview.vms} == set(lab.vm_names())
-    assert {m: m.select().count() for m in before} == before
+    assert _snapshot() == before  # read-only on the database, credential counters included
+    lab.client.discovery.DiscoverVMs(pb.DiscoverVMsRequest(source=_source(lab)), timeout=60)
     cred = models.VmwareCredential.get_by_id(lab.credential_id)
     assert cred.usage_count == 1 and cred.last_used is not None  # using a saved credential is recorded
 

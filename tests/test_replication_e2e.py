@@ -140,3 +140,26 @@ def test_cancel_releases_the_vm(lab_private):
     with pytest.raises(grpc.RpcError) as err:
         lab.client.replications.CancelReplication(pb.CancelReplicationRequest(job_id=created.job_id), timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_cbt_switched_off_forces_a_full_copy(lab_private):
+    from vma_agent.integrations import vsphere
+
+    lab = lab_private
+    vm = lab.vcenter.data_vms[0]
+    context_id = _add(lab, vm)
+    assert _replicate(lab, context_id)[1][-1].status == "completed"
+    session = vsphere.connect(vsphere.VCenterParams(lab.vcenter.address, lab.vcenter.username, lab.vcenter.password,
+                                                    thumbprint=lab.vcenter.thumbprint_sha1))
+    handle = session.find_vm(vsphere.VMRef(path=lab.vcenter.vm(vm)["path"]))
+    session.set_change_tracking(handle, False)  # an administrator turns CBT off
+    session.close()
+    created, updates = _replicate(lab, context_id)
+    assert updates[-1].status == "completed", updates[-1].error_message
+    job = models.ReplicationJob.get_by_id(created.job_id)
+    assert job.replication_type == "initial" and job.vma_sync_type == "full"
+    history = list(models.CbtHistory.select().where(models.CbtHistory.job == created.job_id))
+    assert len(history) == 2 and all(h.sync_type == "full" and not h.previous_change_id for h in history)
+    steps = models.JobTracking.get(models.JobTracking.external_job_id == created.job_id).steps
+    assert next(s for s in steps if s.name == "prepare-disks").metadata["change_ids_cleared"] == 2
+    _checksums_match(lab, context_id)

@@ -33,7 +33,9 @@ def test_login_issues_a_token_and_wrong_password_is_unauthenticated(anonymous, d
     response = anonymous.auth.Login(auth_pb2.LoginRequest(username="admin", password=ADMIN_PASSWORD), timeout=5)
     assert response.token and response.token_type == "Bearer" and response.username == "admin"
     assert response.expires_at.seconds > 0
-    assert ApiUser.get(ApiUser.username == "admin").last_login_at is not None
+    before = ApiUser.get(ApiUser.username == "admin").__data__
+    anonymous.auth.Login(auth_pb2.LoginRequest(username="admin", password=ADMIN_PASSWORD), timeout=5)
+    assert ApiUser.get(ApiUser.username == "admin").__data__ == before  # login issues tokens, writes nothing
     for user, password in (("admin", "wrong"), ("nobody", ADMIN_PASSWORD)):
         with pytest.raises(grpc.RpcError) as err:
             anonymous.auth.Login(auth_pb2.LoginRequest(username=user, password=password), timeout=5)

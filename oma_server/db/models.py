@@ -419,7 +419,6 @@ class ApiUser(BaseModel):
     username = CharField(255, unique=True)
     password_hash = CharField(255)
     created_at = UtcDateTimeField(default=utcnow)
-    last_login_at = UtcDateTimeField(null=True)
     is_active = BooleanField(default=True)
 
     class Meta:

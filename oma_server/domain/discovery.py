@@ -73,10 +73,14 @@ class Inventory:
         return {vm.name.lower(): vm for vm in self.vms}
 
 
-def fetch_inventory(vma: Any, login: VCenterLogin, *, filter: str = "", names: Sequence[str] = ()) -> Inventory:
+def fetch_inventory(vma: Any, login: VCenterLogin, *, filter: str = "", names: Sequence[str] = (),
+                    read_only: bool = False) -> Inventory:
+    """The inventory through the VMA. A saved credential's use is recorded unless ``read_only``
+    (PreviewDiscovery writes nothing at all)."""
     started = time.monotonic()
     response = vma.discover(login, filter=filter, names=tuple(names))
-    credentials.record_use(login.credential_id)
+    if not read_only:
+        credentials.record_use(login.credential_id)
     return Inventory(response.vcenter_host or login.host, response.datacenter or login.datacenter,
                      list(response.vms), int((time.monotonic() - started) * 1000))
 

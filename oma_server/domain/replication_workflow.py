@@ -278,6 +278,17 @@ class ReplicationEngine:
                 cpu_count=vm.num_cpu, memory_mb=vm.memory_mb, power_state=vm.power_state, vm_path=vm.path,
                 os_type=vm.guest_os or "unknown", vm_tools_version=vm.tools_version, vm_name=vm.name,
             ).where(VmReplicationContext.context_id == state.ctx.context_id).execute()
+        # CBT switched off since the last copy makes every stored change id meaningless: forget them,
+        # so this copy is full and the next one can be incremental again.
+        cbt = self._vma.cbt_status(state.login, state.ctx.vmware_vm_id)
+        step.details["cbt_enabled"] = cbt.enabled
+        if not cbt.enabled:
+            cleared = VmDisk.update(disk_change_id=None).where(
+                VmDisk.vm_context == state.ctx.context_id, VmDisk.disk_change_id.is_null(False)).execute()
+            if cleared:
+                log.info("CBT is off on %s: %d stored change ids cleared; this copy is full", vm.name, cleared)
+                self._set(state, replication_type="initial")
+                step.details["change_ids_cleared"] = cleared
         current = {row["disk_id"] for row in rows}
         state.targets = [Target(d) for d in contexts.disks(state.ctx.context_id) if d.disk_id in current]
         total = sum(t.disk.capacity_bytes or 0 for t in state.targets)

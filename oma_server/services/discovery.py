@@ -94,7 +94,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 
     def PreviewDiscovery(self, request, context):
         login = discovery.resolve_login(self._box, _source(request.source))
-        inventory = discovery.fetch_inventory(self._vma, login, filter=request.filter)
+        inventory = discovery.fetch_inventory(self._vma, login, filter=request.filter, read_only=True)
         vms = _discovered(inventory)
         existing = sum(1 for v in vms if v.existing)
         for v in vms:  # preview lists VMs without their disks and NICs
