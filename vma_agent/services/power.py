@@ -1,27 +1,19 @@
 """PowerService: PowerOff, PowerOn, GetPowerState (thin: validate, call the domain, convert)."""
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
 from vma.v1 import power_pb2, power_pb2_grpc
 
 from vma_agent import errors, power
 from vma_agent.config import Settings
 from vma_agent.integrations import vsphere
+from vma_agent.services import timestamp
 from vma_agent.services.discovery import connection_params, vm_ref
-
-
-def _ts(value) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def _result(r: power.PowerResult) -> power_pb2.PowerOperationResult:
     return power_pb2.PowerOperationResult(
         success=r.success, vm_id=r.vm_id, previous_state=r.previous_state, new_state=r.new_state,
-        operation=r.operation, method=r.method, duration_ms=r.duration_ms, timestamp=_ts(r.timestamp),
+        operation=r.operation, method=r.method, duration_ms=r.duration_ms, timestamp=timestamp(r.timestamp),
         message=r.message, tools_status=r.tools_status)
 
 
@@ -61,5 +53,5 @@ class PowerServicer(power_pb2_grpc.PowerServiceServicer):
             state = power.power_state(session, ref, datacenter=request.connection.datacenter)
         return power_pb2.GetPowerStateResponse(
             vm_id=state.vm_id, power_state=state.power_state, tools_status=state.tools_status,
-            last_state_change=_ts(state.last_state_change), uptime_seconds=state.uptime_seconds,
-            timestamp=_ts(state.timestamp))
+            last_state_change=timestamp(state.last_state_change), uptime_seconds=state.uptime_seconds,
+            timestamp=timestamp(state.timestamp))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
 from vma.v1 import progress_pb2, progress_pb2_grpc
 
 from vma_agent import errors
@@ -12,16 +11,11 @@ from vma_agent.progress_store import (
     ProgressUpdate,
     Stage,
 )
+from vma_agent.services import timestamp
 
 _MIB = 1024 * 1024
 
 
-def _ts(value) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
@@ -34,8 +28,8 @@ def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
             current_mbps=r.throughput_bps / _MIB, average_mbps=r.average_throughput_bps / _MIB,
             peak_mbps=r.peak_throughput_bps / _MIB,
         ),
-        started_at=_ts(r.started_at), updated_at=_ts(r.updated_at),
-        stage_started_at=_ts(r.stage_started_at), elapsed_ms=r.elapsed_ms,
+        started_at=timestamp(r.started_at), updated_at=timestamp(r.updated_at),
+        stage_started_at=timestamp(r.stage_started_at), elapsed_ms=r.elapsed_ms,
         eta_seconds=r.eta_seconds,
         vm_info=progress_pb2.VMInfo(
             name=r.vm_name, path=r.vm_path, cbt_enabled=r.cbt_enabled,
@@ -53,9 +47,9 @@ def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
             error_message=d.error_message,
         )
         if d.started_at:
-            disk.started_at.CopyFrom(_ts(d.started_at))
+            disk.started_at.CopyFrom(timestamp(d.started_at))
         if d.completed_at:
-            disk.completed_at.CopyFrom(_ts(d.completed_at))
+            disk.completed_at.CopyFrom(timestamp(d.completed_at))
     return msg
 
 

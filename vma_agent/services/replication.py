@@ -1,20 +1,12 @@
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
 from vma.v1 import replication_pb2 as pb
 from vma.v1 import replication_pb2_grpc
 
 from vma_agent import errors
 from vma_agent.integrations import vsphere
 from vma_agent.replication import SNAPSHOT_PREFIX, DiskRequest, JobRequest, ReplicationJobs
-
-
-def _ts(value):
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+from vma_agent.services import timestamp
 
 
 def vcenter_params(connection, timeout: float) -> vsphere.VCenterParams:
@@ -45,14 +37,14 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                         for d in request.disks),
             quiesce=request.quiesce, enable_cbt=request.enable_cbt,
         ))
-        return pb.StartReplicationResponse(job_id=request.job_id, started_at=_ts(job.started_at),
+        return pb.StartReplicationResponse(job_id=request.job_id, started_at=timestamp(job.started_at),
                                            snapshot_name=SNAPSHOT_PREFIX + request.job_id)
 
     def GetReplicationStatus(self, request, context):
         job = self._jobs.get(request.job_id)
         return pb.GetReplicationStatusResponse(
             job_id=request.job_id, status=job.status.value, running=bool(job.thread and job.thread.is_alive()),
-            last_error=job.last_error, started_at=_ts(job.started_at), finished_at=_ts(job.finished_at))
+            last_error=job.last_error, started_at=timestamp(job.started_at), finished_at=timestamp(job.finished_at))
 
     def CancelReplication(self, request, context):
         cancelled = self._jobs.cancel(request.job_id, request.reason)
