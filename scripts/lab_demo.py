@@ -1,0 +1,641 @@
+#!/usr/bin/env python3
+"""The local lab: a real migration of a simulated vSphere VM to an emulated CloudStack, on this machine.
+
+Four real processes, each on a free port, all in one work folder:
+
+    simulated vCenter  python -m tests.fixtures.vcsim       VMs whose disks are raw files, with exact CBT
+    CloudStack         python -m tests.cloudstack_emulator  volumes are files; attached ones show in a by-id folder
+    VMA agent          vma-agent (source mode "file")       reads the VM disks and copies them over NBD
+    OMA server         oma-server (SQLite)                  the control plane that omactl talks to
+
+Then the demo works only through ``omactl``, as an operator would: log in, save the vCenter credential,
+configure CloudStack, discover, add a VM, replicate it in full, let the "guest" write a few blocks,
+replicate again (incremental). At the end it checks the result itself: every replica volume holds the
+exact bytes of its source disk (sha256), and the incremental run copied only the changed blocks.
+
+    scripts/lab                                   # setup, then this demo (the README's main command)
+    scripts/lab --no-setup --vms 6 --disk-size 256MiB
+    scripts/lab --keep --workdir /tmp/lab         # keep the work folder (logs, database, volumes)
+    scripts/lab --stay                            # leave the lab running to try omactl yourself
+
+Exit status: 0 when the migration and every check succeeded, 1 on a failure (the message says which
+step), 130 when interrupted. Everything started is stopped on the way out (process groups, and this
+process adopts any orphan as "child subreaper"), and the work folder is removed unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin folder: vma-agent, oma-server, omactl
+PYTHON = sys.executable
+MIB = 1 << 20
+WRITE_SIZE = 4096  # one simulated guest write
+SERVING = r"serving on port (\d+)"  # what oma-server and vma-agent print once they listen
+JSON_LINE = r"^\{.*\}$"  # what the simulator and the emulator print once they listen
+
+
+class LabError(Exception):
+    """A step failed; the message says which and why."""
+
+
+# --- printing -------------------------------------------------------------------------------------
+_T0 = time.monotonic()
+_COLOR = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+
+
+def _style(text: str, code: str) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if _COLOR else text
+
+
+def step(title: str) -> None:
+    print(f"\n{_style('==>', '1;34')} {_style(title, '1')}  [{time.monotonic() - _T0:5.1f}s]", flush=True)
+
+
+def say(text: str) -> None:
+    print(f"    {text}", flush=True)
+
+
+def size(n: float) -> str:
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{int(n)} B"
+
+
+# --- processes ------------------------------------------------------------------------------------
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    out: Path  # stdout: the line that says it is ready
+    log: Path  # stderr: its log
+
+    def tail(self, lines: int = 15) -> str:
+        text = ""
+        for path in (self.out, self.log):
+            with contextlib.suppress(OSError):
+                text += path.read_text(errors="replace")
+        return "\n".join("      | " + line for line in text.splitlines()[-lines:])
+
+
+@dataclass
+class Processes:
+    """Everything the lab starts, each in its own process group; ``stop_all`` ends them newest first."""
+    logs: Path
+    run_env: dict[str, str]
+    services: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
+              keep_stdin_open: bool = False) -> Service:
+        out, log = self.logs / f"{name}.out", self.logs / f"{name}.log"
+        shown_env = " ".join(f"{k}={_mask(k, v)}" for k, v in (env or {}).items())
+        say(_style(f"$ {shown_env + ' ' if shown_env else ''}{shlex.join(_short(argv))}", "2"))
+        with open(out, "wb") as stdout, open(log, "wb") as stderr:
+            proc = subprocess.Popen(
+                argv, cwd=REPO, env={**self.run_env, **(env or {})}, stdout=stdout, stderr=stderr,
+                # vcsim exits when its stdin closes, i.e. also when this process dies without cleaning up
+                stdin=subprocess.PIPE if keep_stdin_open else subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: the terminal's Ctrl-C reaches only us
+            )
+        service = Service(name, proc, out, log)
+        self.services.append(service)
+        return service
+
+    def ready_line(self, service: Service, pattern: str, timeout: float) -> re.Match:
+        """Wait for the first stdout line matching ``pattern`` (the service's "I am listening" line)."""
+        started, hinted = time.monotonic(), False
+        while True:
+            with contextlib.suppress(OSError):
+                for line in service.out.read_text(errors="replace").splitlines():
+                    if match := re.search(pattern, line):
+                        return match
+            if service.proc.poll() is not None:
+                raise LabError(f"{service.name} exited with status {service.proc.returncode} while starting")
+            if time.monotonic() > started + timeout:
+                raise LabError(f"{service.name} did not start within {timeout:.0f}s")
+            if not hinted and service.name == "vcsim" and time.monotonic() > started + 5:
+                say("(building the simulated vCenter from Go sources - first run only, may take minutes)")
+                hinted = True
+            time.sleep(0.05)
+
+    def stop_all(self) -> None:
+        for service in reversed(self.services):
+            _stop_group(service.proc)
+            if service.proc.stdin:
+                with contextlib.suppress(OSError):
+                    service.proc.stdin.close()
+        self.services.clear()
+        _reap_orphans()
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL it if the leader does not exit in time."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _become_subreaper() -> None:
+    """Orphaned grandchildren (e.g. nbdkit in its own session) are re-parented to us, not to init."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _children() -> list[int]:
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                    found.append(int(entry.name))
+    return found
+
+
+def _reap_orphans() -> None:
+    """End any process still parented to us (adopted orphans), by pid, and reap it."""
+    started = time.monotonic()
+    while pids := _children():
+        if time.monotonic() > started + 15:
+            print(f"lab: warning: could not end processes {pids}", file=sys.stderr)
+            return
+        sig = signal.SIGTERM if time.monotonic() < started + 5 else signal.SIGKILL
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, sig)
+        time.sleep(0.1)
+
+
+def _short(argv: list[str]) -> list[str]:
+    """Paths relative to the repository, for reading."""
+    return [os.path.relpath(a, REPO) if a.startswith(str(REPO) + "/") else a for a in argv]
+
+
+def _mask(name: str, value: str) -> str:
+    return "***" if any(word in name for word in ("PASSWORD", "TOKEN", "SECRET")) else value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(service: Service, address: str, timeout: float = 30.0) -> None:
+    """gRPC health check until SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline, serving = time.monotonic() + timeout, health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            with contextlib.suppress(grpc.RpcError):
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == serving:
+                    return
+            if service.proc.poll() is not None:
+                raise LabError(f"{service.name} exited with status {service.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{service.name} at {address} is not healthy after {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+# --- omactl ---------------------------------------------------------------------------------------
+class Omactl:
+    """Runs omactl as a separate command, showing each command line first."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def _argv(self, args: tuple[str, ...]) -> list[str]:
+        return [str(BIN / "omactl"), *args]
+
+    def run(self, *args: str, stdin: str | None = None, quiet_stderr: bool = False) -> None:
+        """Output straight to the terminal (live progress included); fails on a non-zero exit."""
+        print(f"\n{_style('$ omactl ' + shlex.join(args), '1;32')}"
+              + (_style("   <<< secret on stdin", "2") if stdin is not None else ""), flush=True)
+        proc = subprocess.run(self._argv(args), cwd=REPO, env=self.env, text=True,
+                              input=stdin + "\n" if stdin is not None else None,
+                              stderr=subprocess.PIPE if quiet_stderr else None)
+        if proc.returncode != 0:
+            detail = f":\n{proc.stderr.strip()}" if quiet_stderr and proc.stderr else ""
+            raise LabError(f"'omactl {args[0]}{' ' + args[1] if len(args) > 1 else ''}' failed "
+                           f"(exit {proc.returncode}){detail}")
+
+    def json(self, *args: str) -> Any:
+        """The command's --json answer, for the demo to read (not printed)."""
+        print(_style(f"$ omactl {shlex.join(args)} --json   (read by the demo)", "2"), flush=True)
+        proc = subprocess.run(self._argv([*args, "--json"]), cwd=REPO, env=self.env, text=True,
+                              capture_output=True)
+        if proc.returncode != 0:
+            raise LabError(f"'omactl {' '.join(args)} --json' failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        return json.loads(proc.stdout)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+def sha256_prefix(path: Path, length: int, chunk: int = 4 * MIB) -> str:
+    """sha256 of the first ``length`` bytes (a replica volume may be larger than its source disk)."""
+    digest, remaining = hashlib.sha256(), length
+    with open(path, "rb") as f:
+        while remaining:
+            block = f.read(min(chunk, remaining)) or b"\0" * remaining  # sparse tail reads as zeroes
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+def seconds_between(start: str, end: str) -> float:
+    if not start or not end:
+        return 0.0
+    return (datetime.fromisoformat(end.replace("Z", "+00:00"))
+            - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+
+
+def guest_writes(disks: list[dict[str, Any]], block: int) -> dict[str, int]:
+    """Write a few scattered 4 KiB blocks into the live source disks, as a running guest would:
+    at the start, in the middle, across a CBT block boundary, near the end. Returns the bytes CBT must
+    report changed per disk (whole CBT blocks)."""
+    expected = {}
+    for index, disk in enumerate(disks):
+        capacity = int(disk["capacity"])
+        if index == 0:
+            offsets = [0, capacity // 3 + 100, (2 * capacity // 3) // block * block - WRITE_SIZE // 2]
+        else:
+            offsets = [3 * block, capacity - WRITE_SIZE]
+        blocks: set[int] = set()
+        fd = os.open(disk["path"], os.O_WRONLY)
+        try:
+            for offset in offsets:
+                os.pwrite(fd, os.urandom(WRITE_SIZE), offset)
+                blocks |= set(range(offset // block, (offset + WRITE_SIZE - 1) // block + 1))
+        finally:
+            os.close(fd)
+        disk_id = f"disk-{disk['key']}"
+        expected[disk_id] = len(blocks) * block
+        say(f"{disk_id}: {len(offsets)} writes of 4 KiB at offsets {', '.join(map(str, offsets))} "
+            f"-> {len(blocks)} changed CBT block(s) of {block // 1024} KiB")
+    return expected
+
+
+def replication_metrics(text: str) -> list[str]:
+    """The non-zero replication samples of a Prometheus text page (not the *_created timestamps)."""
+    samples = []
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if line.startswith("oma_replication") and "_created" not in name and float(value or 0):
+            samples.append(line)
+    return samples
+
+
+# --- the demo -------------------------------------------------------------------------------------
+@dataclass
+class Lab:
+    """What the started services told us: addresses, keys and the simulator's inventory."""
+    work: Path
+    vc: dict[str, Any]  # the simulator's JSON line (address, thumbprint, datastores, data VMs, ...)
+    cs: dict[str, Any]  # the emulator's JSON line (url, keys, zone, disk offering, state and by-id dirs)
+    oma_address: str
+    admin_password: str
+    metrics_url: str
+    vma_metrics_url: str
+
+    def source_vm(self, name: str) -> dict[str, Any]:
+        """The simulator's manifest entry: disks with key, path (the live raw file) and capacity."""
+        manifest = json.loads(Path(self.vc["manifest"]).read_text())
+        return next(v for v in manifest["vms"] if v["name"] == name)
+
+
+@dataclass
+class Run:
+    """One replication as the operator sees it afterwards (``omactl replications show --json``)."""
+    job: dict[str, Any]
+    cbt_history: list[dict[str, Any]]
+    wall_seconds: float  # omactl replicate, end to end (volume set-up included)
+
+    @property
+    def bytes(self) -> int:
+        return int(self.job["bytes_transferred"])
+
+    @property
+    def copy_seconds(self) -> float:  # the job's started -> completed (after the volumes are set up)
+        return seconds_between(self.job["started_at"], self.job["completed_at"])
+
+
+def start_services(args: argparse.Namespace, work: Path, procs: Processes) -> Lab:
+    token, admin_password = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
+    data_vms = max(1, args.vms // 2)
+
+    step(f"1. Simulated vCenter: {args.vms} VMs, 2 disks of {args.disk_size} each, {data_vms} with data")
+    vcsim = procs.start("vcsim", [
+        PYTHON, "-m", "tests.fixtures.vcsim", f"-dir={work / 'vcenter'}", f"-vms={args.vms}", "-disks=2",
+        f"-disk-size={args.disk_size}", f"-data-vms={data_vms}", "-exit-on-stdin-eof"], keep_stdin_open=True)
+    vc = json.loads(procs.ready_line(vcsim, JSON_LINE, timeout=900).group(0))
+    say(f"vCenter {vc['url']} ({vc['about']}), datacenter {vc['datacenters'][0]}, TLS SHA-1 {vc['thumbprint_sha1']}")
+    say(f"datastores: {', '.join(f'{k} = {v}' for k, v in vc['datastores'].items())}")
+
+    step("2. CloudStack emulator")
+    cloud = procs.start("cloudstack", [PYTHON, "-m", "tests.cloudstack_emulator", "--port", "0",
+                                       "--state-dir", str(work / "cloudstack"), "--job-delay", "0.1"])
+    cs = json.loads(procs.ready_line(cloud, JSON_LINE, timeout=60).group(0))
+    say(f"API {cs['url']}, zone {cs['zone_id']}, OMA appliance VM {cs['oma_vm_id']} (NIC {cs['oma_mac']})")
+    say(f"volumes are files in {cs['state_dir']}/volumes, attached ones appear in {cs['byid_dir']}")
+
+    step("3. VMA agent (reads the VM disks straight from the datastore folders)")
+    vma_metrics = free_port()
+    vma = procs.start("vma-agent", [str(BIN / "vma-agent")], {
+        "VMA_LISTEN": "127.0.0.1:0", "VMA_AUTH_TOKEN": token, "VMA_SOURCE_MODE": "file",
+        "VMA_DATASTORE_MAP": ",".join(f"{k}={v}" for k, v in vc["datastores"].items()),
+        "VMA_WORK_DIR": str(work / "vma"), "VMA_METRICS_LISTEN": f"127.0.0.1:{vma_metrics}",
+        "VMA_PROGRESS_INTERVAL_SECONDS": "0.5"})
+    vma_address = f"127.0.0.1:{procs.ready_line(vma, SERVING, timeout=60).group(1)}"
+    wait_healthy(vma, vma_address)
+    say(f"VMA agent serving gRPC on {vma_address} (healthy)")
+
+    step("4. OMA server (SQLite in the work folder)")
+    oma_metrics = free_port()
+    nbd_base = 30000 + secrets.randbelow(100) * 100  # ports of the nbdkit exports of the attached volumes
+    oma = procs.start("oma-server", [str(BIN / "oma-server")], {
+        "OMA_LISTEN": "127.0.0.1:0", "OMA_DATA_DIR": str(work / "oma"),
+        "OMA_DB_URL": f"sqlite:///{work / 'oma' / 'oma.db'}", "OMA_ADMIN_PASSWORD": admin_password,
+        "OMA_VMA_ADDRESS": vma_address, "OMA_VMA_TOKEN": token, "OMA_DEVICE_DIR": cs["byid_dir"],
+        "OMA_DEVICE_WAIT_SECONDS": "10", "OMA_REPLICA_EXTRA_GIB": "0",
+        "OMA_NBD_PORT_MIN": str(nbd_base), "OMA_NBD_PORT_MAX": str(nbd_base + 99),
+        "OMA_CLOUDSTACK_POLL_INTERVAL_SECONDS": "0.2", "OMA_METRICS_LISTEN": f"127.0.0.1:{oma_metrics}"})
+    oma_address = f"127.0.0.1:{procs.ready_line(oma, SERVING, timeout=60).group(1)}"
+    wait_healthy(oma, oma_address)
+    metrics_url = f"http://127.0.0.1:{oma_metrics}/metrics"
+    say(f"OMA server serving gRPC on {oma_address} (healthy), metrics on {metrics_url}")
+    say(f"logs of all four: {procs.logs}")
+    return Lab(work, vc, cs, oma_address, admin_password, metrics_url, f"http://127.0.0.1:{vma_metrics}/metrics")
+
+
+def configure(ctl: Omactl, lab: Lab) -> None:
+    step("5. Operator: log in, save the vCenter credential, configure CloudStack")
+    vc, cs = lab.vc, lab.cs
+    ctl.run("login", "--target", lab.oma_address, "--password-stdin", stdin=lab.admin_password)
+    ctl.run("credentials", "add", "lab-vcenter", "--vcenter", vc["address"], "--username", vc["username"],
+            "--datacenter", vc["datacenters"][0], "--thumbprint", vc["thumbprint_sha1"], "--default",
+            "--password-stdin", stdin=vc["password"])
+    ctl.run("cloudstack", "set", "lab-cloudstack", "--api-url", cs["url"], "--api-key", cs["api_key"],
+            "--zone", cs["zone_id"], "--disk-offering-id", cs["disk_offering_id"], "--secret-key-stdin",
+            stdin=cs["secret_key"])
+    ctl.run("cloudstack", "detect-oma-vm", "--api-url", cs["url"], "--api-key", cs["api_key"], "--persist",
+            "--secret-key-stdin", stdin=cs["secret_key"])
+    ctl.run("cloudstack", "test")
+
+
+def replicate(ctl: Omactl, vm: str, *extra: str, quiet: bool) -> Run:
+    """``omactl replicate`` with its live progress, then the job as ``replications show`` reports it."""
+    started = time.monotonic()
+    try:
+        ctl.run("replicate", vm, *extra, quiet_stderr=quiet)
+    except LabError:
+        with contextlib.suppress(LabError, IndexError, KeyError):  # show which step failed, if a job exists
+            ctl.run("jobs", "show", ctl.json("replications", "list", "--vm", vm)["jobs"][0]["job_id"])
+        raise
+    wall = time.monotonic() - started
+    job_id = ctl.json("replications", "list", "--vm", vm)["jobs"][0]["job_id"]  # newest first
+    shown = ctl.json("replications", "show", job_id)
+    return Run(shown["job"], shown["cbt_history"], wall)
+
+
+def check_jobs(full: Run, incr: Run, changed: dict[str, int], failures: list[str]) -> bool:
+    """Both jobs completed with the right type; the incremental copied exactly the changed CBT blocks."""
+    for name, run, kind in (("full", full, "initial"), ("incremental", incr, "incremental")):
+        j = run.job
+        if (j["status"], j["replication_type"]) == ("completed", kind):
+            say(f"{name} replication: completed (job {j['job_id']}, type {kind})")
+        else:
+            failures.append(f"{name} job {j['job_id']} is {j['status']} ({j['replication_type']}), expected "
+                            f"completed ({kind}): {j['error_message']}")
+    history = {h["disk_id"]: h for h in incr.cbt_history}
+    only_changes = incr.bytes == sum(changed.values())
+    for disk_id, want in changed.items():
+        got = history.get(disk_id, {})
+        sent = int(got.get("bytes_transferred", -1))
+        ok = got.get("sync_type") == "incremental" and sent == want
+        say(f"{disk_id}: the incremental copy sent {size(max(sent, 0))}, the guest changed {size(want)} "
+            f"(change id {got.get('previous_change_id', '?')} -> {got.get('change_id', '?')})  "
+            f"{'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            only_changes = False
+            failures.append(f"{disk_id}: the incremental copy sent {sent} bytes ({got.get('sync_type')}), "
+                            f"the guest changed {want}")
+    if incr.bytes != sum(changed.values()):
+        failures.append(f"the incremental job copied {incr.bytes} bytes, the guest changed {sum(changed.values())}")
+    return only_changes
+
+
+def check_volumes(ctl: Omactl, lab: Lab, vm: str, failures: list[str]) -> list[bool]:
+    """sha256 of each source disk == sha256 of the first <capacity> bytes of its CloudStack volume.
+
+    omactl shows a disk's replica only as the OMA's numeric volume id, so CloudStack is asked which
+    volume it is: the OMA names them migration-<vm>-<disk id>; the uuid gives the emulator's file."""
+    import cs as cloudstack_api  # the CloudStack client library the OMA server itself uses
+
+    api = cloudstack_api.CloudStack(endpoint=lab.cs["url"], key=lab.cs["api_key"], secret=lab.cs["secret_key"])
+    source = lab.source_vm(vm)
+    matches = []
+    for disk in ctl.json("vms", "show", vm)["details"]["disks"]:
+        src = next(d for d in source["disks"] if f"disk-{d['key']}" == disk["disk_id"])
+        name = f"migration-{vm}-{disk['disk_id']}"
+        volumes = [v for v in api.listVolumes(name=name, listall=True).get("volume", []) if v["name"] == name]
+        if len(volumes) != 1:
+            failures.append(f"{disk['disk_id']}: CloudStack has {len(volumes)} volumes named {name}, expected 1")
+            continue
+        volume, capacity = volumes[0], int(src["capacity"])
+        want = sha256_prefix(Path(src["path"]), capacity)
+        got = sha256_prefix(Path(lab.cs["state_dir"]) / "volumes" / f"{volume['id']}.img", capacity)
+        matches.append(want == got)
+        say(f"{disk['disk_id']} ({size(capacity)}): source {want[:16]}...  volume {volume['id']} {got[:16]}...  "
+            f"{'match' if want == got else 'DIFFER'}  (attached to {volume.get('vmname', '-')})")
+        if want != got:
+            failures.append(f"{disk['disk_id']}: volume {volume['id']} does not hold the source disk's bytes")
+    if len(matches) != len(source["disks"]):
+        failures.append(f"compared {len(matches)} of the {len(source['disks'])} disks of {vm}")
+    return matches
+
+
+def show_metrics(lab: Lab) -> None:
+    import urllib.request
+
+    with contextlib.suppress(OSError, ValueError):
+        text = urllib.request.urlopen(lab.metrics_url, timeout=5).read().decode()
+        say(f"OMA metrics ({lab.metrics_url}), replication samples:")
+        for line in replication_metrics(text):
+            say(f"  {line}")
+
+
+def summary(lab: Lab, vm: str, disks: int, capacity: int, full: Run, incr: Run, only_changes: bool,
+            matches: list[bool], keep: bool) -> None:
+    checksums_ok = bool(matches) and all(matches) and len(matches) == disks
+    rows = [("VM", "DISKS", "FULL COPIED", "FULL S", "FULL MiB/s", "INCR COPIED", "INCR S", "CHECKSUMS"),
+            (vm, f"{disks} x {size(capacity)}", size(full.bytes), f"{full.copy_seconds:.1f}",
+             f"{full.bytes / MIB / full.copy_seconds:.1f}" if full.copy_seconds else "-",
+             size(incr.bytes), f"{incr.copy_seconds:.1f}",
+             f"{'OK' if checksums_ok else 'FAILED'} ({sum(matches)}/{disks})")]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    step("Summary")
+    for r in rows:
+        say("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    say("(seconds: the copy, from the job's start to its completion; end-to-end times below)")
+    print()
+    say(f"full replication:        {full.job['status']} (job {full.job['job_id']}; {full.wall_seconds:.1f}s end "
+        f"to end with volume set-up)")
+    say(f"incremental replication: {incr.job['status']} (job {incr.job['job_id']}; {incr.wall_seconds:.1f}s end "
+        f"to end; {'copied only the changed blocks' if only_changes else 'did NOT copy exactly the changed blocks'})")
+    say(f"checksums:               {'match' if checksums_ok else 'DO NOT MATCH'} ({sum(matches)} of {disks} disks, "
+        f"sha256)")
+    say(f"metrics:                 {lab.metrics_url}  (VMA: {lab.vma_metrics_url})")
+    say(f"work folder:             {lab.work}{'' if keep else ' (removed on exit; --keep keeps it)'}")
+    say(f"total time:              {time.monotonic() - _T0:.1f}s")
+
+
+def demo(args: argparse.Namespace, work: Path, procs: Processes) -> int:
+    lab = start_services(args, work, procs)
+    omactl_config = work / "omactl" / "config.json"
+    say(f"export OMACTL_CONFIG={omactl_config}   # omactl's login, for the commands below")
+    ctl = Omactl({**procs.run_env, "OMACTL_CONFIG": str(omactl_config)})
+    configure(ctl, lab)
+
+    vm = lab.vc["data_vms"][0]
+    source = lab.source_vm(vm)
+    step(f"6. Operator: discover the vCenter's VMs and put {vm} under management")
+    ctl.run("discover")
+    ctl.run("add", vm)
+
+    step(f"7. Operator: full replication of {vm} (live progress)")
+    full = replicate(ctl, vm, "--full", quiet=args.quiet_progress)
+
+    step(f"8. Guest writes into the running {vm} (scattered blocks on both disks)")
+    changed = guest_writes(source["disks"], int(lab.vc["cbt_block_size"]))
+
+    step(f"9. Operator: replicate {vm} again - an incremental copy of the changed blocks (live progress)")
+    incr = replicate(ctl, vm, quiet=args.quiet_progress)
+    ctl.run("jobs", "show", incr.job["job_id"])
+    ctl.run("vms", "show", vm)
+
+    step("10. Checks: the replica volumes equal the source disks; the incremental copied only the changes")
+    failures: list[str] = []
+    only_changes = check_jobs(full, incr, changed, failures)
+    matches = check_volumes(ctl, lab, vm, failures)
+    show_metrics(lab)
+
+    summary(lab, vm, len(source["disks"]), int(source["disks"][0]["capacity"]), full, incr, only_changes,
+            matches, args.keep)
+    if failures:
+        print(_style("\nFAILED:", "1;31"), flush=True)
+        for failure in failures:
+            say(failure)
+        return 1
+    print(_style("\nOK: the VM's disks were replicated in full and incrementally; the replicas match the source.",
+                 "1;32"), flush=True)
+    if args.stay:
+        print(f"\nThe lab keeps running. Try it yourself:\n    export OMACTL_CONFIG={omactl_config}\n"
+              f"    {BIN / 'omactl'} vms list\nPress Ctrl-C to stop everything.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/lab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vms", type=int, default=4, help="VMs in the simulated vCenter (default 4; half have data)")
+    p.add_argument("--disk-size", default="128MiB", help="capacity of each disk, e.g. 64MiB, 256MiB (default 128MiB)")
+    p.add_argument("--workdir", type=Path, help="work folder (default: a new temp folder); must be empty or new")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs, database, volumes)")
+    p.add_argument("--quiet-progress", action="store_true", help="no live progress display (for CI logs)")
+    p.add_argument("--stay", action="store_true", help="leave the lab running after the demo until Ctrl-C")
+    args = p.parse_args(argv)
+    if args.vms < 1:
+        p.error("--vms must be at least 1")
+    if not re.fullmatch(r"\d+(B|KiB|MiB|GiB)?", args.disk_size):
+        p.error("--disk-size looks like 64MiB, 256MiB or 1GiB")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    if args.workdir:
+        work = args.workdir.resolve()
+        if work.exists() and any(work.iterdir()):
+            print(f"lab: --workdir {work} is not empty; give a new or empty folder", file=sys.stderr)
+            return 2
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="oma-lab-"))
+    (work / "logs").mkdir()
+
+    # Children get a clean environment: nothing of the caller's OMA_*/VMA_*/OMACTL_* settings, and a
+    # run id that marks every process of this lab (the test uses it to prove nothing is left behind).
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMA_", "VMA_", "OMACTL_"))}
+    run_env["LAB_RUN_ID"] = os.environ.get("LAB_RUN_ID") or uuid.uuid4().hex
+    procs = Processes(work / "logs", run_env)
+    _become_subreaper()
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    print(f"OMA/VMA migration lab - work folder {work}", flush=True)
+    code = 1
+    try:
+        code = demo(args, work, procs)
+    except LabError as exc:
+        print(_style(f"\nFAILED: {exc}", "1;31"), file=sys.stderr, flush=True)
+        for service in procs.services:
+            print(f"\n    last lines of {service.name}'s output:\n{service.tail()}", file=sys.stderr)
+        if not args.keep:
+            print("\n    (the logs are removed with the work folder; run again with --keep to look at them)",
+                  file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception as exc:  # a bug or an answer the demo did not expect: say so, then clean up as always
+        traceback.print_exc()
+        print(_style(f"\nFAILED: unexpected {type(exc).__name__}: {exc}", "1;31"), file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\nstopping {', '.join(s.name for s in reversed(procs.services)) or 'nothing'}", flush=True)
+        procs.stop_all()
+        if args.keep:
+            print(f"kept the work folder {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
