@@ -30,6 +30,7 @@ def test_preview_is_read_only_and_lists_every_vm(lab):
     preview = lab.client.discovery.PreviewDiscovery(pb.PreviewDiscoveryRequest(source=_source(lab)), timeout=60)
     assert preview.total_discovered == len(lab.vm_names()) and preview.new_vms == preview.total_discovered
     assert {v.vm.name for v in preview.vms} == set(lab.vm_names())
+    assert all(len(v.vm.disks) == 2 and v.vm.disks[0].capacity_bytes for v in preview.vms)
     assert _snapshot() == before  # read-only on the database, credential counters included
     lab.client.discovery.DiscoverVMs(pb.DiscoverVMsRequest(source=_source(lab)), timeout=60)
     cred = models.VmwareCredential.get_by_id(lab.credential_id)

@@ -39,6 +39,10 @@ def test_get_list_and_progress(replicated):
     got = lab.client.replications.GetReplication(pb.GetReplicationRequest(job_id=job_id), timeout=10)
     assert got.job.status == "completed" and got.job.tracking_job_id
     assert sorted(d.disk_id for d in got.disks) == ["disk-2000", "disk-2001"]
+    for disk in got.disks:  # each disk names its CloudStack replica and the device it is attached as
+        volume = models.OsseaVolume.get(models.OsseaVolume.volume_id == disk.replica_volume_uuid)
+        assert volume.id == disk.ossea_volume_id and disk.replica_device_path.endswith(
+            "virtio-" + disk.replica_volume_uuid.replace("-", "")[:20])
     assert len(got.cbt_history) == 2 and all(c.sync_success and c.sync_type == "full" for c in got.cbt_history)
     assert all(p.sync_status == "completed" and p.change_id for p in got.disk_progress)
 

@@ -36,6 +36,12 @@ log = logging.getLogger("oma_server.volumes")
 GIB = 1 << 30
 
 
+def replicas_of(disks) -> dict[int, OsseaVolume]:
+    """ossea_volumes.id → row, for the replica volumes of these disks (one query)."""
+    ids = [d.ossea_volume_id for d in disks if d.ossea_volume_id]
+    return {v.id: v for v in OsseaVolume.select().where(OsseaVolume.id.in_(ids))} if ids else {}
+
+
 def device_name(volume_uuid: str) -> str:
     """What KVM guests see for a CloudStack volume: the disk serial is the uuid without dashes, cut to 20."""
     return "virtio-" + volume_uuid.replace("-", "")[:20]

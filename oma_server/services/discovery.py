@@ -95,11 +95,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     def PreviewDiscovery(self, request, context):
         login = discovery.resolve_login(self._box, _source(request.source))
         inventory = discovery.fetch_inventory(self._vma, login, filter=request.filter, read_only=True)
-        vms = _discovered(inventory)
+        vms = _discovered(inventory)  # with disks and NICs: an operator chooses from them
         existing = sum(1 for v in vms if v.existing)
-        for v in vms:  # preview lists VMs without their disks and NICs
-            del v.vm.disks[:]
-            del v.vm.networks[:]
         return pb.PreviewDiscoveryResponse(
             vms=vms, total_discovered=len(vms), new_vms=len(vms) - existing, existing_vms=existing,
             processing_time_ms=inventory.elapsed_ms, vcenter=inventory.vcenter_host,

@@ -13,7 +13,7 @@ from oma.v1 import (
 )
 
 from oma_server.convert import fill
-from oma_server.domain import joblog
+from oma_server.domain import joblog, volumes
 
 
 def vm_context(ctx: Any, groups: Iterable[dict[str, Any]] = ()) -> resources_pb2.VMContext:
@@ -24,8 +24,16 @@ def vm_context(ctx: Any, groups: Iterable[dict[str, Any]] = ()) -> resources_pb2
     )
 
 
-def vm_disk(disk: Any) -> resources_pb2.VMDisk:
-    return fill(resources_pb2.VMDisk(), disk)
+def vm_disks(disks: Sequence[Any]) -> list[resources_pb2.VMDisk]:
+    """Disk rows with their replica volume (one lookup for all of them)."""
+    replicas = volumes.replicas_of(disks)
+    messages = []
+    for disk in disks:
+        replica = replicas.get(disk.ossea_volume_id)
+        messages.append(fill(resources_pb2.VMDisk(), disk,
+                             replica_volume_uuid=replica.volume_id if replica else None,
+                             replica_device_path=replica.device_path if replica else None))
+    return messages
 
 
 def replication_job(job: Any, tracking_job_id: str = "") -> resources_pb2.ReplicationJob:
@@ -41,7 +49,7 @@ def context_details(d: Any) -> vm_contexts_pb2.VMContextDetails:
         context=vm_context(d.context, d.groups),
         current_job=replication_job(d.current_job) if d.current_job else None,
         job_history=[replication_job(j) for j in d.job_history],
-        disks=[vm_disk(x) for x in d.disks],
+        disks=vm_disks(d.disks),
         cbt_history=[cbt_entry(c) for c in d.cbt_history],
         last_operation=joblog.metadata_json(d.last_operation),
     )

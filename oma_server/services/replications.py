@@ -52,7 +52,7 @@ class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
         disks = replications.job_disks(job)
         return pb.GetReplicationResponse(
             job=messages.replication_job(job, tracking_job_id(job.id) or ""),
-            disks=[messages.vm_disk(d) for d in disks],
+            disks=messages.vm_disks(disks),
             cbt_history=[messages.cbt_entry(c) for c in replications.job_cbt_history(job)],
             disk_progress=progress_message(job).disks,
         )

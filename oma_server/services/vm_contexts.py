@@ -33,7 +33,7 @@ class VMContextServicer(vm_contexts_pb2_grpc.VMContextServiceServicer):
     def ListVMContextDisks(self, request, context):
         disks = contexts.disks(request.context_id)
         return vm_contexts_pb2.ListVMContextDisksResponse(
-            disks=[messages.vm_disk(d) for d in disks], count=len(disks)
+            disks=messages.vm_disks(disks), count=len(disks)
         )
 
     def ListRecentJobs(self, request, context):

@@ -129,6 +129,7 @@ VM_DISK_COLUMNS: list[Column] = [
     ("SYNC", lambda d: d.sync_status),
     ("PROGRESS", lambda d: percent(d.sync_progress_percent)),
     ("CHANGE ID", lambda d: d.disk_change_id),
+    ("REPLICA VOLUME", lambda d: d.replica_volume_uuid),
 ]
 
 REPLICATION_COLUMNS: list[Column] = [

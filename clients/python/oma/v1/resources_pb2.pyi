@@ -219,6 +219,8 @@ class VMDisk(_message.Message):
     NETWORK_CONFIG_FIELD_NUMBER: _builtins.int
     ANNOTATION_FIELD_NUMBER: _builtins.int
     BIOS_SETUP_FIELD_NUMBER: _builtins.int
+    REPLICA_VOLUME_UUID_FIELD_NUMBER: _builtins.int
+    REPLICA_DEVICE_PATH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     vm_context_id: _builtins.str
     job_id: _builtins.str
@@ -252,6 +254,11 @@ class VMDisk(_message.Message):
     """JSON array of the VM's NICs."""
     annotation: _builtins.str
     bios_setup: _builtins.str
+    replica_volume_uuid: _builtins.str
+    """The replica: CloudStack volume uuid and the device it is attached as on the OMA (from
+    ossea_volumes; empty before the first replication).
+    """
+    replica_device_path: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -287,10 +294,12 @@ class VMDisk(_message.Message):
         network_config: _builtins.str = ...,
         annotation: _builtins.str = ...,
         bios_setup: _builtins.str = ...,
+        replica_volume_uuid: _builtins.str = ...,
+        replica_device_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation", b"annotation", "bios_setup", b"bios_setup", "bytes_synced", b"bytes_synced", "capacity_bytes", b"capacity_bytes", "cpu_count", b"cpu_count", "created_at", b"created_at", "datastore", b"datastore", "disk_change_id", b"disk_change_id", "disk_id", b"disk_id", "display_name", b"display_name", "id", b"id", "job_id", b"job_id", "label", b"label", "memory_mb", b"memory_mb", "network_config", b"network_config", "os_type", b"os_type", "ossea_volume_id", b"ossea_volume_id", "power_state", b"power_state", "provisioning_type", b"provisioning_type", "size_gb", b"size_gb", "sync_progress_percent", b"sync_progress_percent", "sync_status", b"sync_status", "unit_number", b"unit_number", "updated_at", b"updated_at", "vm_context_id", b"vm_context_id", "vm_tools_version", b"vm_tools_version", "vmdk_path", b"vmdk_path", "vmware_uuid", b"vmware_uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation", b"annotation", "bios_setup", b"bios_setup", "bytes_synced", b"bytes_synced", "capacity_bytes", b"capacity_bytes", "cpu_count", b"cpu_count", "created_at", b"created_at", "datastore", b"datastore", "disk_change_id", b"disk_change_id", "disk_id", b"disk_id", "display_name", b"display_name", "id", b"id", "job_id", b"job_id", "label", b"label", "memory_mb", b"memory_mb", "network_config", b"network_config", "os_type", b"os_type", "ossea_volume_id", b"ossea_volume_id", "power_state", b"power_state", "provisioning_type", b"provisioning_type", "replica_device_path", b"replica_device_path", "replica_volume_uuid", b"replica_volume_uuid", "size_gb", b"size_gb", "sync_progress_percent", b"sync_progress_percent", "sync_status", b"sync_status", "unit_number", b"unit_number", "updated_at", b"updated_at", "vm_context_id", b"vm_context_id", "vm_tools_version", b"vm_tools_version", "vmdk_path", b"vmdk_path", "vmware_uuid", b"vmware_uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
