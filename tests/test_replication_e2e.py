@@ -163,3 +163,18 @@ def test_cbt_switched_off_forces_a_full_copy(lab_private):
     steps = models.JobTracking.get(models.JobTracking.external_job_id == created.job_id).steps
     assert next(s for s in steps if s.name == "prepare-disks").metadata["change_ids_cleared"] == 2
     _checksums_match(lab, context_id)
+
+
+def test_a_repeated_create_with_the_same_request_id_returns_the_same_job(lab_private):
+    lab = lab_private
+    context_id = _add(lab, lab.vcenter.data_vms[0])
+    request = pb.CreateReplicationRequest(context_id=context_id, request_id="retry-after-timeout-1")
+    first = lab.client.replications.CreateReplication(request, timeout=30)
+    again = lab.client.replications.CreateReplication(request, timeout=30)
+    assert again.job_id == first.job_id and models.ReplicationJob.select().count() == 1
+    assert list(lab.client.watch_replication(first.job_id, timeout=120))[-1].status == "completed"
+    assert lab.client.replications.CreateReplication(request, timeout=30).job_id == first.job_id
+    other = lab.client.replications.CreateReplication(
+        pb.CreateReplicationRequest(context_id=context_id, request_id="another"), timeout=30)
+    assert other.job_id != first.job_id
+    assert list(lab.client.watch_replication(other.job_id, timeout=120))[-1].status == "completed"

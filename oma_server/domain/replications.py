@@ -32,6 +32,7 @@ from oma_server.db.models import (
     FailoverJob,
     JobCategory,
     JobStatus,
+    JobTracking,
     JobTrackingStatus,
     JobType,
     NbdExport,
@@ -75,6 +76,8 @@ class CreateRequest:
     schedule_execution_id: str = ""
     vm_group_id: str = ""
     scheduled_by: str = ""
+    # Idempotency key: a create repeated with the same key answers with the job made the first time.
+    request_id: str = ""
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Created:
     job: ReplicationJob
     context: VmReplicationContext
     tracking_job_id: str
+    # True when an earlier create with the same request_id made this job (nothing new was started).
+    repeated: bool = False
 
 
 def _check_prerequisites(config: Any) -> None:
@@ -103,9 +108,25 @@ def _choose_type(requested: str, disks: Sequence[VmDisk]) -> str:
     return ReplicationType.INITIAL
 
 
+def _created_for(request_id: str, context_id: str) -> Created | None:
+    """The job an earlier create with this idempotency key made (recorded in its JobLog metadata)."""
+    recent = (JobTracking.select().where(JobTracking.context_id == context_id, JobTracking.operation == "replication")
+              .order_by(JobTracking.started_at.desc()).limit(20))
+    for tracking in recent:
+        if (tracking.metadata or {}).get("request_id") == request_id and tracking.external_job_id:
+            job = ReplicationJob.get_or_none(ReplicationJob.id == tracking.external_job_id)
+            if job is not None:
+                return Created(job, VmReplicationContext.get_by_id(context_id), tracking.id, repeated=True)
+    return None
+
+
 def create(request: CreateRequest, actor: str) -> Created:
     """Validate, insert the job and claim the VM atomically (see the module docstring)."""
     ctx = contexts.get(request.context_id)
+    if request.request_id:
+        earlier = _created_for(request.request_id, ctx.context_id)
+        if earlier is not None:
+            return earlier
     if ctx.current_status in CONTEXT_REPLICATION_BLOCKED_STATUSES:
         raise FailedPrecondition(
             f"VM {ctx.vm_name!r} is {ctx.current_status}; replication is blocked until the failover is cleaned up"
@@ -169,7 +190,7 @@ def create(request: CreateRequest, actor: str) -> Created:
             JobType.MIGRATION, "replication", owner=actor, context_id=ctx.context_id, external_job_id=job_id,
             category=JobCategory.REPLICATION, expected_steps=7,
             metadata={"replication_type": replication_type, "ossea_config_id": config.id,
-                      "scheduled_by": request.scheduled_by or None},
+                      "scheduled_by": request.scheduled_by or None, "request_id": request.request_id or None},
         )
     return Created(ReplicationJob.get_by_id(job_id), VmReplicationContext.get_by_id(ctx.context_id), tracking)
 

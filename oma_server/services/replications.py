@@ -40,9 +40,10 @@ class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
             context_id=request.context_id, replication_type=request.replication_type,
             ossea_config_id=request.ossea_config_id if request.HasField("ossea_config_id") else None,
             target_network=request.target_network, schedule_execution_id=request.schedule_execution_id,
-            vm_group_id=request.vm_group_id, scheduled_by=request.scheduled_by,
+            vm_group_id=request.vm_group_id, scheduled_by=request.scheduled_by, request_id=request.request_id,
         ), caller_name())
-        self._engine.submit(created.job.id)
+        if not created.repeated:
+            self._engine.submit(created.job.id)
         return fill(pb.CreateReplicationResponse(), created.job, job_id=created.job.id,
                     context_id=created.context.context_id, tracking_job_id=created.tracking_job_id,
                     message=f"replication of {created.context.vm_name} queued")

@@ -419,7 +419,7 @@ type CreateReplicationRequest struct {
 	ScheduledBy         string `protobuf:"bytes,10,opt,name=scheduled_by,json=scheduledBy,proto3" json:"scheduled_by,omitempty"`
 	// false = only add the VM to management (legacy); default true.
 	StartReplication *bool `protobuf:"varint,11,opt,name=start_replication,json=startReplication,proto3,oneof" json:"start_replication,omitempty"`
-	// Idempotency key: a repeated key returns the job created the first time.
+	// Idempotency key: a repeated key returns the job created the first time (for 20 jobs of the VM).
 	RequestId string `protobuf:"bytes,12,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 }
 

@@ -202,7 +202,7 @@ class CreateReplicationRequest(_message.Message):
     start_replication: _builtins.bool
     """false = only add the VM to management (legacy); default true."""
     request_id: _builtins.str
-    """Idempotency key: a repeated key returns the job created the first time."""
+    """Idempotency key: a repeated key returns the job created the first time (for 20 jobs of the VM)."""
     @_builtins.property
     def source_vm(self) -> Global___SourceVM:
         """Legacy form: the source VM described by the caller (context found or created from it)."""
