@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +58,15 @@ def sha256_prefix(path: Path, length: int, chunk: int = 4 << 20) -> str:
     return digest.hexdigest()
 
 
+def nbd_port_range() -> tuple[int, int]:
+    """NBD export ports of this test process: parallel pytest workers get disjoint ranges, so two
+    labs never race for a port (an export answering on another lab's port would be a wrong target)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+    start = 20000 + 400 * index
+    return start, start + 399
+
+
 @contextlib.contextmanager
 def start_lab(work: Path, *, existing_database: Any = None, db_url: str | None = None,
               vcenter: VCSim | None = None, vms: int = 4, data_vms: int = 2, disk_size: str = "64MiB",
@@ -71,9 +81,10 @@ def start_lab(work: Path, *, existing_database: Any = None, db_url: str | None =
         vma = stack.enter_context(start_vma(**{
             "source_mode": "file", "datastore_map": datastores, "work_dir": work / "vma",
             "progress_interval_seconds": 0.2, **(vma_settings or {})}))
+        ports = nbd_port_range()
         settings = {
             "vma_address": f"127.0.0.1:{vma.port}", "device_dir": Path(cloudstack.byid_dir),
-            "device_wait_seconds": 10.0, "replica_extra_gib": 0, "nbd_port_min": 20000, "nbd_port_max": 20999,
+            "device_wait_seconds": 10.0, "replica_extra_gib": 0, "nbd_port_min": ports[0], "nbd_port_max": ports[1],
             **({"db_url": db_url} if db_url else {}), **(oma_settings or {}),
         }
         oma = stack.enter_context(start_oma(work / "oma", existing_database, **settings))

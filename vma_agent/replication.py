@@ -386,6 +386,7 @@ class ReplicationJobs:
                 result = copier.copy_disk(
                     source_uri, request.target_uri, data, zero, on_progress=on_progress, cancel_event=job.cancel,
                     connections=self._settings.connections_per_disk or None,
+                    retry=copier.RetryPolicy(tries=self._settings.copy_retry_tries, initial_delay=0.5, max_delay=10.0),
                     progress_interval=self._settings.progress_interval_seconds)
             except copier.CopyError as exc:
                 self._update(job, disk_id=request.disk_id, disk_status=DiskStatus.FAILED, error_message=str(exc))

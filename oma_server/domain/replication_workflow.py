@@ -189,7 +189,9 @@ class ReplicationEngine:
             joblog.Step("start-transfer", self._start_transfer),
         ]
         follow = [joblog.Step("transfer", self._transfer), joblog.Step("finalize", self._finalize)]
-        return follow if resume else setup + follow
+        if resume:
+            return [joblog.Step("restore-exports", self._restore_exports), *follow]
+        return setup + follow
 
     def _run(self, job_id: str, resume: bool) -> None:
         control = self._controls[job_id]
@@ -346,6 +348,11 @@ class ReplicationEngine:
                   current_operation="Replicating", setup_progress_percent=100, snapshot_id=started.snapshot_name)
         step.details.update(snapshot=started.snapshot_name,
                             incremental_disks=[d.disk_id for d in disks if d.previous_change_id])
+
+    # after a restart, before following again
+    def _restore_exports(self, state: JobState, step: joblog.StepHandle) -> None:
+        restored = volumes.restore_exports(self.exports, state.job_id)
+        step.details["exports"] = [e.uri for e in restored]
 
     # step 6
     def _transfer(self, state: JobState, step: joblog.StepHandle) -> None:

@@ -167,6 +167,18 @@ def export(exports: ExportManager, mapping: DeviceMapping, disk: VmDisk, job_id:
     return served
 
 
+def restore_exports(exports: ExportManager, job_id: str) -> list[Export]:
+    """Serve a job's exports again on their recorded ports (after an OMA restart the VMA may still be
+    copying into them and reconnects to the same URIs)."""
+    restored = []
+    for row in NbdExport.select().where(NbdExport.job == job_id):
+        served = exports.ensure(row.export_name, row.device_path, port=row.port)
+        if served.port != row.port:
+            NbdExport.update(port=served.port).where(NbdExport.id == row.id).execute()
+        restored.append(served)
+    return restored
+
+
 def remove(cs: CloudStack, exports: ExportManager, volume: OsseaVolume) -> None:
     """Stop the export, detach and delete the CloudStack volume, and drop its rows."""
     exports.remove(export_name(volume.volume_id))

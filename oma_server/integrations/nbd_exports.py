@@ -33,9 +33,10 @@ class ExportManager:
         self._servers: dict[str, tuple[NbdkitServer, Export]] = {}
         self._lock = threading.Lock()
 
-    def _free_port(self) -> int:
+    def _free_port(self, preferred: int | None = None) -> int:
         used = {export.port for _, export in self._servers.values()}
-        for port in self._ports:
+        candidates = ([preferred] if preferred else []) + list(self._ports)
+        for port in candidates:
             if port in used:
                 continue
             with socket.socket() as probe:
@@ -46,8 +47,9 @@ class ExportManager:
             return port
         raise Unavailable(f"no free NBD port left in {self._ports.start}-{self._ports.stop - 1}")
 
-    def ensure(self, name: str, device_path: str) -> Export:
-        """A running export of ``device_path`` named ``name`` (reused when already running)."""
+    def ensure(self, name: str, device_path: str, port: int | None = None) -> Export:
+        """A running export of ``device_path`` named ``name`` (reused when already running). ``port``:
+        serve on this port if it is free (an agent may still be writing to the old URI)."""
         with self._lock:
             current = self._servers.get(name)
             if current is not None:
@@ -56,7 +58,7 @@ class ExportManager:
                     return export
                 server.stop()
                 del self._servers[name]
-            port = self._free_port()
+            port = self._free_port(port)
             server = NbdkitServer(file_plugin_args(device_path), tcp_host=self._bind, tcp_port=port,
                                   export_name=name)
             try:
