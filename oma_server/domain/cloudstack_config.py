@@ -12,7 +12,7 @@ from oma_server.db.database import database_proxy as db
 from oma_server.db.models import OsseaConfig
 from oma_server.domain.crypto import SecretBox
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
-from oma_server.integrations.cloudstack import CloudStack, Endpoint, normalise_api_url
+from oma_server.integrations.cloudstack import CloudStack, Endpoint
 
 _REQUIRED = ("name", "api_url", "api_key", "secret_key", "zone")
 _OPTIONAL = ("domain", "oma_vm_id", "template_id", "network_id", "service_offering_id", "disk_offering_id")
@@ -124,6 +124,3 @@ def deactivate_or_purge(config_id: int, purge: bool) -> OsseaConfig:
     OsseaConfig.update(is_active=False).where(OsseaConfig.id == config_id).execute()
     return get(config_id)
 
-
-def normalised_url(url: str) -> str:
-    return normalise_api_url(url)

@@ -56,10 +56,6 @@ class SecretBox:
                 "(was the key changed?); set the secret again"
             ) from None
 
-    @staticmethod
-    def is_encrypted(stored: str) -> bool:
-        return stored.startswith(PREFIX)
-
 
 def load_or_create_key_file(path: Path, n_bytes: int = 32) -> bytes:
     """Read a base64 key file, creating it (mode 0600) with random bytes on first use."""

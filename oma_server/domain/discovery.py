@@ -10,7 +10,6 @@ database untouched; a successful add is recorded as a discovery job with its ste
 """
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -232,6 +231,3 @@ def add_vms(inventory: Inventory, names: Sequence[str], *, login: VCenterLogin, 
     result.processing_ms = int((time.monotonic() - started) * 1000)
     return result
 
-
-def nic_summary(vm: Any) -> str:
-    return json.dumps(_nic_config(vm))

@@ -483,6 +483,7 @@ class _Follower:
                     self.state.stored_change_ids.add(d.disk_id)
                     log.info("disk %s copied (%s, %d bytes); change id stored", d.disk_id, d.sync_type,
                              d.bytes_transferred)
+            joblog.set_percent(self.state.tracking_id, p.percentage)
             if p.sync_type == "incremental":
                 ReplicationJob.update(replication_type="incremental").where(
                     ReplicationJob.id == self.state.job_id).execute()

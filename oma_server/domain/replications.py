@@ -24,7 +24,6 @@ from oma_server.db.models import (
     FAILOVER_ACTIVE_STATUSES,
     JOB_TERMINAL_STATUSES,
     LEGACY_JOB_STATUS_ALIASES,
-    REPLICATION_ACTIVE_STATUSES,
     CbtHistory,
     CbtSyncType,
     ContextStatus,
@@ -412,10 +411,4 @@ def progress_view(job: ReplicationJob) -> dict[str, Any]:
         } for d in disks],
         "terminal": job.status in JOB_TERMINAL_STATUSES,
     }
-
-
-def active_job_of(context_id: str) -> ReplicationJob | None:
-    return (ReplicationJob.select().where(ReplicationJob.vm_context == context_id,
-                                          ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES))
-            .order_by(ReplicationJob.created_at.desc()).first())
 

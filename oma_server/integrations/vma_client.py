@@ -114,10 +114,6 @@ class VmaClient:
         # Not repeated blindly: the agent treats a second start of the same job as the same job anyway.
         return self._call(self._replication.StartReplication, request)
 
-    def replication_status(self, job_id: str) -> replication_pb2.GetReplicationStatusResponse:
-        return self._call(self._replication.GetReplicationStatus,
-                          replication_pb2.GetReplicationStatusRequest(job_id=job_id), timeout=10)
-
     def cancel_replication(self, job_id: str, reason: str) -> replication_pb2.CancelReplicationResponse:
         return self._call(self._replication.CancelReplication,
                           replication_pb2.CancelReplicationRequest(job_id=job_id, reason=reason), timeout=30)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import grpc
 from oma.v1 import (
@@ -187,6 +187,3 @@ class OmaClient:
         finally:
             stream.cancel()
 
-
-def metadata_for(token: str) -> Sequence[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
