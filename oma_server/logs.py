@@ -63,6 +63,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler.setFormatter(
         _JsonFormatter() if fmt == "json" else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.setLevel(level.upper())  # the console shows what was asked for; the job log may want more
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

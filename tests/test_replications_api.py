@@ -124,6 +124,11 @@ def test_a_replaced_volume_forces_a_full_copy(replicated):
     history = {c.disk_id: c for c in models.CbtHistory.select().where(models.CbtHistory.job == job2)}
     assert history["disk-2000"].sync_type == "full" and history["disk-2001"].sync_type == "incremental"
     assert history["disk-2001"].bytes_transferred == 64 * 1024
+    lab.oma.runtime.components["log_events"].flush()
+    tracking = models.JobTracking.get(models.JobTracking.external_job_id == job2)
+    messages = [e.message for e in models.LogEvent.select().where(models.LogEvent.job == tracking.id)]
+    assert any("disk-2000 has a new replica volume" in m and "this copy of the disk is full" in m for m in messages)
+    assert any(m.startswith("disk disk-2000 was copied in full: no previous change id") for m in messages)
     new_volume = models.VmDisk.get_by_id(disk.id).ossea_volume_id
     assert new_volume != volume.id and not models.OsseaVolume.select().where(models.OsseaVolume.id == volume.id).exists()
 

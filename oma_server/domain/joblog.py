@@ -321,6 +321,10 @@ class LogEventSink(logging.Handler):
 
     def start(self) -> None:
         logging.getLogger().addHandler(self)
+        # The job log needs the server's INFO records even when the console shows only warnings.
+        server_logger = logging.getLogger("oma_server")
+        if server_logger.getEffectiveLevel() > logging.INFO:
+            server_logger.setLevel(logging.INFO)
         self._thread.start()
 
     def stop(self) -> None:

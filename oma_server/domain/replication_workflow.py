@@ -302,8 +302,12 @@ class ReplicationEngine:
         self._set(state, current_operation="Provisioning replica volumes")
         cs = self._cs(state)
         for target in state.targets:
+            had_change_id = bool(target.disk.disk_change_id)
             result = volumes.provision(cs, state.config, state.ctx, target.disk, self._settings.replica_extra_gib)
             target.volume = result.volume
+            if result.created and had_change_id:
+                log.info("disk %s has a new replica volume %s: its stored change id no longer applies, "
+                         "this copy of the disk is full", target.disk.disk_id, result.volume.volume_id)
             target.disk = VmDisk.get_by_id(target.disk.id)
             step.details[target.disk.disk_id] = {"volume_id": result.volume.volume_id, "created": result.created,
                                                  "resized": result.resized}
@@ -483,6 +487,8 @@ class _Follower:
                     self.state.stored_change_ids.add(d.disk_id)
                     log.info("disk %s copied (%s, %d bytes); change id stored", d.disk_id, d.sync_type,
                              d.bytes_transferred)
+                    if d.full_copy_reason:  # lands in the job's log_events (this thread is bound to the job)
+                        log.info("disk %s was copied in full: %s", d.disk_id, d.full_copy_reason)
             joblog.set_percent(self.state.tracking_id, p.percentage)
             if p.sync_type == "incremental":
                 ReplicationJob.update(replication_type="incremental").where(
