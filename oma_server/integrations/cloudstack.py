@@ -105,8 +105,10 @@ class CloudStack:
         if not endpoint.api_url.startswith(("http://", "https://")):
             raise InvalidArgument("the CloudStack API URL must start with http:// or https://")
         self.endpoint = endpoint
+        # POST: the signed parameters (API key included) travel in the body, so HTTP-level debug
+        # logging (urllib3 logs request lines) never shows them.
         self._cs = _CsClient(
-            endpoint.api_url, endpoint.api_key, endpoint.secret_key, timeout=int(timeout),
+            endpoint.api_url, endpoint.api_key, endpoint.secret_key, timeout=int(timeout), method="post",
             poll_interval=poll_interval, job_timeout=int(job_timeout), verify=endpoint.verify_tls,
             retry=2, fetch_result=True,
         )
