@@ -83,6 +83,11 @@ class Settings:
     progress_not_found_grace_seconds: float = 120.0
     # Replication workflow workers (setup + following the VMA stream).
     replication_workers: int = 8
+    # Name of this OMA process in job leases (default: the host name). Several processes on one
+    # database need distinct names; a process that restarts under its name resumes its jobs at once.
+    instance_name: str = ""
+    # A job whose worker has not renewed its lease for this long is taken over by another process.
+    worker_lease_seconds: float = 60.0
 
     @property
     def effective_db_url(self) -> str:

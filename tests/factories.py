@@ -44,3 +44,10 @@ def replication_job(ctx: models.VmReplicationContext, status: str = "completed",
     }
     values.update(overrides)
     return models.ReplicationJob.create(**values)
+
+
+def db_snapshot() -> dict[str, list[str]]:
+    """Every row of every table, to compare before/after a call that must write nothing. log_events
+    is left out: the log sink writes it asynchronously, from earlier work, at any moment."""
+    return {m.__name__: sorted(repr(r.__data__) for r in m.select())
+            for m in models.ALL_MODELS if m is not models.LogEvent}

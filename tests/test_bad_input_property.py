@@ -118,10 +118,6 @@ def _timestamp(value: dt.datetime):
     return ts
 
 
-def _snapshot():
-    return {m.__name__: sorted(map(repr, (r.__data__ for r in m.select()))) for m in models.ALL_MODELS}
-
-
 @pytest.mark.parametrize("module_name,service_name,method", METHODS,
                          ids=[f"{s}.{m.name}" for _, s, m in METHODS])
 def test_random_requests_never_fail_internally_and_rejections_change_nothing(module_name, service_name, method,
@@ -141,14 +137,14 @@ def test_random_requests_never_fail_internally_and_rejections_change_nothing(mod
                                      HealthCheck.data_too_large])
     @given(message_strategy(method.input_type))
     def check(request):
-        before = _snapshot()
+        before = factories.db_snapshot()
         try:
             call(request, timeout=20)
         except grpc.RpcError as exc:
             assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), \
                 (method.full_name, request, exc.details())
             if exc.code() in REJECTIONS:
-                assert _snapshot() == before, (method.full_name, request, exc.code(), exc.details())
+                assert factories.db_snapshot() == before, (method.full_name, request, exc.code(), exc.details())
 
     check()
     # The server is still healthy afterwards.

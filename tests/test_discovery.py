@@ -9,6 +9,7 @@ from oma.v1 import discovery_pb2 as pb
 from oma.v1 import vmware_credentials_pb2 as cred_pb
 
 from oma_server.db import models
+from tests import factories
 
 
 def _error(call):
@@ -21,17 +22,13 @@ def _source(lab, **kw):
     return pb.VCenterSource(credential_id=lab.credential_id, **kw)
 
 
-def _snapshot():
-    return {m.__name__: [r.__data__ for r in m.select()] for m in models.ALL_MODELS}
-
-
 def test_preview_is_read_only_and_lists_every_vm(lab):
-    before = _snapshot()
+    before = factories.db_snapshot()
     preview = lab.client.discovery.PreviewDiscovery(pb.PreviewDiscoveryRequest(source=_source(lab)), timeout=60)
     assert preview.total_discovered == len(lab.vm_names()) and preview.new_vms == preview.total_discovered
     assert {v.vm.name for v in preview.vms} == set(lab.vm_names())
     assert all(len(v.vm.disks) == 2 and v.vm.disks[0].capacity_bytes for v in preview.vms)
-    assert _snapshot() == before  # read-only on the database, credential counters included
+    assert factories.db_snapshot() == before  # read-only on the database, credential counters included
     lab.client.discovery.DiscoverVMs(pb.DiscoverVMsRequest(source=_source(lab)), timeout=60)
     cred = models.VmwareCredential.get_by_id(lab.credential_id)
     assert cred.usage_count == 1 and cred.last_used is not None  # using a saved credential is recorded

@@ -60,9 +60,9 @@ def test_get_list_and_progress(replicated):
     assert progress.bytes_transferred > 0 and len(progress.disks) == 2
 
     # The progress proxy reads the VMA's own record and writes nothing.
-    before = {m.__name__: [r.__data__ for r in m.select()] for m in models.ALL_MODELS}
+    before = factories.db_snapshot()
     vma = lab.client.progress.GetVMAProgress(prog_pb.GetVMAProgressRequest(job_id=job_id), timeout=10).progress
-    assert {m.__name__: [r.__data__ for r in m.select()] for m in models.ALL_MODELS} == before
+    assert factories.db_snapshot() == before
     assert vma.job_id == job_id and vma.status == 3 and len(vma.disks) == 2  # JOB_STATUS_SUCCEEDED
     assert _error(lambda: lab.client.progress.GetVMAProgress(prog_pb.GetVMAProgressRequest(job_id="nope"),
                                                              timeout=10))[0] == grpc.StatusCode.NOT_FOUND

@@ -48,6 +48,9 @@ class Settings:
     # exactly what CBT reports; the copier keeps many small requests in flight, so merging rarely pays.
     extent_merge_gap_bytes: int = 0
     progress_interval_seconds: float = 1.0
+    # Throttle reading each source disk to this many megabits per second (0 = unlimited), to protect
+    # production storage during business hours (nbdkit's rate filter on the source export).
+    source_rate_limit_mbps: float = 0.0
     # Tries per NBD command (reconnecting in between, back-off 0.5 s doubling to 10 s): patient enough
     # for the OMA to restart and serve its exports again (~35 s in all).
     copy_retry_tries: int = 8

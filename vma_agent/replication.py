@@ -118,15 +118,20 @@ class SourceDisks:
 
     @contextlib.contextmanager
     def serve(self, job: RunningJob, snapshot: vsphere.SnapshotInfo, disk: vsphere.Disk) -> Iterator[str]:
+        rate = self._settings.source_rate_limit_mbps
+        filters = ["rate"] if rate > 0 else []
         if self._settings.source_mode == "file":
-            plugin = file_plugin_args(self.local_path(disk.file_name), readonly=True)
+            plugin = file_plugin_args(self.local_path(disk.file_name), readonly=True, filters=filters,
+                                      filter_params={"rate": f"{int(rate * 1_000_000)}"} if rate > 0 else None)
         else:
             params = job.request.connection
             plugin = vddk_plugin_args(
                 server=params.address()[0], user=params.username, password=params.password,
                 thumbprint=_sha1_thumbprint(params), vm_moref=job.vm_moref,
                 snapshot_moref=snapshot.moref, disk_file=disk.file_name, libdir=self._settings.vddk_libdir,
-                port=params.address()[1])
+                port=params.address()[1], filters=filters)
+            if rate > 0:
+                plugin.filter_params.append(("rate", f"{int(rate * 1_000_000)}"))
         # A private short temp dir for the socket (unix socket paths are limited to 107 bytes).
         server = NbdkitServer(plugin, threads=16)
         try:

@@ -586,6 +586,10 @@ class ReplicationJob(BaseModel):
         ScheduleExecution, null=True, on_delete="SET NULL", backref="replication_jobs")
     scheduled_by = CharField(255, null=True, index=True)
     vm_group = ForeignKeyField(VmMachineGroup, null=True, on_delete="SET NULL", backref="replication_jobs")
+    # The OMA process running the job's workflow and its last heartbeat (migration 0004): a lease, so
+    # several OMA processes on one database never drive the same job and a survivor takes over.
+    worker = CharField(255, null=True, index=True)
+    worker_heartbeat_at = UtcDateTimeField(null=True)
 
     class Meta:
         table_name = "replication_jobs"

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from vma.v1 import progress_pb2, replication_pb2, vcenter_pb2
@@ -78,6 +80,8 @@ class _Control:
     requested: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
     stopping: bool = False
+    # The VMA progress stream being followed, so stopping can end it at once.
+    watch: Any = None
 
 
 class ProgressHub:
@@ -132,6 +136,10 @@ class ReplicationEngine:
         self._lock = threading.Lock()
         self.hub = ProgressHub()
         self.exports = runtime.components["exports"]
+        self.instance = s.instance_name or socket.gethostname()
+        self._lease = s.worker_lease_seconds
+        self._stopped = threading.Event()
+        self._lease_keeper = threading.Thread(target=self._keep_leases, name="replication-leases", daemon=True)
 
     @property
     def _vma(self) -> vma_client.VmaClient:
@@ -139,6 +147,12 @@ class ReplicationEngine:
 
     # --- public ---------------------------------------------------------------------------------
     def submit(self, job_id: str, *, resume: bool = False) -> None:
+        """Run a job's workflow here. A new job is leased to this process first (a resumed job was
+        leased by :meth:`_take_over`)."""
+        if not resume:
+            with db.connection_context():
+                ReplicationJob.update(worker=self.instance, worker_heartbeat_at=utcnow()).where(
+                    ReplicationJob.id == job_id).execute()
         with self._lock:
             self._controls[job_id] = _Control()
         self._pool.submit(self._run, job_id, resume)
@@ -150,7 +164,10 @@ class ReplicationEngine:
             raise errors.FailedPrecondition(f"job {job_id} already ended ({job.status})")
         with self._lock:
             control = self._controls.get(job_id)
-        if control is None:  # no worker in this process owns it (e.g. after a restart): end it here
+        if control is None:  # no workflow in this process drives it: stop the copy and end it here
+            if job.status == JobStatus.REPLICATING:
+                with contextlib.suppress(errors.DomainError):
+                    self._vma.cancel_replication(job_id, reason)
             finish(job_id, JobStatus.CANCELLED, reason or "cancelled by the operator")
             return
         control.reason = reason or "cancelled by the operator"
@@ -162,22 +179,74 @@ class ReplicationEngine:
                 log.warning("VMA could not cancel %s: %s", job_id, exc.message)
 
     def recover(self) -> None:
-        """After a restart: fail interrupted setups, resume following replicating jobs."""
+        """At start: take over the active jobs this process owned before a restart or nobody owns
+        (setups cut short fail "interrupted", copies are followed again), then keep the leases."""
+        self._take_over(startup=True)
+        self._lease_keeper.start()
+
+    def _take_over(self, startup: bool = False) -> None:
+        cutoff = utcnow() - timedelta(seconds=self._lease)
+        orphaned = ReplicationJob.worker.is_null() | (ReplicationJob.worker_heartbeat_at < cutoff)
+        if startup:
+            orphaned |= ReplicationJob.worker == self.instance
         with db.connection_context():
-            active = list(ReplicationJob.select().where(ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)))
-        for job in active:
-            if job.status == JobStatus.REPLICATING:
-                log.info("resuming replication job %s after restart", job.id)
-                self.submit(job.id, resume=True)
-            else:
-                with db.connection_context():
-                    finish(job.id, JobStatus.FAILED, "interrupted by an OMA restart during setup; start it again")
+            candidates = list(ReplicationJob.select(ReplicationJob.id, ReplicationJob.status).where(
+                ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES), orphaned))
+        for job in candidates:
+            with self._lock:
+                if job.id in self._controls:
+                    continue
+            with db.connection_context():
+                # The conditional update is the claim: of several processes only one gets the row.
+                claimed = ReplicationJob.update(worker=self.instance, worker_heartbeat_at=utcnow()).where(
+                    ReplicationJob.id == job.id, ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES), orphaned,
+                ).execute()
+                if not claimed:
+                    continue
+                if job.status != JobStatus.REPLICATING:
+                    finish(job.id, JobStatus.FAILED,
+                           "interrupted: the OMA process running its setup stopped; start it again")
+                    continue
+            log.info("following replication job %s again (worker %s)", job.id, self.instance)
+            self.submit(job.id, resume=True)
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of the jobs running here; take over orphaned ones."""
+        renew_every = max(0.2, self._lease / 3)
+        last_sweep = time.monotonic()
+        while not self._stopped.wait(renew_every):
+            try:
+                with self._lock:
+                    mine = list(self._controls)
+                if mine:
+                    with db.connection_context():
+                        ReplicationJob.update(worker_heartbeat_at=utcnow()).where(
+                            ReplicationJob.id.in_(mine), ReplicationJob.worker == self.instance).execute()
+                if time.monotonic() - last_sweep >= self._lease / 2:
+                    last_sweep = time.monotonic()
+                    self._take_over()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end lease keeping
+                log.exception("renewing replication leases failed; trying again")
 
     def stop(self) -> None:
-        for control in list(self._controls.values()):
+        """Stop following (jobs keep running on the VMA) and hand the leases back, so another
+        process, or this one after a restart, takes the jobs over at once."""
+        self._stopped.set()
+        with self._lock:
+            controls = list(self._controls.items())
+        for _, control in controls:
             control.stopping = True
             control.requested.set()
+            if control.watch is not None:
+                control.watch.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._lease_keeper.is_alive():
+            self._lease_keeper.join(timeout=5)
+        # Exports go before the leases: whoever takes the jobs over serves them on the same ports.
+        self.exports.stop()
+        with db.connection_context():
+            ReplicationJob.update(worker=None).where(
+                ReplicationJob.worker == self.instance, ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)).execute()
 
     # --- the workflow ---------------------------------------------------------------------------
     def _steps(self, resume: bool) -> list[joblog.Step]:
@@ -221,6 +290,9 @@ class ReplicationEngine:
                     finish(job_id, JobStatus.FAILED, exc.message if isinstance(exc, joblog.StepFailed) else str(exc),
                            classification=getattr(cause, "classification", None),
                            details=getattr(cause, "details", None))
+        except errors.DomainError as exc:  # the workflow could not even start (e.g. credentials unusable)
+            with db.connection_context():
+                finish(job_id, JobStatus.FAILED, exc.message)
         except Exception as exc:  # noqa: BLE001 - a bug must still end the job and release the VM
             log.exception("replication job %s crashed", job_id)
             with db.connection_context():
@@ -396,13 +468,20 @@ class _Follower:
     def run(self) -> None:
         backoff = 0.5
         not_found_since: float | None = None
+        control = self.engine._controls.get(self.state.job_id)
         while True:
             try:
                 watch = self.engine._vma.watch_progress(self.state.job_id)
+                if control is not None:
+                    control.watch = watch
+                    if control.stopping:
+                        watch.cancel()
                 for progress in watch:
                     backoff, not_found_since = 0.5, None
                     if self._apply(progress):
                         return
+                if control is not None and control.stopping:
+                    raise Cancelled("the OMA is stopping")
                 # The stream ended without a terminal record (the agent restarted or evicted it).
                 raise errors.NotFound("the VMA ended the progress stream early")
             except errors.NotFound:
@@ -416,7 +495,6 @@ class _Follower:
                     raise _VmaReportedFailure(
                         f"no progress from the VMA for {self.settings.progress_stale_after_seconds:.0f} s: {exc.message}",
                         VmaErrorClassification.VMA_UNREACHABLE_TIMEOUT) from None
-            control = self.engine._controls.get(self.state.job_id)
             if control is not None and control.stopping:
                 raise Cancelled("the OMA is stopping")
             time.sleep(backoff)

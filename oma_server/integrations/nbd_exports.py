@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from oma_server.errors import FailedPrecondition, Unavailable
@@ -33,18 +34,27 @@ class ExportManager:
         self._servers: dict[str, tuple[NbdkitServer, Export]] = {}
         self._lock = threading.Lock()
 
+    def _bindable(self, port: int) -> bool:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self._bind, port))
+            except OSError:
+                return False
+        return True
+
     def _free_port(self, preferred: int | None = None) -> int:
         used = {export.port for _, export in self._servers.values()}
-        candidates = ([preferred] if preferred else []) + list(self._ports)
-        for port in candidates:
-            if port in used:
-                continue
-            with socket.socket() as probe:
-                try:
-                    probe.bind((self._bind, port))
-                except OSError:
-                    continue
-            return port
+        if preferred and preferred not in used:
+            # An agent may still be writing to this port: wait a little for a previous server to let go.
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                if self._bindable(preferred):
+                    return preferred
+                time.sleep(0.1)
+        for port in self._ports:
+            if port not in used and self._bindable(port):
+                return port
         raise Unavailable(f"no free NBD port left in {self._ports.start}-{self._ports.stop - 1}")
 
     def ensure(self, name: str, device_path: str, port: int | None = None) -> Export:
