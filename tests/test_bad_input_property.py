@@ -70,7 +70,7 @@ def _scalar(fd: FieldDescriptor):
         return st.binary(max_size=16)
     bits = 31 if fd.type in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SFIXED32) \
         else 62
-    return st.one_of(st.integers(min_value=-3, max_value=3), st.integers(min_value=-(2**bits), max_value=2**bits))
+    return st.one_of(st.integers(min_value=-3, max_value=3), st.integers(min_value=-(2**bits), max_value=2**bits - 1))
 
 
 def message_strategy(descriptor, depth: int = 0):
