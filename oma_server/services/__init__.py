@@ -1,41 +1,39 @@
 """Thin gRPC servicers: validate the request, call the domain, convert the result.
 
-``IMPLEMENTED`` maps a service's full name to its servicer class; services of the contract that are
-not listed are registered with their generated base class and answer UNIMPLEMENTED.
+Every module here that defines a servicer class with a ``service_name`` (the service's full name)
+registers it: ``IMPLEMENTED`` maps the name to the class. Services of the contract with no servicer
+are registered with their generated base class and answer UNIMPLEMENTED ("… is not built yet").
+A module may also define ``start_component(runtime)`` for a background component of its own.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from typing import Any
 
-from oma_server.services.auth import AuthServicer
-from oma_server.services.cloudstack_settings import CloudStackSettingsServicer
-from oma_server.services.credentials import VMwareCredentialServicer
-from oma_server.services.discovery import DiscoveryServicer
-from oma_server.services.groups import MachineGroupServicer
-from oma_server.services.job_log import JobLogServicer
-from oma_server.services.network_mappings import NetworkMappingServicer
-from oma_server.services.ossea_config import OSSEAConfigServicer
-from oma_server.services.progress import ProgressServicer
-from oma_server.services.replications import ReplicationServicer
-from oma_server.services.vm_contexts import VMContextServicer
 
-IMPLEMENTED: dict[str, Any] = {
-    "oma.v1.AuthService": AuthServicer,
-    "oma.v1.VMContextService": VMContextServicer,
-    "oma.v1.VMwareCredentialService": VMwareCredentialServicer,
-    "oma.v1.MachineGroupService": MachineGroupServicer,
-    "oma.v1.NetworkMappingService": NetworkMappingServicer,
-    "oma.v1.JobLogService": JobLogServicer,
-    "oma.v1.DiscoveryService": DiscoveryServicer,
-    "oma.v1.ReplicationService": ReplicationServicer,
-    "oma.v1.ProgressService": ProgressServicer,
-    "oma.v1.OSSEAConfigService": OSSEAConfigServicer,
-    "oma.v1.CloudStackSettingsService": CloudStackSettingsServicer,
-}
+def _service_modules() -> list[Any]:
+    return [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
+            if m.name != "messages"]
+
+
+def _implemented() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for module in _service_modules():
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            name = getattr(cls, "service_name", None)
+            if name and cls.__module__ == module.__name__:
+                found[name] = cls
+    return found
+
+
+IMPLEMENTED: dict[str, Any] = _implemented()
 
 
 def start_components(runtime: Any) -> None:
-    """Start background components (workers, followers) once the services are registered."""
+    """Start the background components once the services are registered: the job log sink, the VMA
+    client, the NBD exports and the replication engine, then those of other service modules."""
     from oma_server.domain.joblog import LogEventSink
     from oma_server.domain.replication_workflow import ReplicationEngine
     from oma_server.integrations.nbd_exports import ExportManager
@@ -53,3 +51,7 @@ def start_components(runtime: Any) -> None:
     engine = ReplicationEngine(runtime)
     runtime.components["replication"] = engine
     engine.recover()
+    for module in _service_modules():
+        hook = getattr(module, "start_component", None)
+        if hook is not None:
+            hook(runtime)

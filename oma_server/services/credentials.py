@@ -18,6 +18,8 @@ def _one(cred) -> pb.VMwareCredential:
 
 
 class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServiceServicer):
+    service_name = "oma.v1.VMwareCredentialService"
+
     def __init__(self, runtime):
         self._runtime = runtime
         self._box = runtime.secrets

@@ -39,6 +39,8 @@ def _discovered(inventory: discovery.Inventory) -> list[pb.DiscoveredVM]:
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
+    service_name = "oma.v1.DiscoveryService"
+
     def __init__(self, runtime):
         self._runtime = runtime
         self._box = runtime.secrets

@@ -13,6 +13,8 @@ _POLL_SECONDS = 1.0
 
 
 class ProgressServicer(progress_pb2_grpc.ProgressServiceServicer):
+    service_name = "oma.v1.ProgressService"
+
     def __init__(self, runtime):
         self._runtime = runtime
 

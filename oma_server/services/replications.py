@@ -22,6 +22,8 @@ def progress_message(job) -> resources_pb2.ReplicationProgress:
 
 
 class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
+    service_name = "oma.v1.ReplicationService"
+
     def __init__(self, runtime):
         self._runtime = runtime
 
