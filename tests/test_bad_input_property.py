@@ -37,21 +37,22 @@ KNOWN_STRINGS = ["ctx-known-1", "vm-known", "disk-2000", "job-known-1", "group-k
 
 def _unary_methods():
     import importlib
+    import pkgutil
 
-    for full_name in sorted(IMPLEMENTED):
-        if full_name == "oma.v1.AuthService":
+    import oma.v1
+
+    for info in pkgutil.iter_modules(oma.v1.__path__):
+        if not info.name.endswith("_pb2") or info.name.endswith("_grpc"):
             continue
-        service_name = full_name.split(".")[-1]
-        for module_name in ("vm_contexts", "replications", "discovery", "vmware_credentials", "machine_groups",
-                            "network_mappings", "job_log", "ossea_config", "cloudstack_settings", "progress"):
-            module = importlib.import_module(f"oma.v1.{module_name}_pb2")
-            service = module.DESCRIPTOR.services_by_name.get(service_name)
-            if service is None:
+        module_name = info.name.removesuffix("_pb2")
+        module = importlib.import_module(f"oma.v1.{info.name}")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if service.full_name not in IMPLEMENTED or service.full_name == "oma.v1.AuthService":
                 continue
             for method in service.methods:
-                if method.server_streaming or f"{service_name}.{method.name}" in TALKS_TO_CALLER_ADDRESSES:
+                if method.server_streaming or f"{service.name}.{method.name}" in TALKS_TO_CALLER_ADDRESSES:
                     continue
-                yield module_name, service_name, method
+                yield module_name, service.name, method
 
 
 METHODS = list(_unary_methods())
