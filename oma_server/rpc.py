@@ -30,6 +30,7 @@ PUBLIC_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.",
     "/oma.v1.AuthService/Login",
+    "/oma.v1.DebugService/GetSystemHealth",
     "/oma.v1.EnrollmentService/",
 )
 
