@@ -79,6 +79,10 @@ def message_strategy(descriptor, depth: int = 0):
         return st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1)).map(_timestamp)
     fields = {}
     for fd in descriptor.fields:
+        if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+            key, value = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+            fields[fd.name] = st.one_of(st.none(), st.dictionaries(_scalar(key), _scalar(value), max_size=3))
+            continue
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
             if depth >= 2:
                 continue
@@ -97,7 +101,9 @@ def message_strategy(descriptor, depth: int = 0):
             if value is None:
                 continue
             fd = descriptor.fields_by_name[name]
-            if fd.is_repeated:
+            if isinstance(value, dict):
+                getattr(message, name).update(value)
+            elif fd.is_repeated:
                 if fd.type == FieldDescriptor.TYPE_MESSAGE:
                     getattr(message, name).extend(value)
                 else:
