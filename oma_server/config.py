@@ -89,6 +89,56 @@ class Settings:
     # A job whose worker has not renewed its lease for this long is taken over by another process.
     worker_lease_seconds: float = 60.0
 
+    # --- scheduler -------------------------------------------------------------------------
+    # Schedule executions running at once across all schedules; firings above it are recorded as skipped.
+    scheduler_max_concurrent_executions: int = 10
+    # The scheduler re-reads the schedules at least this often (writes by other OMA processes).
+    scheduler_reload_seconds: float = 30.0
+
+    # --- VMA enrollment and the SSH tunnel -------------------------------------------------
+    # authorized_keys of the tunnel account (e.g. /home/vma_tunnel/.ssh/authorized_keys); only the
+    # enrollment approvals write it. Empty = <data_dir>/tunnel/authorized_keys (lab).
+    tunnel_authorized_keys: str = ""
+    # sshd's Ed25519 public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub), whose fingerprint
+    # approved VMAs pin. Empty = a key generated in <data_dir> (lab).
+    tunnel_host_key: str = ""
+    tunnel_ssh_user: str = "vma_tunnel"
+    tunnel_ssh_port: int = 443
+    # Forced command of every VMA key (logs the session; the tunnel itself runs `ssh -N`).
+    tunnel_forced_command: str = "/usr/local/sbin/vma-tunnel-wrapper"
+    # OMA-side ports handed out, one per approved VMA, for the reverse forward to its API.
+    tunnel_reverse_port_min: int = 9081
+    tunnel_reverse_port_max: int = 9180
+    # Enroll → VerifyChallenge deadline, and the (longer) window for the operator's approval.
+    enrollment_verify_window_seconds: int = 600
+    enrollment_approval_window_seconds: int = 24 * 3600
+    enrollment_sweep_interval_seconds: float = 30.0
+    # Calls of the public enrollment RPCs per source address and minute.
+    enrollment_rate_limit_per_minute: int = 60
+
+    # --- failover, rollback and cleanup ----------------------------------------------------
+    # Workflow workers (failovers, test cleanups, rollbacks, failed-execution cleanups).
+    failover_workers: int = 4
+    # CloudStack async jobs of a failover: VM deploy/start/stop/destroy, volume attach/detach, snapshots.
+    failover_vm_timeout_seconds: float = 300.0
+    failover_volume_timeout_seconds: float = 300.0
+    failover_snapshot_timeout_seconds: float = 300.0
+    # How long a destination VM may take to reach Stopped after stopVirtualMachine.
+    failover_vm_stop_wait_seconds: float = 300.0
+    # Source VM power budgets sent to the VMA (graceful shutdown, then power-off) and for power-on.
+    failover_power_off_seconds: int = 300
+    failover_power_on_seconds: int = 180
+    # Longest wait for the live failover's final sync (an in-process replication) to end.
+    failover_final_sync_timeout_seconds: float = 1800.0
+    # VirtIO driver injection for Windows guests: a command run as `<command> <device path> <job id>`
+    # against the OS volume's device on this host (e.g. a virt-v2v-in-place wrapper). Empty = not
+    # available: the step is recorded as skipped, never as a success.
+    virtio_injection_command: str = ""
+    virtio_injection_timeout_seconds: float = 1800.0
+    # Background sweep: automatic end of expired test failovers (auto_cleanup) and failover jobs whose
+    # process died (no heartbeat for worker_lease_seconds). 0 = off.
+    failover_sweep_seconds: float = 60.0
+
     @property
     def effective_db_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'oma.db'}"

@@ -55,6 +55,15 @@ class Settings:
     # for the OMA to restart and serve its exports again (~35 s in all).
     copy_retry_tries: int = 8
 
+    # --- enrollment with an OMA ------------------------------------------------------------
+    # Private directory (0700) of the enrollment key (OpenSSH format, 0600), the saved state (the
+    # flow resumes from it after a restart) and the tunnel's ssh configuration.
+    enrollment_dir: Path = Path("/var/lib/vma-agent/enrollment")
+    # How often GetEnrollmentResult is asked while waiting for the operator's approval.
+    enrollment_poll_interval_seconds: float = 5.0
+    # Deadline of each call to the OMA.
+    enrollment_call_timeout_seconds: float = 30.0
+
     def datastores(self) -> dict[str, Path]:
         mapping = {}
         for item in filter(None, (s.strip() for s in self.datastore_map.split(","))):

@@ -32,6 +32,7 @@ def _implemented(runtime: AgentRuntime) -> dict[str, Any]:
     from vma_agent.replication import ReplicationJobs
     from vma_agent.services.cbt import CBTServicer
     from vma_agent.services.discovery import DiscoveryServicer
+    from vma_agent.services.enrollment import EnrollmentServicer
     from vma_agent.services.power import PowerServicer
     from vma_agent.services.progress import ProgressServicer
     from vma_agent.services.replication import ReplicationServicer
@@ -46,6 +47,7 @@ def _implemented(runtime: AgentRuntime) -> dict[str, Any]:
         "vma.v1.PowerService": PowerServicer(sessions, runtime.settings),
         "vma.v1.CBTService": CBTServicer(sessions, runtime.settings),
         "vma.v1.ReplicationService": ReplicationServicer(jobs, runtime.settings.vcenter_timeout_seconds),
+        "vma.v1.EnrollmentService": EnrollmentServicer(runtime),
     }
 
 

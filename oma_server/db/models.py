@@ -904,6 +904,7 @@ class VmaEnrollment(BaseModel):
     vma_fingerprint = CharField(255, null=True)
     vma_ip_address = CharField(45, null=True)
     challenge_nonce = CharField(64, null=True)
+    verification_attempts = IntegerField(default=0)  # failed signature checks; the fifth rejects
     status = EnumField(EnrollmentStatus, check=True, default=EnrollmentStatus.PENDING_VERIFICATION)
     approved_by = CharField(255, null=True)
     approved_at = UtcDateTimeField(null=True)
@@ -935,6 +936,8 @@ class VmaActiveConnection(BaseModel):
     vma_name = CharField(255)
     vma_fingerprint = CharField(255)
     ssh_user = CharField(50, default="vma_tunnel")
+    # The OMA-side port the VMA's RemoteForward listens on. NULL once revoked, so the port can be reused.
+    reverse_tunnel_port = IntegerField(null=True, unique=True)
     connection_status = EnumField(ConnectionStatus, check=True, default=ConnectionStatus.CONNECTED)
     last_seen_at = UtcDateTimeField(null=True)
     connected_at = UtcDateTimeField(default=utcnow)
