@@ -5,7 +5,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from oma.v1 import auth_pb2, schedules_pb2, vm_contexts_pb2
+from oma.v1 import auth_pb2, vm_contexts_pb2
 
 from oma_server.db.models import ApiUser
 from oma_server.domain.auth import TokenAuthority
@@ -83,10 +83,3 @@ def test_tokens_survive_a_restart(db, tmp_path):
         assert client.contexts.ListVMContexts(vm_contexts_pb2.ListVMContextsRequest(), timeout=5).count == 0
         client.close()
     assert ApiUser.select().count() == 1  # the admin is created once
-
-
-def test_unbuilt_rpcs_say_so(oma):
-    with pytest.raises(grpc.RpcError) as err:
-        oma.schedules.ListSchedules(schedules_pb2.ListSchedulesRequest(), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert err.value.details() == "oma.v1.ScheduleService.ListSchedules is not built yet"
