@@ -201,3 +201,59 @@ class CloudStack:
         if disk_offering_id:
             params["diskofferingid"] = disk_offering_id
         return self._cs.resizeVolume(**params)["volume"]
+
+    # --- virtual machines ------------------------------------------------------------------------
+    @translate_errors
+    def deploy_virtual_machine(self, *, name: str, display_name: str, zone_id: str, service_offering_id: str,
+                               template_id: str, network_ids: list[str], details: dict[str, Any] | None = None,
+                               start: bool = False) -> dict[str, Any]:
+        """deployVirtualMachine (one NIC per network, in order); ``startvm=false`` by default."""
+        params: dict[str, Any] = {
+            "name": name, "displayname": display_name, "zoneid": zone_id, "serviceofferingid": service_offering_id,
+            "templateid": template_id, "networkids": ",".join(network_ids), "startvm": start,
+        }
+        if details:
+            params["details"] = {k: str(v) for k, v in details.items()}
+        return self._cs.deployVirtualMachine(**params)["virtualmachine"]
+
+    def find_virtual_machines(self, name: str) -> list[dict[str, Any]]:
+        """VMs whose name is exactly ``name`` (``listVirtualMachines name=`` matches substrings)."""
+        return [vm for vm in self.list_virtual_machines(name=name) if vm.get("name") == name]
+
+    @translate_errors
+    def start_virtual_machine(self, vm_id: str) -> dict[str, Any]:
+        return self._cs.startVirtualMachine(id=vm_id)["virtualmachine"]
+
+    @translate_errors
+    def stop_virtual_machine(self, vm_id: str, forced: bool = False) -> dict[str, Any]:
+        return self._cs.stopVirtualMachine(id=vm_id, forced=forced)["virtualmachine"]
+
+    @translate_errors
+    def destroy_virtual_machine(self, vm_id: str, expunge: bool = True) -> None:
+        self._cs.destroyVirtualMachine(id=vm_id, expunge=expunge)
+
+    # --- volume snapshots --------------------------------------------------------------------------
+    @translate_errors
+    def create_snapshot(self, volume_id: str, name: str) -> dict[str, Any]:
+        return self._cs.createSnapshot(volumeid=volume_id, name=name, quiescevm=False)["snapshot"]
+
+    @translate_errors
+    def revert_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        return self._cs.revertSnapshot(id=snapshot_id)["snapshot"]
+
+    @translate_errors
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._cs.deleteSnapshot(id=snapshot_id)
+
+    @translate_errors
+    def list_snapshots(self, **filters: Any) -> list[dict[str, Any]]:
+        return _items(self._cs.listSnapshots(fetch_list=True, listall=True, **filters), "snapshot")
+
+    def get_snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+        try:
+            found = self.list_snapshots(id=snapshot_id)
+        except CloudStackError as exc:
+            if exc.cs_code == 431:
+                return None
+            raise
+        return found[0] if found else None
