@@ -13,6 +13,7 @@ import datetime as dt
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oma.v1 import discovery_pb2
@@ -81,7 +82,13 @@ def message_strategy(descriptor, depth: int = 0):
     for fd in descriptor.fields:
         if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
             key, value = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
-            fields[fd.name] = st.one_of(st.none(), st.dictionaries(_scalar(key), _scalar(value), max_size=3))
+            if value.type == FieldDescriptor.TYPE_MESSAGE:
+                if depth >= 2:
+                    continue
+                values = message_strategy(value.message_type, depth + 1)
+            else:
+                values = _scalar(value)
+            fields[fd.name] = st.one_of(st.none(), st.dictionaries(_scalar(key), values, max_size=3))
             continue
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
             if depth >= 2:
@@ -102,7 +109,12 @@ def message_strategy(descriptor, depth: int = 0):
                 continue
             fd = descriptor.fields_by_name[name]
             if isinstance(value, dict):
-                getattr(message, name).update(value)
+                target = getattr(message, name)
+                for k, v in value.items():
+                    if isinstance(v, Message):
+                        target[k].CopyFrom(v)
+                    else:
+                        target[k] = v
             elif fd.is_repeated:
                 if fd.type == FieldDescriptor.TYPE_MESSAGE:
                     getattr(message, name).extend(value)
