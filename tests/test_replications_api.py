@@ -163,7 +163,7 @@ def test_delete_keeps_disks_unless_volumes_go_too(replicated):
                for d in models.VmDisk.select().where(models.VmDisk.vm_context == context_id))
 
 
-def test_create_refusals_change_nothing(oma, db):
+def test_create_refusals_change_nothing(oma, oma_server, db):
     ctx = factories.context()
     factories.disk(ctx)
     cases = [
@@ -184,6 +184,18 @@ def test_create_refusals_change_nothing(oma, db):
     got, msg = _error(lambda: oma.replications.CreateReplication(
         pb.CreateReplicationRequest(context_id=ctx.context_id), timeout=10))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "credential" in msg
+    from oma_server.domain import credentials
+
+    credentials.create(oma_server.runtime.secrets, credential_name="c", vcenter_host="vcenter.lab", username="u",
+                       password="p", datacenter="DC0", is_default=True, created_by="t")
+    # A failover still validating has not changed the context's status, but it owns the VM.
+    models.FailoverJob.create(vm_context=ctx.context_id, job_id="failover-1", vm_id=ctx.vmware_vm_id,
+                              job_type="test", status="validating", source_vm_name=ctx.vm_name)
+    got, msg = _error(lambda: oma.replications.CreateReplication(
+        pb.CreateReplicationRequest(context_id=ctx.context_id), timeout=10))
+    assert got == grpc.StatusCode.FAILED_PRECONDITION and "test failover in progress (failover-1" in msg
+    assert models.VmReplicationContext.get_by_id(ctx.context_id).current_job_id is None
+    models.FailoverJob.update(status="failed").execute()
     models.VmReplicationContext.update(current_status="failed_over_live").execute()
     got, msg = _error(lambda: oma.replications.CreateReplication(
         pb.CreateReplicationRequest(context_id=ctx.context_id), timeout=10))

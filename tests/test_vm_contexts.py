@@ -112,11 +112,15 @@ def test_recent_jobs_merge_replications_and_failover_jobs(oma):
         pass
     joblog.end_job(failover, "failed", "no capacity")
     joblog.start_job("discovery", "bulk-add-vms", context_id=ctx.context_id)  # not a failover/cleanup job
+    cleanup = joblog.start_job("cleanup", "test-failover-cleanup", context_id=ctx.context_id,
+                               parent_job_id=failover)
 
     jobs = oma.contexts.ListRecentJobs(pb.ListRecentJobsRequest(context_id=ctx.context_id), timeout=5)
-    assert jobs.count == 3
-    kinds = {j.data_source: j for j in jobs.jobs if j.data_source == "job_tracking"}
-    tracked = kinds["job_tracking"]
+    assert jobs.count == 4
+    tracked_jobs = {j.job_id: j for j in jobs.jobs if j.data_source == "job_tracking"}
+    # The end of a test failover is a cleanup, though its operation name contains "test-failover".
+    assert (tracked_jobs[cleanup].job_type, tracked_jobs[cleanup].display_name) == ("cleanup", "Cleanup")
+    tracked = tracked_jobs[failover]
     assert tracked.job_type == "test_failover" and tracked.status == "failed"
     assert tracked.progress == 50.0 and tracked.error_message == "no capacity"
     assert tracked.current_step == "Pre-flight Validation"

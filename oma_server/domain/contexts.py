@@ -146,11 +146,14 @@ def details(ctx: VmReplicationContext) -> ContextDetails:
     )
 
 
+# First match wins: "test-failover-cleanup" and "enhanced-test-failover-rollback" are a cleanup and a
+# rollback, not test failovers, so those needles come first.
 _FAILOVER_OPERATION_TYPES = (
-    ("test-failover", "test_failover", "Test Failover"),
-    ("live-failover", "live_failover", "Live Failover"),
     ("rollback", "rollback", "Rollback"),
     ("cleanup", "cleanup", "Cleanup"),
+    ("compensation", "cleanup", "Cleanup"),
+    ("test-failover", "test_failover", "Test Failover"),
+    ("live-failover", "live_failover", "Live Failover"),
 )
 
 

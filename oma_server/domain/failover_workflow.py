@@ -628,7 +628,8 @@ class FailoverEngine:
     def _final_sync(self, run: FailoverRun, step: joblog.StepHandle) -> None:
         engine = self.runtime.components["replication"]
         created = replications.create(replications.CreateRequest(
-            context_id=run.ctx.context_id, scheduled_by="failover", request_id=f"final-sync-{run.job_id}"),
+            context_id=run.ctx.context_id, scheduled_by="failover", request_id=f"final-sync-{run.job_id}",
+            for_failover_job=run.job_id),
             run.actor)
         run.final_sync_job = created.job.id
         step.details["replication_job_id"] = created.job.id

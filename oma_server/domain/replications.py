@@ -77,6 +77,8 @@ class CreateRequest:
     scheduled_by: str = ""
     # Idempotency key: a create repeated with the same key answers with the job made the first time.
     request_id: str = ""
+    # The live failover whose final sync this is; any other failover in progress blocks the create.
+    for_failover_job: str = ""
 
 
 @dataclass
@@ -164,6 +166,13 @@ def create(request: CreateRequest, actor: str) -> Created:
             VmReplicationContext.context_id == ctx.context_id)).get()
         if locked.current_job_id:
             raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {locked.current_job_id}")
+        # A failover still validating has not changed the context's status yet, but it owns the VM.
+        failover = FailoverJob.select().where(
+            FailoverJob.vm_context == ctx.context_id, FailoverJob.status.in_(list(FAILOVER_ACTIVE_STATUSES)),
+            FailoverJob.job_id != request.for_failover_job).first()
+        if failover is not None:
+            raise FailedPrecondition(f"VM {ctx.vm_name!r} has a {failover.job_type} failover in progress "
+                                     f"({failover.job_id}, {failover.status}); wait for it or cancel it")
         ReplicationJob.create(
             id=job_id, vm_context=ctx.context_id, source_vm_id=ctx.vmware_vm_id, source_vm_name=ctx.vm_name,
             source_vm_path=ctx.vm_path, vcenter_host=ctx.vcenter_host, datacenter=ctx.datacenter,

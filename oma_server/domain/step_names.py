@@ -26,6 +26,19 @@ FRIENDLY_STEP_NAMES = {
     "multi-volume-cleanup": "Cleaning Up Storage Snapshots",
     "cloudstack-snapshot-rollback": "Rolling Back to Backup",
     "cloudstack-snapshot-deletion": "Cleaning Up Backups",
+    "multi-volume-snapshot-cleanup": "Restoring Volumes from Backup Snapshots",
+    "legacy-cloudstack-snapshot-rollback": "Rolling Back to Backup",
+    "legacy-cloudstack-snapshot-deletion": "Cleaning Up Backups",
+    # failover compensation (a failed failover undone)
+    "destination-vm-shutdown": "Stopping Destination VM",
+    "destination-vm-deletion": "Removing Destination VM",
+    # cleanup of a failed execution
+    "analyze-volume-state": "Analyzing Volume State",
+    "detach-attached-volumes": "Detaching Storage Volumes",
+    "destroy-destination-vm": "Removing Destination VM",
+    "cleanup-snapshots": "Cleaning Up Backups",
+    "reattach-all-volumes": "Restoring Storage Configuration",
+    "reset-vm-state": "Resetting VM State",
     # replication workflow
     "prepare-disks": "Preparing Disks",
     "provision-volumes": "Provisioning Replica Volumes",
