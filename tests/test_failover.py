@@ -264,3 +264,28 @@ def test_live_failover_then_rollback_with_power_on(lab_private):
     ctx_row = models.VmReplicationContext.get_by_id(ctx.context_id)
     assert ctx_row.current_status == "ready_for_failover"
     assert ctx_row.last_operation_summary["operation_type"] == "rollback"
+
+
+def test_cleanup_by_vm_name_ends_the_test_failover_like_end_test(lab_private):
+    """POST /failover/cleanup/{vm_name}: the same rollback path as DELETE /failover/test/{job_id}."""
+    lab = lab_private
+    ctx = prepared_vm(lab)
+    started = start_test(lab, ctx)
+    assert watch(lab, started.job_id)[-1].job.status == "completed"
+    destination = models.FailoverJob.get(models.FailoverJob.job_id == started.job_id).destination_vm_id
+    assert lab.cloudstack.get("vm", destination)["state"] == "Running"
+
+    cleaned = lab.client.failover.CleanupTestFailover(fpb.CleanupTestFailoverRequest(
+        vm_name=ctx.vm_name, request_id="cleanup-1"), timeout=30)
+    assert (cleaned.failover_job_id, cleaned.context_id, cleaned.vm_name) == (started.job_id, ctx.context_id, ctx.vm_name)
+    assert cleaned.external_job_id.startswith(f"cleanup-test-failover-{ctx.vm_name}-") and not cleaned.existing
+    again = lab.client.failover.CleanupTestFailover(fpb.CleanupTestFailoverRequest(
+        vm_name=ctx.vm_name, request_id="cleanup-1"), timeout=30)
+    assert again.existing and again.job_id == cleaned.job_id
+    done = watch(lab, cleaned.job_id)[-1]
+    assert done.job.status == "completed", done.job.error_message
+    assert [name for name, _ in steps(cleaned.job_id)] == CLEANUP_STEPS
+    assert lab.cloudstack.get("vm", destination) is None
+    assert_back_on_oma(lab, ctx)
+    assert models.FailoverJob.get(models.FailoverJob.job_id == started.job_id).status == "cleanup"
+    assert models.VmReplicationContext.get_by_id(ctx.context_id).current_status == "ready_for_failover"
