@@ -4,7 +4,10 @@ from __future__ import annotations
 import itertools
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
+
+import grpc
+import pytest
 
 from oma_server.db import models
 
@@ -51,3 +54,20 @@ def db_snapshot() -> dict[str, list[str]]:
     is left out: the log sink writes it asynchronously, from earlier work, at any moment."""
     return {m.__name__: sorted(repr(r.__data__) for r in m.select())
             for m in models.ALL_MODELS if m is not models.LogEvent}
+
+
+def read_without_writes(call: Callable[[], Any]) -> Any:
+    """Make a call that must write nothing; return its response."""
+    before = db_snapshot()
+    response = call()
+    assert db_snapshot() == before
+    return response
+
+
+def refused_without_writes(call: Callable[[], Any]) -> grpc.StatusCode:
+    """Make a call that must be refused and write nothing; return its status code."""
+    before = db_snapshot()
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert db_snapshot() == before
+    return err.value.code()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import oma.v1
-import pytest
 from google.protobuf import json_format
 from oma.v1 import debug_pb2 as pb
 
@@ -20,28 +19,16 @@ from oma_server.db import models
 from oma_server.domain import joblog
 from omaclient.client import OmaClient
 from tests import factories
+from tests.factories import read_without_writes, refused_without_writes
 from tests.fixtures.servers import ADMIN_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _read(call):
-    before = factories.db_snapshot()
-    response = call()
-    assert factories.db_snapshot() == before
-    return response
-
-
-def _error(call):
-    before = factories.db_snapshot()
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    assert factories.db_snapshot() == before
-    return err.value.code()
 
 
 def _health(client):
-    response = _read(lambda: client.debug.GetSystemHealth(pb.GetSystemHealthRequest(), timeout=30))
+    response = read_without_writes(lambda: client.debug.GetSystemHealth(pb.GetSystemHealthRequest(), timeout=30))
     return response, {c.name: c for c in response.components}
 
 
@@ -70,14 +57,14 @@ def test_system_health_is_measured_for_operators_and_minimal_for_anonymous(oma, 
     assert (response.scheduler.active_schedules, response.scheduler.running_executions,
             response.scheduler.max_concurrent, response.scheduler.is_running) == (1, 1, 10, True)
 
-    anonymous_view = _read(lambda: anonymous.debug.GetSystemHealth(pb.GetSystemHealthRequest(), timeout=10))
+    anonymous_view = read_without_writes(lambda: anonymous.debug.GetSystemHealth(pb.GetSystemHealthRequest(), timeout=10))
     assert (anonymous_view.system_health, anonymous_view.version) == ("healthy", "0.1.0")
     assert anonymous_view.HasField("checked_at") and not anonymous_view.components
     assert not anonymous_view.HasField("runtime") and not anonymous_view.HasField("started_at")
     for call in (lambda: anonymous.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(), timeout=10),
                  lambda: anonymous.debug.ListEndpoints(pb.ListEndpointsRequest(), timeout=10),
                  lambda: anonymous.debug.GetRecentLogs(pb.GetRecentLogsRequest(), timeout=10)):
-        assert _error(call) == grpc.StatusCode.UNAUTHENTICATED
+        assert refused_without_writes(call) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_unreachable_dependencies_degrade_health_without_showing_secrets(oma_factory):
@@ -124,7 +111,7 @@ def test_failover_jobs_debug_counts_and_lists_stuck_work(oma):
     tracked("migration", "replication", 120, category="replication")
     tracked("failover", "unified-test-failover-old", 120, category="failover", status="completed")
 
-    report = _read(lambda: oma.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(), timeout=10))
+    report = read_without_writes(lambda: oma.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(), timeout=10))
     assert dict(report.counts_by_status) == {"completed": 2, "failed": 1, "validating": 1, "reverting": 1}
     assert dict(report.counts_by_type) == {"live": 2, "test": 3}
     assert [(j.job_id, j.status, j.job_type, j.vm_context_id, j.source_vm_name) for j in report.non_terminal_jobs] == \
@@ -137,11 +124,11 @@ def test_failover_jobs_debug_counts_and_lists_stuck_work(oma):
         ("unified-live-failover", "ext-unified-live-failover", ctx.context_id, "running")
     assert 45 * 60 <= first.running_seconds < 46 * 60
 
-    shorter = _read(lambda: oma.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(long_running_minutes=1),
+    shorter = read_without_writes(lambda: oma.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(long_running_minutes=1),
                                                            timeout=10))
     assert [j.job_id for j in shorter.long_running_jobs] == [stuck_failover, stuck_rollback, recent_failover]
     for minutes in (-1, 10**9):
-        assert _error(lambda: oma.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(
+        assert refused_without_writes(lambda: oma.debug.GetFailoverJobsDebug(pb.GetFailoverJobsDebugRequest(
             long_running_minutes=minutes), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -165,7 +152,7 @@ def _mapping_routes() -> set[str]:
 def test_endpoints_are_the_registered_rpcs_with_every_mapping_route(oma):
     endpoints, token = [], ""
     while True:
-        page = _read(lambda: oma.debug.ListEndpoints(pb.ListEndpointsRequest(page_size=40, page_token=token),
+        page = read_without_writes(lambda: oma.debug.ListEndpoints(pb.ListEndpointsRequest(page_size=40, page_token=token),
                                                      timeout=10))
         endpoints += page.endpoints
         token = page.next_page_token
@@ -183,11 +170,11 @@ def test_endpoints_are_the_registered_rpcs_with_every_mapping_route(oma):
     watch = by_method["/oma.v1.ProgressService/WatchReplicationProgress"]
     assert watch.server_streaming and not watch.client_streaming
 
-    debug_only = _read(lambda: oma.debug.ListEndpoints(pb.ListEndpointsRequest(service="oma.v1.DebugService"),
+    debug_only = read_without_writes(lambda: oma.debug.ListEndpoints(pb.ListEndpointsRequest(service="oma.v1.DebugService"),
                                                        timeout=10))
     assert sorted(e.method for e in debug_only.endpoints) == \
         ["GetFailoverJobsDebug", "GetRecentLogs", "GetSystemHealth", "ListEndpoints"] and debug_only.count == 4
-    assert _error(lambda: oma.debug.ListEndpoints(pb.ListEndpointsRequest(service="oma.v1.Nope"), timeout=10)) == \
+    assert refused_without_writes(lambda: oma.debug.ListEndpoints(pb.ListEndpointsRequest(service="oma.v1.Nope"), timeout=10)) == \
         grpc.StatusCode.NOT_FOUND
 
 
@@ -204,7 +191,7 @@ def test_recent_logs_newest_first_with_filters_and_stable_pages(oma):
     models.LogEvent.insert_many(rows).execute()
 
     def logs(**kw):
-        return _read(lambda: oma.debug.GetRecentLogs(pb.GetRecentLogsRequest(**kw), timeout=10))
+        return read_without_writes(lambda: oma.debug.GetRecentLogs(pb.GetRecentLogsRequest(**kw), timeout=10))
 
     def messages(response):
         return [e.message for e in response.events]
@@ -233,5 +220,5 @@ def test_recent_logs_newest_first_with_filters_and_stable_pages(oma):
     assert len(logs(job_id=second).events) == 100
     assert len(logs(job_id=second, page_size=1000).events) == 500
     for bad in (dict(level="LOUD"), dict(page_token="not-a-token"), dict(page_size=-1)):
-        assert _error(lambda: oma.debug.GetRecentLogs(pb.GetRecentLogsRequest(**bad), timeout=10)) == \
+        assert refused_without_writes(lambda: oma.debug.GetRecentLogs(pb.GetRecentLogsRequest(**bad), timeout=10)) == \
             grpc.StatusCode.INVALID_ARGUMENT

@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import grpc
-import pytest
 from oma.v1 import discovery_pb2
 from oma.v1 import network_mappings_pb2 as nm_pb
 from oma.v1 import ossea_config_pb2 as ossea_pb
@@ -18,27 +17,12 @@ from oma_server.db import models
 from oma_server.domain import joblog, network_mappings, readiness
 from omaclient.client import OmaClient
 from tests import factories
+from tests.factories import read_without_writes, refused_without_writes
 from tests.fixtures.servers import ADMIN_PASSWORD
 
 
-def _read(call):
-    """Make a call that must write nothing; return its response."""
-    before = factories.db_snapshot()
-    response = call()
-    assert factories.db_snapshot() == before
-    return response
-
-
-def _error(call):
-    before = factories.db_snapshot()
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    assert factories.db_snapshot() == before
-    return err.value.code()
-
-
 def _readiness(client, vm_id, failover_type=""):
-    response = _read(lambda: client.validation.GetVMFailoverReadiness(
+    response = read_without_writes(lambda: client.validation.GetVMFailoverReadiness(
         pb.GetVMFailoverReadinessRequest(vm_id=vm_id, failover_type=failover_type), timeout=30))
     return response, {c.check_name: c for c in response.validation_result.checks}
 
@@ -90,12 +74,12 @@ def test_readiness_after_a_real_replication_passes_and_fails_for_each_cause(lab_
     assert checks["Sync Status"].details["job_id"] == job_id
 
     # The other read views of the same VM.
-    sync = _read(lambda: client.validation.GetVMSyncStatus(pb.GetVMSyncStatusRequest(vm_id=context_id), timeout=10))
+    sync = read_without_writes(lambda: client.validation.GetVMSyncStatus(pb.GetVMSyncStatusRequest(vm_id=context_id), timeout=10))
     job = models.ReplicationJob.get_by_id(job_id)
     assert sync.sync_status.has_valid_change_id and sync.sync_status.is_sync_up_to_date
     assert (sync.sync_status.sync_completion_rate, sync.sync_status.sync_jobs_active) == (100, 0)
     assert sync.sync_status.total_synced_bytes == job.bytes_transferred > 0
-    volumes = _read(lambda: client.validation.GetVMVolumeStatus(pb.GetVMVolumeStatusRequest(vm_id=context_id),
+    volumes = read_without_writes(lambda: client.validation.GetVMVolumeStatus(pb.GetVMVolumeStatusRequest(vm_id=context_id),
                                                                 timeout=10)).volume_status
     assert (volumes.total_volumes, volumes.ready_volumes, volumes.all_volumes_ready) == (2, 2, True)
     assert volumes.volume_integrity_checked and volumes.has_ossea_volumes and not volumes.volume_issues
@@ -113,7 +97,7 @@ def test_readiness_after_a_real_replication_passes_and_fails_for_each_cause(lab_
     _, checks = _readiness(client, context_id, "test")
     assert _failed(checks) == ["Network Mappings"] and sources[0] in checks["Network Mappings"].message
     assert _readiness(client, context_id, "live")[0].is_ready  # live mappings still cover every network
-    status = _read(lambda: client.validation.GetVMNetworkMappingStatus(pb.GetVMNetworkMappingStatusRequest(
+    status = read_without_writes(lambda: client.validation.GetVMNetworkMappingStatus(pb.GetVMNetworkMappingStatusRequest(
         vm_id=context_id, failover_type="test"), timeout=10))
     assert list(status.network_status.unmapped_networks) == sources and not status.network_status.all_networks_mapped
 
@@ -124,12 +108,12 @@ def test_readiness_after_a_real_replication_passes_and_fails_for_each_cause(lab_
         models.DeviceMapping.update(**change).where(models.DeviceMapping.id == first.id).execute()
         _, checks = _readiness(client, context_id)
         assert _failed(checks) == ["Volume State"] and first.volume_uuid in checks["Volume State"].message
-        by_volume = {v.volume_id: v for v in _read(lambda: client.validation.GetVMVolumeStatus(
+        by_volume = {v.volume_id: v for v in read_without_writes(lambda: client.validation.GetVMVolumeStatus(
             pb.GetVMVolumeStatusRequest(vm_id=context_id), timeout=10)).volume_status.volumes}
         assert (by_volume[first.volume_uuid].placement, by_volume[first.volume_uuid].ready) == (placement, False)
         assert by_volume[second.volume_uuid].placement == "on_oma"
     models.DeviceMapping.delete().where(models.DeviceMapping.id == first.id).execute()
-    volumes = _read(lambda: client.validation.GetVMVolumeStatus(pb.GetVMVolumeStatusRequest(vm_id=context_id),
+    volumes = read_without_writes(lambda: client.validation.GetVMVolumeStatus(pb.GetVMVolumeStatusRequest(vm_id=context_id),
                                                                 timeout=10)).volume_status
     assert volumes.ready_volumes == 1 and not volumes.all_volumes_ready
     assert [v.placement for v in volumes.volumes if v.volume_id == first.volume_uuid] == ["detached"]
@@ -209,7 +193,7 @@ def test_sync_status_comes_from_cbt_history_jobs_and_disks(oma):
                              created_at=now - timedelta(minutes=30))
 
     def status():
-        return _read(lambda: oma.validation.GetVMSyncStatus(pb.GetVMSyncStatusRequest(vm_id=ctx.vmware_vm_id),
+        return read_without_writes(lambda: oma.validation.GetVMSyncStatus(pb.GetVMSyncStatusRequest(vm_id=ctx.vmware_vm_id),
                                                             timeout=10)).sync_status
 
     sync = status()
@@ -222,7 +206,7 @@ def test_sync_status_comes_from_cbt_history_jobs_and_disks(oma):
     assert (sync.sync_jobs_active, sync.is_sync_up_to_date) == (1, False)
 
     empty = factories.context()
-    sync = _read(lambda: oma.validation.GetVMSyncStatus(pb.GetVMSyncStatusRequest(vm_id=empty.context_id),
+    sync = read_without_writes(lambda: oma.validation.GetVMSyncStatus(pb.GetVMSyncStatusRequest(vm_id=empty.context_id),
                                                         timeout=10)).sync_status
     assert not sync.has_valid_change_id and not sync.HasField("last_sync_time") and sync.sync_completion_rate == 0
 
@@ -232,7 +216,7 @@ def test_network_mapping_status_per_failover_type(oma):
     factories.disk(ctx, network_config=[{"network_name": "VM Network"}, {"network_name": "Backup"}])
 
     def status(failover_type):
-        return _read(lambda: oma.validation.GetVMNetworkMappingStatus(pb.GetVMNetworkMappingStatusRequest(
+        return read_without_writes(lambda: oma.validation.GetVMNetworkMappingStatus(pb.GetVMNetworkMappingStatusRequest(
             vm_id=ctx.context_id, failover_type=failover_type), timeout=10))
 
     none = status("").network_status
@@ -278,7 +262,7 @@ def test_active_jobs_list_replications_failovers_and_joblog_work_once(oma):
     joblog.start_job("cleanup", "elsewhere", context_id=other.context_id)
     factories.replication_job(other, status="pending")
 
-    response = _read(lambda: oma.validation.GetVMActiveJobs(pb.GetVMActiveJobsRequest(vm_id=ctx.context_id),
+    response = read_without_writes(lambda: oma.validation.GetVMActiveJobs(pb.GetVMActiveJobsRequest(vm_id=ctx.context_id),
                                                             timeout=10))
     listed = [(j.kind, j.id, j.status, j.progress, j.operation) for j in response.active_jobs]
     assert listed == [
@@ -289,7 +273,7 @@ def test_active_jobs_list_replications_failovers_and_joblog_work_once(oma):
     ]
     assert response.jobs_count == 4 and response.has_active_jobs
     quiet = factories.context()
-    idle = _read(lambda: oma.validation.GetVMActiveJobs(pb.GetVMActiveJobsRequest(vm_id=quiet.context_id), timeout=10))
+    idle = read_without_writes(lambda: oma.validation.GetVMActiveJobs(pb.GetVMActiveJobsRequest(vm_id=quiet.context_id), timeout=10))
     assert (idle.jobs_count, idle.has_active_jobs, list(idle.active_jobs)) == (0, False, [])
 
 
@@ -300,7 +284,7 @@ def test_configuration_check_overall_pass_warning_fail(oma):
                                                 password_encrypted="x", datacenter="DC0", is_default=True)
 
     def check():
-        response = _read(lambda: oma.validation.ValidateVMConfiguration(pb.ValidateVMConfigurationRequest(
+        response = read_without_writes(lambda: oma.validation.ValidateVMConfiguration(pb.ValidateVMConfigurationRequest(
             vm_id=ctx.context_id), timeout=10))
         return response, {c.check_name: c.status for c in response.checks}
 
@@ -341,11 +325,11 @@ def test_unknown_vms_and_bad_input_are_rejected(oma):
             pb.ValidateVMConfigurationRequest(vm_id=vm_id), timeout=10),
     }
     for name, call in calls.items():
-        assert _error(lambda: call("no-such-vm")) == grpc.StatusCode.NOT_FOUND, name
-        assert _error(lambda: call("")) == grpc.StatusCode.INVALID_ARGUMENT, name
-        assert _error(lambda: call("uuid-shared")) == grpc.StatusCode.FAILED_PRECONDITION, name
-        assert _read(lambda: call(ctx.context_id)).context_id == ctx.context_id, name
-    assert _error(lambda: oma.validation.GetVMFailoverReadiness(pb.GetVMFailoverReadinessRequest(
+        assert refused_without_writes(lambda: call("no-such-vm")) == grpc.StatusCode.NOT_FOUND, name
+        assert refused_without_writes(lambda: call("")) == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert refused_without_writes(lambda: call("uuid-shared")) == grpc.StatusCode.FAILED_PRECONDITION, name
+        assert read_without_writes(lambda: call(ctx.context_id)).context_id == ctx.context_id, name
+    assert refused_without_writes(lambda: oma.validation.GetVMFailoverReadiness(pb.GetVMFailoverReadinessRequest(
         vm_id=ctx.context_id, failover_type="sideways"), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _error(lambda: oma.validation.GetVMNetworkMappingStatus(pb.GetVMNetworkMappingStatusRequest(
+    assert refused_without_writes(lambda: oma.validation.GetVMNetworkMappingStatus(pb.GetVMNetworkMappingStatusRequest(
         vm_id=ctx.context_id, failover_type="LIVE"), timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
