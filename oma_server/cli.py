@@ -15,6 +15,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oma-server", description=__doc__)
     p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
     p.add_argument("--listen", help="address to serve gRPC on (default 127.0.0.1:9090, env OMA_LISTEN)")
+    p.add_argument("--tls-listen", help="also serve gRPC over TLS on host:port (env OMA_TLS_LISTEN; default off)")
+    p.add_argument("--tls-cert", dest="tls_cert_file",
+                   help="PEM certificate (chain) for --tls-listen (env OMA_TLS_CERT_FILE; default: generated)")
+    p.add_argument("--tls-key", dest="tls_key_file",
+                   help="PEM private key of --tls-cert (env OMA_TLS_KEY_FILE; default: generated)")
     p.add_argument("--db", dest="db_url", help="sqlite:///file.db or mysql://user:pass@host:port/db (env OMA_DB_URL)")
     p.add_argument("--data-dir", help="folder for the SQLite file and generated keys (env OMA_DATA_DIR)")
     p.add_argument("--vma", dest="vma_address", help="VMA agent address host:port (env OMA_VMA_ADDRESS)")
@@ -25,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = load_settings({
-        "listen": args.listen, "db_url": args.db_url, "data_dir": args.data_dir,
+        "listen": args.listen, "tls_listen": args.tls_listen, "tls_cert_file": args.tls_cert_file,
+        "tls_key_file": args.tls_key_file, "db_url": args.db_url, "data_dir": args.data_dir,
         "vma_address": args.vma_address, "metrics_listen": args.metrics_listen,
     })
     configure_logging(settings.log_level, settings.log_format)
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     running = build_server(settings)
     print(f"oma-server: serving on port {running.port}", flush=True)
+    if running.tls_identity is not None:
+        print(f"oma-server: serving TLS on port {running.tls_port}, certificate SHA-256 "
+              f"{running.tls_identity.fingerprint}", flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())

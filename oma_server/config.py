@@ -24,7 +24,16 @@ def _default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     # --- serving ---------------------------------------------------------------------------
+    # Plaintext gRPC (local tools, the lab). Production refuses a non-loopback address here unless
+    # allow_plaintext_listen is set (e.g. behind a TLS-terminating proxy): remote clients use tls_listen.
     listen: str = "127.0.0.1:9090"
+    allow_plaintext_listen: bool = False
+    # TLS gRPC ("host:port", same services; the VMAs' enrollment goes here); empty = off. Without
+    # tls_cert_file/tls_key_file (PEM, both or neither) a self-signed certificate is generated once into
+    # <data_dir>/oma-tls.crt + oma-tls.key (0600) and reused; its SHA-256 is logged at start for pinning.
+    tls_listen: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     # Worker threads of the gRPC server: open progress streams each hold one, so size for the
     # expected watchers plus unary headroom; beyond max_concurrent_rpcs calls fail fast
     # with RESOURCE_EXHAUSTED instead of queueing into deadline errors.

@@ -1,8 +1,9 @@
 """Builds and runs the OMA gRPC server: database, keys, services, health, reflection.
 
-``build_server`` returns a started server bound to its port (tests use port 0); ``serve`` adds
-signal handling. Every service of the contract is registered: the implemented ones from
-``oma_server.services``, the rest answer UNIMPLEMENTED saying what is not built yet.
+``build_server`` returns a started server bound to its port (tests use port 0) and, with ``tls_listen``,
+to a TLS port serving the same services (``oma_server.tls``: configured or generated certificate);
+``oma_server.cli`` adds signal handling. Every service of the contract is registered: the implemented
+ones from ``oma_server.services``, the rest answer UNIMPLEMENTED saying what is not built yet.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import oma.v1
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from oma_server import metrics
+from oma_server import metrics, tls
 from oma_server.config import Settings
 from oma_server.db import database
 from oma_server.db.migrate import migrate
@@ -57,6 +58,38 @@ def _load_keys(settings: Settings) -> tuple[bytes, bytes]:
         else load_or_create_key_file(settings.data_dir / "encryption.key")
     )
     return token_secret, enc_key
+
+
+def _check_listen(settings: Settings) -> None:
+    if settings.production and not settings.allow_plaintext_listen and not tls.is_loopback(settings.listen):
+        raise SystemExit(
+            f"production mode refuses plaintext gRPC on the non-loopback address {settings.listen}: serve remote "
+            "clients over TLS (OMA_TLS_LISTEN) and keep OMA_LISTEN on 127.0.0.1, or set "
+            "OMA_ALLOW_PLAINTEXT_LISTEN=1 (e.g. behind a TLS-terminating proxy)"
+        )
+
+
+def _load_tls(settings: Settings) -> tls.TlsIdentity | None:
+    if not settings.tls_listen:
+        if settings.tls_cert_file or settings.tls_key_file:
+            log.warning("OMA_TLS_CERT_FILE/OMA_TLS_KEY_FILE are set but OMA_TLS_LISTEN is not: TLS is off")
+        return None
+    try:
+        return tls.load_identity(settings.tls_cert_file, settings.tls_key_file, settings.data_dir,
+                                 settings.tls_listen)
+    except tls.TlsConfigError as exc:
+        raise SystemExit(f"cannot serve TLS on {settings.tls_listen}: {exc}") from None
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC says only "failed to bind"
+        server.stop(None)
+        raise SystemExit(f"cannot listen on {address}{' (TLS)' if credentials else ''}: "
+                         "address in use, not local or malformed") from None
 
 
 def prepare_database(settings: Settings, existing: Any = None) -> str | None:
@@ -125,6 +158,9 @@ class RunningServer:
     port: int
     runtime: Runtime
     services: list[str]
+    # The TLS port and its certificate (None without tls_listen).
+    tls_port: int | None = None
+    tls_identity: tls.TlsIdentity | None = None
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.runtime.stop_event.set()
@@ -139,6 +175,8 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
     """Prepare the database, register every service and start listening."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_secret, enc_key = _load_keys(settings)
+    _check_listen(settings)
+    identity = _load_tls(settings)
     generated = prepare_database(settings, existing_database)
     if generated:
         print(f"oma-server: created user 'admin' with password: {generated}  (shown once)", flush=True)
@@ -159,9 +197,11 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
     reflection.enable_server_reflection(
         [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
+    port = _bind(server, settings.listen)
+    tls_port = None
+    if identity is not None:
+        credentials = grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)])
+        tls_port = _bind(server, settings.tls_listen, credentials)
     from oma_server.services import start_components
 
     start_components(runtime)
@@ -172,4 +212,8 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
     if settings.metrics_listen:
         metrics.serve(settings.metrics_listen)
     log.info("oma-server listening on port %d (%d services)", port, len(services))
-    return RunningServer(server, port, runtime, services)
+    if identity is not None:
+        log.info("oma-server listening with TLS on port %d, certificate %s SHA-256 %s (%s; VMAs pin this)",
+                 tls_port, identity.cert_path, identity.fingerprint,
+                 "generated, self-signed" if identity.generated else "configured")
+    return RunningServer(server, port, runtime, services, tls_port, identity)

@@ -1,32 +1,25 @@
 """A real VMA agent enrolling with a real OMA server (mapping: VMA Enrollment → the OMA's enrollment tables):
 pairing code from the admin API, the agent's asynchronous Enroll → sign → verify → wait, approval by the
 operator, the key in the tunnel account's authorized_keys, private files, resuming after an agent restart,
-rejection, and TLS pinned to the OMA certificate's SHA-256."""
+rejection, and TLS pinned to the SHA-256 of the certificate the OMA's TLS listener serves."""
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import socket
 import stat
 import subprocess
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from oma.v1 import enrollment_admin_pb2 as apb
-from oma.v1 import enrollment_pb2_grpc as oma_enrollment_grpc
 from vma.v1 import enrollment_pb2 as pb
 from vma.v1 import enrollment_pb2_grpc
 
-from oma_server.rpc import RpcInterceptor
-from oma_server.services.enrollment import EnrollmentServicer as OmaEnrollmentServicer
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD, VMA_TOKEN, start_vma
 
@@ -46,7 +39,8 @@ def keys_file(tmp_path):
 
 @pytest.fixture
 def oma(oma_factory, keys_file):
-    return oma_factory(tunnel_authorized_keys=str(keys_file), nbd_port_min=10809, nbd_port_max=10810)
+    return oma_factory(tunnel_authorized_keys=str(keys_file), nbd_port_min=10809, nbd_port_max=10810,
+                       tls_listen="127.0.0.1:0")
 
 
 @pytest.fixture
@@ -190,34 +184,14 @@ def test_unreachable_oma_wrong_code_then_rejection(oma, admin, agent):
         assert wait_for(vma, "awaiting_approval").vma_fingerprint != first.vma_fingerprint
 
 
-def _self_signed(name: str) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture
 def tls_enrollment(oma):
-    """The OMA's public EnrollmentService on a TLS listener with a self-signed certificate; yields (port,
-    certificate SHA-256)."""
-    key_pem, cert_pem = _self_signed("oma.lab")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         interceptors=[RpcInterceptor(oma.runtime.tokens)])
-    oma_enrollment_grpc.add_EnrollmentServiceServicer_to_server(OmaEnrollmentServicer(oma.runtime), server)
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
-    server.start()
-    der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
-    yield port, hashlib.sha256(der).hexdigest()
-    server.stop(None)
+    """The OMA's own TLS listener (its generated self-signed certificate); yields (port, certificate SHA-256
+    computed here from the certificate file, as an operator would)."""
+    cert = x509.load_pem_x509_certificate(oma.tls_identity.cert_path.read_bytes())
+    pin = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert pin == oma.tls_identity.sha256
+    return oma.tls_port, pin
 
 
 def test_tls_pinned_to_the_certificate_fingerprint(admin, agent, tls_enrollment):

@@ -86,6 +86,22 @@ class _CallDetails(grpc.ClientCallDetails):
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
+def _pem(ca: bytes | str | os.PathLike[str]) -> bytes:
+    """Root certificates as PEM bytes: given as bytes, as PEM text, or as the path of a PEM file."""
+    if isinstance(ca, bytes):
+        return ca
+    if isinstance(ca, str) and ca.lstrip().startswith("-----BEGIN"):
+        return ca.encode()
+    path = Path(ca).expanduser()
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS CA file {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError(f"the TLS CA file {path} holds no PEM certificate")
+    return pem
+
+
 def saved_settings() -> dict[str, Any]:
     """Target and token saved by ``omactl login`` (empty when none)."""
     try:
@@ -98,7 +114,10 @@ class OmaClient:
     """One connection to an OMA server.
 
     target/token default to ``OMA_TARGET``/``OMA_TOKEN`` from the environment, then the omactl
-    config file. ``tls_ca`` (PEM bytes or path) switches to TLS.
+    config file. ``tls_ca`` switches to TLS trusting that root: PEM bytes or text, or the path of a PEM
+    file — for an OMA with a self-signed certificate, the certificate itself (``<data_dir>/oma-tls.crt``).
+    The server's certificate must name the host of ``target``; ``tls_server_name`` checks another name
+    instead (e.g. when connecting through a tunnel or by an address the certificate does not list).
     """
 
     def __init__(
@@ -106,7 +125,8 @@ class OmaClient:
         target: str | None = None,
         token: str | None = None,
         *,
-        tls_ca: bytes | str | None = None,
+        tls_ca: bytes | str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
         timeout: float = 30.0,
     ):
         saved = saved_settings()
@@ -116,8 +136,9 @@ class OmaClient:
         self.timeout = timeout
         options = [("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         if tls_ca:
-            ca = Path(tls_ca).read_bytes() if isinstance(tls_ca, str) else tls_ca
-            raw = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(ca), options=options)
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            raw = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(_pem(tls_ca)), options=options)
         else:
             raw = grpc.insecure_channel(self.target, options=options)
         self._raw_channel = raw
@@ -186,4 +207,3 @@ class OmaClient:
                 yield item.progress
         finally:
             stream.cancel()
-
