@@ -39,6 +39,8 @@ class Runtime:
     tokens: auth.TokenAuthority
     secrets: SecretBox
     components: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the TLS certificate ("" without a TLS port): handed out with pairing codes for pinning.
+    tls_fingerprint: str = ""
     stop_event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -185,6 +187,7 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
         settings=settings,
         tokens=auth.TokenAuthority(token_secret, settings.token_ttl_seconds),
         secrets=SecretBox(enc_key),
+        tls_fingerprint=identity.fingerprint if identity is not None else "",
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),

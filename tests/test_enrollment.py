@@ -126,6 +126,7 @@ def fingerprint_of(path) -> list[str]:
 def test_pairing_codes_are_random_formatted_capped_and_audited(admin):
     response = admin.enrollment_admin.GeneratePairingCode(apb.GeneratePairingCodeRequest(), timeout=10)
     assert CODE_FORMAT.match(response.pairing_code) and response.valid_for == 600
+    assert response.oma_certificate_sha256 == ""  # this OMA serves no TLS port: nothing to pin
     row = models.VmaPairingCode.get_by_id(response.pairing_code_id)
     assert (row.pairing_code, row.generated_by, row.used_at) == (response.pairing_code, "admin", None)
     assert abs((row.expires_at - row.created_at).total_seconds() - 600) < 1

@@ -200,6 +200,9 @@ def test_tls_pinned_to_the_certificate_fingerprint(admin, agent, tls_enrollment)
         code, details = _error(lambda: enroll(vma, port, new_code(admin), oma_certificate_sha256="ab" * 32))
         assert code == grpc.StatusCode.UNAUTHENTICATED and "not the pinned" in details
         assert status(vma).state == "failed"
+        # The operator hands the VMA the pairing code together with the fingerprint that comes with it.
+        issued = admin.enrollment_admin.GeneratePairingCode(apb.GeneratePairingCodeRequest(), timeout=10)
         colons = ":".join(pin[i:i + 2] for i in range(0, 64, 2)).upper()
-        started = enroll(vma, port, new_code(admin), oma_certificate_sha256=colons)
+        assert issued.oma_certificate_sha256 == colons
+        started = enroll(vma, port, issued.pairing_code, oma_certificate_sha256=issued.oma_certificate_sha256)
         assert wait_for(vma, "awaiting_approval").enrollment_id == started.enrollment_id

@@ -132,6 +132,7 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
 
     def __init__(self, runtime):
         self._tunnel = _tunnel_config(runtime)
+        self._tls_fingerprint = runtime.tls_fingerprint
 
     @staticmethod
     def _caller(context) -> enrollment.Caller:
@@ -141,7 +142,8 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
         valid_for = request.valid_for if request.HasField("valid_for") else None
         row, valid_for = enrollment.generate_pairing_code(self._caller(context), request.generated_by, valid_for)
         return admin_pb.GeneratePairingCodeResponse(pairing_code=row.pairing_code, expires_at=timestamp(row.expires_at),
-                                                    valid_for=valid_for, pairing_code_id=row.id)
+                                                    valid_for=valid_for, pairing_code_id=row.id,
+                                                    oma_certificate_sha256=self._tls_fingerprint)
 
     def ListPendingEnrollments(self, request, context):
         page = enrollment.list_pending(request.page_size, request.page_token)

@@ -244,12 +244,17 @@ class GeneratePairingCodeResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     VALID_FOR_FIELD_NUMBER: _builtins.int
     PAIRING_CODE_ID_FIELD_NUMBER: _builtins.int
+    OMA_CERTIFICATE_SHA256_FIELD_NUMBER: _builtins.int
     pairing_code: _builtins.str
     """`XXXX-XXXX-XXXX`; returned only here, once."""
     valid_for: _builtins.int
     """Seconds."""
     pairing_code_id: _builtins.str
     """`vma_pairing_codes.id`."""
+    oma_certificate_sha256: _builtins.str
+    """SHA-256 of the OMA's TLS certificate (`AB:CD:…`), to give to the VMA with the code so it pins the
+    OMA it enrolls with. Empty when the OMA serves no TLS port.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -259,10 +264,11 @@ class GeneratePairingCodeResponse(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         valid_for: _builtins.int = ...,
         pairing_code_id: _builtins.str = ...,
+        oma_certificate_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "pairing_code", b"pairing_code", "pairing_code_id", b"pairing_code_id", "valid_for", b"valid_for"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "oma_certificate_sha256", b"oma_certificate_sha256", "pairing_code", b"pairing_code", "pairing_code_id", b"pairing_code_id", "valid_for", b"valid_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
