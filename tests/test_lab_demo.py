@@ -2,7 +2,9 @@
 
 The demo runs as a separate process (simulated vCenter, CloudStack emulator, VMA agent, OMA server and
 their nbdkit exports as its own children, driven by omactl). We assert its verdict (exit 0, checksums
-match, a full and an incremental replication completed) and that nothing it started outlives it:
+match, a full and an incremental replication completed, a test failover booted the VM in CloudStack with
+its steps shown live and was ended, leaving the VM ready for failover) and that nothing it started
+outlives it:
 
 * while it runs, its process tree is sampled from /proc (pid + start time + command line), so every
   pid seen can be checked afterwards without confusing it with a recycled pid;
@@ -129,6 +131,25 @@ def test_lab_demo_migrates_a_vm_and_leaves_nothing_running(tmp_path):
     assert re.search(r"checksums:\s+match \(2 of 2 disks, sha256\)", text), text
     assert re.search(r"^\s+vm-\d+\s+2 x 64\.0 MiB\s+.*OK \(2/2\)$", text, re.M), text  # the summary row
     assert "$ omactl replicate" in text and "$ omactl login" in text  # driven through omactl
+
+    # The test failover, prepared, run and ended through omactl as an operator would.
+    for command in ("$ omactl cloudstack set lab-cloudstack --template-id ", "$ omactl mappings add ",
+                    "$ omactl readiness ", "$ omactl failover test ", "$ omactl failover end "):
+        assert command in text, command
+    assert re.search(r"^vm-\d+ is ready for a test failover \(score 100%\)", text, re.M), text
+    # Its steps as they progressed (plain lines: the demo's output is not a terminal), then the outcome.
+    assert re.search(r"\[ 1/10\] Pre-flight Validation\s+done", text), text
+    assert re.search(r"\[ 7/10\] Creating Destination VM\s+done", text), text
+    assert re.search(r"\[10/10\] Updating VM Status\s+done", text), text
+    assert re.search(r"^unified-test-failover of vm-\d+: job \S+ completed in \S+; destination VM "
+                     r"vm-\d+-test-\d+ \(\S+\)$", text, re.M), text
+    assert re.search(r"CloudStack VM vm-\d+-test-\d+ \(\S+\): Running, .*NICs on test-isolated-network", text), text
+    assert re.search(r"\] Removing Test VM\s+done", text), text
+    assert re.search(r"^test-failover-cleanup of vm-\d+: job \S+ completed in ", text, re.M), text
+    assert re.search(r"CloudStack VM vm-\d+-test-\d+ \(\S+\) is gone", text), text
+    assert re.search(r"^\s+test failover:\s+completed \(job \S+; [\d.]+s; vm-\d+-test-\d+ Running on "
+                     r"test-isolated-network\); ended completed \(job \S+; [\d.]+s\); vm-\d+ back to "
+                     r"ready_for_failover, replicas unchanged$", text, re.M), text
 
     # The whole cast was running under the demo (so the checks below are about real processes) ...
     commands = "\n".join(seen.values())

@@ -11,8 +11,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,32 +37,6 @@ EXIT_ALREADY_EXISTS = 106
 EXIT_FAILED_PRECONDITION = 109
 EXIT_UNIMPLEMENTED = 112
 EXIT_UNAUTHENTICATED = 116
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        return json.loads(self.out)
-
-
-@pytest.fixture
-def run_omactl(tmp_path, monkeypatch, capsys):
-    """``run_omactl(*argv, stdin="")`` runs omactl in-process with a private config file (not logged in)."""
-    monkeypatch.setenv("OMACTL_CONFIG", str(tmp_path / "omactl" / "config.json"))
-    for variable in ("OMA_TARGET", "OMA_TOKEN"):
-        monkeypatch.delenv(variable, raising=False)
-
-    def run(*argv: str, stdin: str = "") -> Result:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code = cli.main(list(argv))
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -225,3 +226,44 @@ def test_oma_server_flags_and_startup_lines(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_omactl_over_tls_saves_the_root_at_login_and_shows_the_pin_with_a_pairing_code(tls_oma, run_omactl,
+                                                                                       tmp_path, monkeypatch):
+    identity = tls_oma.tls_identity
+    target = f"127.0.0.1:{tls_oma.tls_port}"
+    # Plaintext to the TLS port fails as unreachable, with the hint to check the target.
+    plain = run_omactl("--target", target, "login", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
+    assert plain.code == 114 and "error: UNAVAILABLE" in plain.err, plain
+    missing = run_omactl("--target", target, "--tls-ca", str(tmp_path / "nope.crt"), "login", "--password-stdin",
+                         stdin=ADMIN_PASSWORD + "\n")
+    assert (missing.code, missing.err.strip()) == (2, f"error: cannot read the TLS CA file {tmp_path / 'nope.crt'}: "
+                                                      f"No such file or directory")
+
+    monkeypatch.chdir(identity.cert_path.parent)  # a relative path is saved as an absolute one
+    login = run_omactl("--target", target, "--tls-ca", identity.cert_path.name, "login", "--password-stdin",
+                       stdin=ADMIN_PASSWORD + "\n")
+    assert login.code == 0, login.err
+    saved = json.loads(Path(os.environ["OMACTL_CONFIG"]).read_text())
+    assert (saved["target"], saved["tls_ca"]) == (target, str(identity.cert_path))
+    monkeypatch.chdir(tmp_path)
+
+    code = run_omactl("vma", "pairing-code")  # target, token and TLS root all from the saved login
+    assert code.code == 0, code.err
+    assert f"OMA TLS certificate sha256: {identity.fingerprint} " in code.out
+    as_json = json.loads(run_omactl("--json", "vma", "pairing-code").out)
+    assert as_json["oma_certificate_sha256"] == identity.fingerprint
+
+    logout = run_omactl("logout")
+    assert logout.code == 0
+    assert json.loads(Path(os.environ["OMACTL_CONFIG"]).read_text()) == {"target": target,
+                                                                          "tls_ca": str(identity.cert_path)}
+
+
+def test_a_pairing_code_from_an_oma_without_tls_says_the_vma_cannot_pin_it(oma_server, run_omactl):
+    login = run_omactl("--target", f"127.0.0.1:{oma_server.port}", "login", "--password-stdin",
+                       stdin=ADMIN_PASSWORD + "\n")
+    assert login.code == 0, login.err
+    code = run_omactl("vma", "pairing-code")
+    assert code.code == 0 and "the OMA serves no TLS listener" in code.out, code
+    assert json.loads(run_omactl("--json", "vma", "pairing-code").out)["oma_certificate_sha256"] == ""

@@ -7,6 +7,10 @@ or with ``--json`` as the response message itself, so scripts read exactly what 
 Connection: ``--target`` (else ``$OMA_TARGET``, else the target saved by ``omactl login``, else
 127.0.0.1:9090) and ``--token`` (else ``$OMA_TOKEN``, else the token ``login`` saved for that same
 target). ``login`` writes ``$OMACTL_CONFIG`` (default ~/.config/omactl/config.json) with mode 0600.
+``--tls-ca FILE`` (else ``$OMA_TLS_CA``, else the one saved by ``login`` for that target) speaks TLS to
+the OMA's TLS listener, trusting that PEM root: for the OMA's generated self-signed certificate, the
+certificate itself (``<data_dir>/oma-tls.crt``); ``--tls-server-name`` when the target's host is not
+a name in the certificate.
 The global options are accepted before or after the command.
 
 Secrets (vCenter passwords, CloudStack secret keys) are never flag values, which would show in
@@ -15,16 +19,25 @@ reads an environment variable, otherwise omactl prompts without echo.
 
 Output: text for people; ``--json`` prints one JSON document per command on stdout (proto field
 names, every field present). ``replicate`` and ``watch`` follow a job and print one JSON document
-per progress update instead (JSON Lines; ``replicate`` starts with the CreateReplication response).
-Errors go to stderr as ``error: <gRPC status name>: <details>``.
+per progress update instead (JSON Lines; ``replicate`` starts with the CreateReplication response);
+so do the ``failover`` commands that start a job (unless ``--no-wait``: the start response first, then
+one WatchFailoverJobResponse per change) and ``failover watch``. Live progress goes to stderr (bars or
+steps redrawn on a terminal, plain lines otherwise), the final line to stdout. Errors go to stderr as
+``error: <gRPC status name>: <details>``.
+
+Confirmation: ``failover live`` powers off the source VM and ``failover rollback --type live`` destroys
+the CloudStack VM that took over; both ask on the terminal, or take ``--yes``. Without a terminal and
+without ``--yes`` they stop with a usage error before any call.
 
 Exit codes (gRPC status N is offset by 100 because 1 and 2, CANCELLED and UNKNOWN, would collide
 with the generic failure and argparse's usage error; so ``exit - 100`` is the status for all >= 100):
 
-    0      success (replicate/watch: the job completed)
+    0      success (replicate/watch/failover: the followed job completed; readiness: the VM is ready)
     1      the command ran but reports a failure: the followed job failed or was cancelled, a
-           connection test failed, a VM could not be added
-    2      usage error: bad options or arguments, a secret that cannot be read
+           connection test failed, a VM could not be added, a VM is not ready for failover, a
+           confirmation was answered no
+    2      usage error: bad options or arguments, a secret that cannot be read, a live failover or
+           live rollback without --yes and no terminal to confirm on
     100+N  an RPC failed with gRPC status N: 103 INVALID_ARGUMENT, 105 NOT_FOUND, 106 ALREADY_EXISTS,
            109 FAILED_PRECONDITION, 112 UNIMPLEMENTED, 114 UNAVAILABLE, 116 UNAUTHENTICATED, ...
            (a VM or group name omactl cannot resolve is 105 as well)
@@ -47,11 +60,14 @@ import grpc
 from google.protobuf.message import Message
 from oma.v1 import cloudstack_settings_pb2 as cloudstack_pb
 from oma.v1 import discovery_pb2 as discovery_pb
+from oma.v1 import enrollment_admin_pb2 as enrollment_pb
+from oma.v1 import failover_pb2 as failover_pb
 from oma.v1 import job_log_pb2 as jobs_pb
 from oma.v1 import machine_groups_pb2 as groups_pb
 from oma.v1 import network_mappings_pb2 as mappings_pb
 from oma.v1 import ossea_config_pb2 as ossea_pb
 from oma.v1 import replications_pb2 as replications_pb
+from oma.v1 import schedules_pb2 as schedules_pb
 from oma.v1 import vm_contexts_pb2 as contexts_pb
 from oma.v1 import vmware_credentials_pb2 as credentials_pb
 
@@ -106,12 +122,21 @@ class Session:
         # A saved token belongs to the server that issued it.
         saved_token = saved.get("token") if saved.get("target") == self.target else None
         self.token: str = getattr(args, "token", None) or os.environ.get("OMA_TOKEN") or saved_token or ""
+        same_target = saved.get("target") == self.target
+        self.tls_ca: str = (getattr(args, "tls_ca", None) or os.environ.get("OMA_TLS_CA")
+                            or (saved.get("tls_ca") if same_target else None) or "")
+        self.tls_server_name: str = (getattr(args, "tls_server_name", None)
+                                     or (saved.get("tls_server_name") if same_target else None) or "")
         self._client: OmaClient | None = None
 
     @property
     def client(self) -> OmaClient:
         if self._client is None:
-            self._client = OmaClient(self.target, token=self.token, timeout=self.timeout)
+            try:
+                self._client = OmaClient(self.target, token=self.token, timeout=self.timeout,
+                                         tls_ca=self.tls_ca or None, tls_server_name=self.tls_server_name or None)
+            except ValueError as err:  # an unreadable CA file: the operator's to fix, before any call
+                raise UsageError(str(err)) from None
         return self._client
 
     def call(self, method: Callable, request: Message, *, slow: bool = False) -> Any:
@@ -163,9 +188,14 @@ def _set_present(message: Message, **values: Any) -> Message:
 
 
 # --- names to ids ---------------------------------------------------------------------------------
-def _context_id(s: Session, vm_name: str, vcenter: str | None) -> str:
+def _vm(s: Session, vm_name: str, vcenter: str | None) -> Any:
+    """The VMContext of a managed VM given by name (NOT_FOUND when there is none)."""
     request = contexts_pb.GetVMContextByNameRequest(vm_name=vm_name, vcenter_host=vcenter or "")
-    return s.call(s.client.contexts.GetVMContextByName, request).details.context.context_id
+    return s.call(s.client.contexts.GetVMContextByName, request).details.context
+
+
+def _context_id(s: Session, vm_name: str, vcenter: str | None) -> str:
+    return _vm(s, vm_name, vcenter).context_id
 
 
 def _group_id(s: Session, ref: str) -> str:
@@ -196,8 +226,13 @@ def _login(s: Session, args: argparse.Namespace) -> None:
     password = read_secret(args, "password", f"Password for {args.username} on {s.target}: ")
     response = s.client.login(args.username, password or "")
     path = config_path()
-    _write_private(path, {"target": s.target, "token": response.token, "username": response.username,
-                          "expires_at": output.when(response.expires_at)})
+    saved = {"target": s.target, "token": response.token, "username": response.username,
+             "expires_at": output.when(response.expires_at)}
+    if s.tls_ca:  # kept as an absolute path, so later commands work from any directory
+        saved["tls_ca"] = str(Path(s.tls_ca).expanduser().resolve())
+    if s.tls_server_name:
+        saved["tls_server_name"] = s.tls_server_name
+    _write_private(path, saved)
     s.show(response, lambda r: f"logged in to {s.target} as {r.username} until {output.when(r.expires_at)}; "
                                f"token saved in {path}")
 
@@ -207,7 +242,8 @@ def _logout(s: Session, args: argparse.Namespace) -> None:
     if not settings.get("token"):
         print("not logged in")
         return
-    _write_private(config_path(), {"target": settings.get("target", s.target)})
+    _write_private(config_path(), {key: settings[key] for key in ("target", "tls_ca", "tls_server_name")
+                                   if key in settings} or {"target": s.target})
     print(f"removed the saved token for {settings.get('target')} (the server does not revoke tokens; "
           f"it stays valid until {settings.get('expires_at', 'it expires')})")
 
@@ -731,7 +767,7 @@ def _register_mappings(commands: Any) -> None:
 def _groups_create(s: Session, args: argparse.Namespace) -> None:
     request = _set_present(
         groups_pb.CreateGroupRequest(name=args.name, description=args.description or "",
-                                     schedule_id=args.schedule or ""),
+                                     schedule_id=_schedule_id(s, args.schedule) if args.schedule else ""),
         max_concurrent_vms=args.max_concurrent, priority=args.priority,
     )
     response = s.call(s.client.groups.CreateGroup, request)
@@ -774,6 +810,22 @@ def _groups_unassign(s: Session, args: argparse.Namespace) -> None:
         print(output.to_json(s.call(s.client.groups.GetGroup, groups_pb.GetGroupRequest(id=group_id))))
 
 
+def _groups_update(s: Session, args: argparse.Namespace) -> None:
+    if args.schedule and args.no_schedule:
+        raise UsageError("give --schedule or --no-schedule, not both")
+    schedule = "" if args.no_schedule else (_schedule_id(s, args.schedule) if args.schedule else None)
+    request = _set_present(groups_pb.UpdateGroupRequest(id=_group_id(s, args.group)), name=args.name,
+                           description=args.description, schedule_id=schedule,
+                           max_concurrent_vms=args.max_concurrent, priority=args.priority)
+    response = s.call(s.client.groups.UpdateGroup, request)
+
+    def render(r: Any) -> str:
+        g = r.group
+        return f"updated group {g.name} ({g.id}); schedule: {g.schedule_name or g.schedule_id or 'none'}"
+
+    s.show(response, render)
+
+
 def _groups_delete(s: Session, args: argparse.Namespace) -> None:
     response = s.call(s.client.groups.DeleteGroup, groups_pb.DeleteGroupRequest(id=_group_id(s, args.group)))
     s.show(response, lambda r: f"deleted group {args.group}")
@@ -784,10 +836,19 @@ def _register_groups(commands: Any) -> None:
     p = _command(actions, "create", _groups_create, "create a group")
     p.add_argument("name")
     p.add_argument("--description")
-    p.add_argument("--schedule", help="schedule id")
+    p.add_argument("--schedule", help="schedule name or id")
     p.add_argument("--max-concurrent", type=int, help="concurrent scheduled jobs, 1-100 (default 5)")
     p.add_argument("--priority", type=int, help="0-100, lower runs first (default 0)")
     _command(actions, "list", _groups_list, "list groups")
+    p = _command(actions, "update", _groups_update,
+                 "change a group (only the given fields); --schedule attaches it to a schedule")
+    p.add_argument("group", metavar="GROUP", help="group name or id")
+    p.add_argument("--name", help="new name")
+    p.add_argument("--description")
+    p.add_argument("--schedule", metavar="SCHEDULE", help="schedule name or id: its VMs replicate on that schedule")
+    p.add_argument("--no-schedule", action="store_true", help="detach the group from its schedule")
+    p.add_argument("--max-concurrent", type=int, help="concurrent scheduled jobs, 1-100")
+    p.add_argument("--priority", type=int, help="0-100, lower runs first")
     p = _command(actions, "show", _groups_show, "show a group with its members")
     p.add_argument("group", metavar="GROUP", help="group name or id")
     p = _command(actions, "assign", _groups_assign, "add VMs to a group (a VM is in at most one group)")
@@ -802,6 +863,514 @@ def _register_groups(commands: Any) -> None:
     p.add_argument("--vcenter", help="vCenter host, when a name exists in several")
     p = _command(actions, "delete", _groups_delete, "delete an empty group")
     p.add_argument("group", metavar="GROUP", help="group name or id")
+
+
+# --- failover -------------------------------------------------------------------------------------
+def _confirm(args: argparse.Namespace, question: str, refusal: str) -> bool:
+    """``--yes``, or y/yes typed at a terminal. Without a terminal to ask on, a UsageError (exit 2)."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"{refusal}: confirm with --yes (there is no terminal to ask on)")
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() in ("y", "yes"):
+        return True
+    print("not confirmed; nothing was started", file=sys.stderr)
+    return False
+
+
+def _network_overrides(values: list[str] | None) -> dict[str, str]:
+    mappings = {}
+    for value in values or []:
+        source, separator, destination = value.rpartition("=")
+        if not separator or not source or not destination:
+            raise UsageError(f"--network takes SOURCE_NETWORK=DESTINATION_NETWORK_ID (got {value!r})")
+        mappings[source] = destination
+    return mappings
+
+
+def _started(s: Session, args: argparse.Namespace, response: Any, text: str) -> int:
+    """Print what a start RPC answered, then follow the job unless --no-wait."""
+    if s.json:
+        print(output.to_json(response, compact=args.wait))
+    else:
+        print(text + (" (already started by an earlier request)" if getattr(response, "existing", False) else ""))
+    if not args.wait:
+        if not s.json:
+            print(f"follow it with: omactl failover watch {response.job_id}")
+        return EXIT_OK
+    return _follow_failover(s, response.job_id)
+
+
+def _follow_failover(s: Session, job_id: str) -> int:
+    display: progress.Display
+    if s.json:
+        display = progress.JsonLinesDisplay(sys.stdout)
+    elif sys.stderr.isatty():
+        display = progress.FailoverTerminalDisplay(sys.stderr)
+    else:
+        display = progress.FailoverPlainDisplay(sys.stderr)
+    try:
+        final = progress.follow_failover(s.client, job_id, display)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; job {job_id} keeps running. Resume with: omactl failover watch {job_id}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    job = final.job
+    if not s.json:
+        print(_outcome(final))
+    return EXIT_OK if job.status == "completed" else EXIT_FAILED
+
+
+def _outcome(final: Any) -> str:
+    """The last line of a followed job: how it ended and what it left behind."""
+    job = final.job
+    record = final.failover_job if final.HasField("failover_job") else None
+    what = f"{job.operation or job.job_type} of {output.failover_vm_name(job, record) or job.context_id}"
+    if job.status != "completed":
+        failed = next((step for step in job.steps if step.status == "failed"), None)
+        where = f" at step '{failed.display_name or failed.name}'" if failed else ""
+        return f"{what}: job {job.job_id} {job.status}{where}: {job.error_message or 'no error message'}"
+    line = f"{what}: job {job.job_id} completed in {output.elapsed(job.started_at, job.completed_at)}"
+    if record is not None and record.job_id == job.job_id and record.destination_vm_id:
+        line += f"; destination VM {output.destination_vm(record)}"
+    return line
+
+
+def _failover_test(s: Session, args: argparse.Namespace) -> int:
+    vm = _vm(s, args.vm, args.vcenter)
+    request = _set_present(
+        failover_pb.StartTestFailoverRequest(
+            context_id=vm.context_id, vmware_vm_id=vm.vmware_vm_id, vm_name=vm.vm_name,
+            test_duration=args.duration or "", network_mappings=_network_overrides(args.network),
+            request_id=str(uuid.uuid4())),
+        skip_validation=args.skip_validation or None, skip_virtio=args.skip_virtio or None,
+        auto_cleanup=args.auto_cleanup or None,
+    )
+    response = s.call(s.client.failover.StartTestFailover, request)
+    return _started(s, args, response, _start_text("test failover", vm.vm_name, response))
+
+
+def _start_text(what: str, vm_name: str, response: Any) -> str:
+    config = response.configuration
+    networks = ", ".join(f"{source} -> {target}" for source, target in sorted(config.network_mappings.items()))
+    text = f"started {what} of {vm_name}: job {response.job_id}"
+    details = [f"destination VM {config.destination_name}" if config.destination_name else "",
+               f"networks {networks}" if networks else "",
+               f"ends automatically after {config.test_duration}" if config.auto_cleanup else ""]
+    details = [d for d in details if d]
+    return text + (f" ({'; '.join(details)})" if details else "")
+
+
+def _failover_live(s: Session, args: argparse.Namespace) -> int:
+    power_off = "" if args.power_off_source is False else "powers off the source VM and "
+    if not _confirm(args, f"Live failover of {args.vm} {power_off}moves it to CloudStack for good. Continue?",
+                    f"a live failover {power_off}moves {args.vm} to CloudStack"):
+        return EXIT_FAILED
+    vm = _vm(s, args.vm, args.vcenter)
+    request = _set_present(
+        failover_pb.StartLiveFailoverRequest(
+            context_id=vm.context_id, vmware_vm_id=vm.vmware_vm_id, vm_name=vm.vm_name,
+            network_mappings=_network_overrides(args.network), request_id=str(uuid.uuid4())),
+        skip_validation=args.skip_validation or None, skip_virtio=args.skip_virtio or None,
+        power_off_source=args.power_off_source, perform_final_sync=args.final_sync,
+    )
+    response = s.call(s.client.failover.StartLiveFailover, request)
+    return _started(s, args, response, _start_text("live failover", vm.vm_name, response))
+
+
+def _failover_end(s: Session, args: argparse.Namespace) -> int:
+    """By VM name (the VM's newest test failover), else by failover job id or external job id."""
+    try:
+        vm: Any = _vm(s, args.target_ref, args.vcenter)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        vm = None
+    if vm is not None:
+        request: Message = failover_pb.CleanupTestFailoverRequest(context_id=vm.context_id,
+                                                                  request_id=str(uuid.uuid4()))
+        response = s.call(s.client.failover.CleanupTestFailover, request)
+    else:
+        request = failover_pb.EndTestFailoverRequest(job_id=args.target_ref, request_id=str(uuid.uuid4()))
+        try:
+            response = s.call(s.client.failover.EndTestFailover, request)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise CliError(grpc.StatusCode.NOT_FOUND,
+                           f"no managed VM and no failover job named {args.target_ref!r}") from None
+    return _started(s, args, response, f"ending the test failover {response.failover_job_id} of "
+                                       f"{response.vm_name}: cleanup job {response.job_id}")
+
+
+def _failover_rollback(s: Session, args: argparse.Namespace) -> int:
+    if args.type == "live" and not _confirm(
+            args, f"Rolling back the live failover of {args.vm} destroys its CloudStack VM and discards the writes "
+                  f"made there. Continue?",
+            f"rolling back a live failover destroys the CloudStack VM of {args.vm}"):
+        return EXIT_FAILED
+    vm = _vm(s, args.vm, args.vcenter)
+    request = _set_present(
+        failover_pb.StartRollbackRequest(
+            context_id=vm.context_id, vm_name=vm.vm_name, vmware_vm_id=vm.vmware_vm_id, failover_type=args.type,
+            failover_job_id=args.job or "", request_id=str(uuid.uuid4())),
+        power_on_source=args.power_on_source, force_cleanup=args.force or None,
+    )
+    response = s.call(s.client.failover.StartRollback, request)
+    power = "; the source VM is powered on afterwards" if response.power_on_source else ""
+    return _started(s, args, response, f"rolling back {args.type} failover {response.failover_job_id} of "
+                                       f"{vm.vm_name}: job {response.job_id}{power}")
+
+
+def _failover_cleanup_failed(s: Session, args: argparse.Namespace) -> int:
+    vm = _vm(s, args.vm, args.vcenter)
+    request = failover_pb.CleanupFailedExecutionRequest(context_id=vm.context_id, request_id=str(uuid.uuid4()))
+    response = s.call(s.client.failover.CleanupFailedExecution, request)
+    of = f" of failover {response.failover_job_id}" if response.failover_job_id else ""
+    return _started(s, args, response, f"cleaning up the failed execution{of} of {vm.vm_name}: job {response.job_id}")
+
+
+def _failover_status(s: Session, args: argparse.Namespace) -> None:
+    response = s.call(s.client.failover.GetFailoverStatus, failover_pb.GetFailoverStatusRequest(job_id=args.job))
+    s.show(response, output.failover_status)
+
+
+def _failover_list(s: Session, args: argparse.Namespace) -> None:
+    request = failover_pb.ListFailoverJobsRequest(
+        context_id=_vm(s, args.vm, args.vcenter).context_id if args.vm else "", failover_type=args.type or "",
+        status=args.status or "",
+    )
+    jobs = _limited(s, s.client.failover.ListFailoverJobs, request, "failover_jobs", args.limit)
+    s.show(failover_pb.ListFailoverJobsResponse(failover_jobs=jobs, total_count=len(jobs)),
+           lambda r: output.table(r.failover_jobs, output.FAILOVER_JOB_COLUMNS, empty="no failover jobs"))
+
+
+def _failover_watch(s: Session, args: argparse.Namespace) -> int:
+    return _follow_failover(s, args.job)
+
+
+def _readiness(s: Session, args: argparse.Namespace) -> int:
+    request = failover_pb.GetFailoverReadinessRequest(vm_id=_vm(s, args.vm, args.vcenter).context_id,
+                                                      failover_type=args.type)
+    response = s.call(s.client.failover.GetFailoverReadiness, request, slow=True)
+    s.show(response, output.readiness)
+    return EXIT_OK if response.is_valid else EXIT_FAILED
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="follow the job's steps until it ends (default; Ctrl-C stops watching, not the job)")
+
+
+def _add_failover_vm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vm", metavar="VM", help="VM name")
+    p.add_argument("--vcenter", help="vCenter host, when the name exists in several")
+
+
+def _register_failover(commands: Any) -> None:
+    actions = _family(commands, "failover", "test and live failover to CloudStack, ending tests, rollback")
+    p = _command(actions, "test", _failover_test,
+                 "start a test failover: a copy of the VM boots in CloudStack on the test networks, the source "
+                 "keeps running")
+    _add_failover_vm(p)
+    p.add_argument("--duration", metavar="DURATION", help="how long the test lasts, e.g. 30m, 4h (default 2h)")
+    p.add_argument("--auto-cleanup", action="store_true", help="end the test automatically after --duration")
+    p.add_argument("--network", action="append", metavar="SOURCE=NETWORK_ID",
+                   help="repeatable: use this CloudStack network for a source network (default: the test mappings)")
+    p.add_argument("--skip-validation", action="store_true", help="skip the readiness checks")
+    p.add_argument("--skip-virtio", action="store_true", help="skip VirtIO driver injection (Windows guests)")
+    _add_wait(p)
+    p = _command(actions, "live", _failover_live,
+                 "start a live failover: power off the source, copy the last changes, boot the VM in CloudStack "
+                 "(asks for confirmation; --yes to skip it)")
+    _add_failover_vm(p)
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--power-off-source", action=argparse.BooleanOptionalAction, help="(default: power it off)")
+    p.add_argument("--final-sync", action=argparse.BooleanOptionalAction,
+                   help="copy the changes made since the last replication first (default: yes)")
+    p.add_argument("--network", action="append", metavar="SOURCE=NETWORK_ID",
+                   help="repeatable: use this CloudStack network for a source network (default: the live mappings)")
+    p.add_argument("--skip-validation", action="store_true", help="skip the readiness checks")
+    p.add_argument("--skip-virtio", action="store_true", help="skip VirtIO driver injection (Windows guests)")
+    _add_wait(p)
+    p = _command(actions, "end", _failover_end,
+                 "end a test failover: destroy the test VM and give the replica volumes back to the OMA")
+    p.add_argument("target_ref", metavar="VM-OR-JOB", help="VM name (its newest test failover) or failover job id")
+    p.add_argument("--vcenter", help="vCenter host, when the name exists in several")
+    _add_wait(p)
+    p = _command(actions, "rollback", _failover_rollback,
+                 "roll back a test or live failover (a live one asks for confirmation; --yes to skip it)")
+    _add_failover_vm(p)
+    p.add_argument("--type", required=True, choices=["test", "live"], help="the kind of failover to roll back")
+    p.add_argument("--job", help="the failover job to roll back (default: the VM's newest of that type)")
+    p.add_argument("--power-on-source", action=argparse.BooleanOptionalAction,
+                   help="power the source VM on afterwards (default: yes for live, no for test)")
+    p.add_argument("--force", action="store_true", help="go on with the remaining steps when a step fails")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _add_wait(p)
+    p = _command(actions, "cleanup-failed", _failover_cleanup_failed,
+                 "recover a VM left half-way by a failed failover (destination VM removed, volumes back on the OMA)")
+    _add_failover_vm(p)
+    _add_wait(p)
+    p = _command(actions, "status", _failover_status, "show a failover, cleanup or rollback job with its steps")
+    p.add_argument("job", metavar="JOB", help="job id, external job id or failover job id")
+    p = _command(actions, "list", _failover_list, "list failover jobs, newest first")
+    p.add_argument("--vm", help="VM name")
+    p.add_argument("--vcenter", help="vCenter host, when the name exists in several")
+    p.add_argument("--type", choices=["test", "live"])
+    p.add_argument("--status", help="e.g. completed, failed, cleanup, creating_vm")
+    _add_limit(p)
+    p = _command(actions, "watch", _failover_watch,
+                 "follow a failover, cleanup or rollback job until it ends (exit 1 if it fails)")
+    p.add_argument("job", metavar="JOB", help="job id, external job id or failover job id")
+    p = _command(commands, "readiness", _readiness,
+                 "check whether a VM can be failed over now (exit 1 when it cannot)")
+    _add_failover_vm(p)
+    p.add_argument("--type", choices=["live", "test"], default="live", help="(default: live)")
+
+
+# --- schedules ------------------------------------------------------------------------------------
+def _schedule_id(s: Session, ref: str) -> str:
+    for schedule in s.client.pages(s.client.schedules.ListSchedules, schedules_pb.ListSchedulesRequest(), "schedules"):
+        if ref in (schedule.id, schedule.name):
+            return schedule.id
+    raise CliError(grpc.StatusCode.NOT_FOUND, f"no schedule named {ref!r}")
+
+
+def _schedule_values(s: Session, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields create and update share, None where the option was not given."""
+    return {
+        "description": args.description, "cron_expression": args.cron, "timezone": args.timezone,
+        "replication_type": args.type, "max_concurrent_jobs": args.max_concurrent,
+        "retry_attempts": args.retries, "retry_delay_minutes": args.retry_delay,
+        "skip_if_running": args.skip_if_running, "chain_delay_minutes": args.chain_delay,
+        "chain_parent_schedule_id": _schedule_id(s, args.after) if args.after else None,
+        "schedule_type": "chain" if args.after else None,
+    }
+
+
+def _schedules_create(s: Session, args: argparse.Namespace) -> None:
+    if not args.cron and not args.after:
+        raise UsageError("a schedule needs --cron EXPRESSION, or --after SCHEDULE for a chained one")
+    request = _set_present(schedules_pb.CreateScheduleRequest(name=args.name), **_schedule_values(s, args),
+                           enabled=False if args.disabled else None)
+    response = s.call(s.client.schedules.CreateSchedule, request)
+
+    def render(r: Any) -> str:
+        nxt = f", next run {output.when(r.schedule.next_execution)}" if r.schedule.HasField("next_execution") else ""
+        return f"created schedule {r.schedule.name} ({r.schedule.id}){nxt}"
+
+    s.show(response, render)
+
+
+def _schedules_list(s: Session, args: argparse.Namespace) -> None:
+    request = schedules_pb.ListSchedulesRequest(enabled_only=args.enabled)
+    schedules = list(s.client.pages(s.client.schedules.ListSchedules, request, "schedules"))
+    enabled = sum(1 for x in schedules if x.enabled)
+    s.show(schedules_pb.ListSchedulesResponse(schedules=schedules, total_count=len(schedules), enabled_count=enabled,
+                                              disabled_count=len(schedules) - enabled),
+           lambda r: output.table(r.schedules, output.SCHEDULE_COLUMNS, empty="no schedules"))
+
+
+def _schedules_show(s: Session, args: argparse.Namespace) -> None:
+    request = schedules_pb.GetScheduleRequest(id=_schedule_id(s, args.schedule))
+    s.show(s.call(s.client.schedules.GetSchedule, request), lambda r: output.schedule_details(r.schedule))
+
+
+def _schedules_update(s: Session, args: argparse.Namespace) -> None:
+    request = _set_present(schedules_pb.UpdateScheduleRequest(id=_schedule_id(s, args.schedule)), name=args.name,
+                           **_schedule_values(s, args))
+    response = s.call(s.client.schedules.UpdateSchedule, request)
+    s.show(response, lambda r: f"updated schedule {r.schedule.name} ({r.schedule.id})")
+
+
+def _schedules_delete(s: Session, args: argparse.Namespace) -> None:
+    schedule_id = _schedule_id(s, args.schedule)
+    response = s.call(s.client.schedules.DeleteSchedule, schedules_pb.DeleteScheduleRequest(id=schedule_id))
+    s.show(response, lambda r: f"deleted schedule {args.schedule}")
+
+
+def _schedules_enable(s: Session, args: argparse.Namespace) -> None:
+    enabled = args.schedules_action == "enable"
+    request = schedules_pb.SetScheduleEnabledRequest(id=_schedule_id(s, args.schedule), enabled=enabled)
+    response = s.call(s.client.schedules.SetScheduleEnabled, request)
+
+    def render(r: Any) -> str:
+        nxt = f"; next run {output.when(r.schedule.next_execution)}" if r.schedule.HasField("next_execution") else ""
+        return f"schedule {r.schedule.name} is {'enabled' if r.schedule.enabled else 'disabled'}{nxt}"
+
+    s.show(response, render)
+
+
+def _schedules_trigger(s: Session, args: argparse.Namespace) -> None:
+    request = schedules_pb.TriggerScheduleRequest(id=_schedule_id(s, args.schedule), reason=args.reason or "")
+    response = s.call(s.client.schedules.TriggerSchedule, request)
+    s.show(response, lambda r: f"triggered schedule {r.schedule_name}: execution {r.execution_id} is {r.status} "
+                               f"(job {r.job_id}); see: omactl schedules executions {r.schedule_name}")
+
+
+def _schedules_executions(s: Session, args: argparse.Namespace) -> None:
+    request = schedules_pb.ListScheduleExecutionsRequest(schedule_id=_schedule_id(s, args.schedule),
+                                                         status=args.status or "")
+    executions = _limited(s, s.client.schedules.ListScheduleExecutions, request, "executions", args.limit)
+    s.show(schedules_pb.ListScheduleExecutionsResponse(executions=executions, total_count=len(executions)),
+           lambda r: output.table(r.executions, output.SCHEDULE_EXECUTION_COLUMNS, empty="no executions"))
+
+
+def _schedules_status(s: Session, args: argparse.Namespace) -> None:
+    response = s.call(s.client.schedules.GetSchedulerStatus, schedules_pb.GetSchedulerStatusRequest())
+    s.show(response, output.scheduler_status)
+
+
+def _add_schedule_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cron", metavar="EXPRESSION",
+                   help="5 fields (minute hour day month weekday), or 6 with seconds first, e.g. '0 2 * * *'")
+    p.add_argument("--timezone", help="IANA time zone the expression is read in (default UTC)")
+    p.add_argument("--description")
+    p.add_argument("--type", choices=["auto", "full", "incremental"], help="replication type (default auto)")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="concurrent jobs, 1-100 (default 1)")
+    p.add_argument("--retries", type=int, metavar="N", help="retry attempts of a failed job (default 3)")
+    p.add_argument("--retry-delay", type=int, metavar="MINUTES", help="between retries (default 30)")
+    p.add_argument("--skip-if-running", action=argparse.BooleanOptionalAction,
+                   help="skip a firing while the previous one still runs (default: skip)")
+    p.add_argument("--after", metavar="SCHEDULE", help="chain: run after each execution of this schedule")
+    p.add_argument("--chain-delay", type=int, metavar="MINUTES", help="with --after: wait this long (default 0)")
+
+
+def _register_schedules(commands: Any) -> None:
+    actions = _family(commands, "schedules",
+                      "replication schedules (attach a group with: omactl groups update GROUP --schedule SCHEDULE)")
+    p = _command(actions, "create", _schedules_create, "create a schedule")
+    p.add_argument("name")
+    _add_schedule_options(p)
+    p.add_argument("--disabled", action="store_true", help="create it disabled")
+    p = _command(actions, "list", _schedules_list, "list schedules with their next run and groups")
+    p.add_argument("--enabled", action="store_true", help="enabled ones only")
+    p = _command(actions, "show", _schedules_show, "show a schedule")
+    p.add_argument("schedule", metavar="SCHEDULE", help="schedule name or id")
+    p = _command(actions, "update", _schedules_update, "change a schedule (only the given fields)")
+    p.add_argument("schedule", metavar="SCHEDULE", help="schedule name or id")
+    p.add_argument("--name", help="new name")
+    _add_schedule_options(p)
+    p = _command(actions, "delete", _schedules_delete, "delete a schedule no group uses (its executions go too)")
+    p.add_argument("schedule", metavar="SCHEDULE", help="schedule name or id")
+    for action, text in (("enable", "enable a schedule"), ("disable", "disable a schedule (it stops firing)")):
+        p = _command(actions, action, _schedules_enable, text)
+        p.add_argument("schedule", metavar="SCHEDULE", help="schedule name or id")
+    p = _command(actions, "trigger", _schedules_trigger, "run a schedule now (replicates its groups' VMs)")
+    p.add_argument("schedule", metavar="SCHEDULE", help="schedule name or id")
+    p.add_argument("--reason", help="recorded with the execution")
+    p = _command(actions, "executions", _schedules_executions, "list a schedule's executions, newest first")
+    p.add_argument("schedule", metavar="SCHEDULE", help="schedule name or id")
+    p.add_argument("--status", help="scheduled, running, completed, failed, skipped or cancelled")
+    _add_limit(p)
+    _command(actions, "status", _schedules_status, "the scheduler's state and registered schedules")
+
+
+# --- VMA enrollment -------------------------------------------------------------------------------
+def _enrollment_id(s: Session, ref: str, *, pending: bool) -> str:
+    """An enrollment id, or the name of a VMA among the pending enrollments (or the connections)."""
+    if pending:
+        items = s.client.pages(s.client.enrollment_admin.ListPendingEnrollments,
+                               enrollment_pb.ListPendingEnrollmentsRequest(), "enrollments")
+        named = {(e.id, e.vma_name) for e in items}
+    else:
+        request = enrollment_pb.ListActiveVMAsRequest(include_disconnected=True)
+        named = {(c.enrollment_id, c.vma_name) for c in
+                 s.client.pages(s.client.enrollment_admin.ListActiveVMAs, request, "connections")}
+    if any(ref == enrollment_id for enrollment_id, _ in named):
+        return ref
+    matches = sorted({enrollment_id for enrollment_id, name in named if name == ref})
+    if len(matches) > 1:
+        raise CliError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"several enrollments of a VMA named {ref!r} ({', '.join(matches)}); give the ID")
+    return matches[0] if matches else ref  # unknown: the server says NOT_FOUND
+
+
+def _vma_pairing_code(s: Session, args: argparse.Namespace) -> None:
+    request = _set_present(enrollment_pb.GeneratePairingCodeRequest(), valid_for=args.valid_for)
+    response = s.call(s.client.enrollment_admin.GeneratePairingCode, request)
+    s.show(response, lambda r: f"pairing code: {r.pairing_code}\nvalid for {output.duration(r.valid_for)}, until "
+                               f"{output.when(r.expires_at)}; enter it on the VMA once, then approve the VMA with: "
+                               f"omactl vma pending && omactl vma approve ID"
+                               + (f"\nOMA TLS certificate sha256: {r.oma_certificate_sha256} (give it to the VMA "
+                                  f"with the code, so it pins this OMA)" if r.oma_certificate_sha256
+                                  else "\nthe OMA serves no TLS listener: the VMA can only enroll over plaintext"))
+
+
+def _vma_pending(s: Session, args: argparse.Namespace) -> None:
+    enrollments = list(s.client.pages(s.client.enrollment_admin.ListPendingEnrollments,
+                                      enrollment_pb.ListPendingEnrollmentsRequest(), "enrollments"))
+    s.show(enrollment_pb.ListPendingEnrollmentsResponse(enrollments=enrollments, count=len(enrollments)),
+           lambda r: output.table(r.enrollments, output.ENROLLMENT_COLUMNS, empty="no VMA awaits approval"))
+
+
+def _vma_approve(s: Session, args: argparse.Namespace) -> None:
+    request = enrollment_pb.ApproveEnrollmentRequest(enrollment_id=_enrollment_id(s, args.id, pending=True),
+                                                     notes=args.notes or "")
+    response = s.call(s.client.enrollment_admin.ApproveEnrollment, request)
+
+    def render(r: Any) -> str:
+        e, c = r.enrollment, r.connection
+        return (f"approved VMA {e.vma_name} ({e.vma_fingerprint}): enrollment {e.id}, tunnel user {c.ssh_user}, "
+                f"reverse port {c.reverse_tunnel_port}")
+
+    s.show(response, render)
+
+
+def _vma_reject(s: Session, args: argparse.Namespace) -> None:
+    request = enrollment_pb.RejectEnrollmentRequest(enrollment_id=_enrollment_id(s, args.id, pending=True),
+                                                    reason=args.reason)
+    response = s.call(s.client.enrollment_admin.RejectEnrollment, request)
+    s.show(response, lambda r: f"rejected VMA {r.enrollment.vma_name} (enrollment {r.enrollment.id})")
+
+
+def _vma_revoke(s: Session, args: argparse.Namespace) -> None:
+    request = enrollment_pb.RevokeVMARequest(enrollment_id=_enrollment_id(s, args.id, pending=False),
+                                             reason=args.reason or "")
+    response = s.call(s.client.enrollment_admin.RevokeVMA, request)
+    s.show(response, lambda r: f"revoked VMA {r.connection.vma_name} (enrollment {r.connection.enrollment_id}): "
+                               f"its tunnel key is removed and its sessions ended")
+
+
+def _vma_list(s: Session, args: argparse.Namespace) -> None:
+    request = enrollment_pb.ListActiveVMAsRequest(include_disconnected=args.all or args.disconnected,
+                                                  include_revoked=args.all)
+    connections = list(s.client.pages(s.client.enrollment_admin.ListActiveVMAs, request, "connections"))
+    s.show(enrollment_pb.ListActiveVMAsResponse(connections=connections, count=len(connections)),
+           lambda r: output.table(r.connections, output.VMA_CONNECTION_COLUMNS, empty="no VMA connections"))
+
+
+def _vma_audit(s: Session, args: argparse.Namespace) -> None:
+    request = enrollment_pb.GetAuditLogRequest(event_type=args.type or "", enrollment_id=args.enrollment or "")
+    events = _limited(s, s.client.enrollment_admin.GetAuditLog, request, "events", args.limit)
+    s.show(enrollment_pb.GetAuditLogResponse(events=events, count=len(events)),
+           lambda r: output.table(r.events, output.VMA_AUDIT_COLUMNS, empty="no audit events"))
+
+
+def _register_vma(commands: Any) -> None:
+    actions = _family(commands, "vma", "VMA enrollment: pairing codes, approval, tunnel access, audit trail")
+    p = _command(actions, "pairing-code", _vma_pairing_code, "create a one-time pairing code for a new VMA")
+    p.add_argument("--valid-for", type=int, metavar="SECONDS", help="60-86400 (default 600)")
+    _command(actions, "pending", _vma_pending, "list enrolled VMAs awaiting approval")
+    p = _command(actions, "approve", _vma_approve, "approve a VMA: install its tunnel key")
+    p.add_argument("id", metavar="ID", help="enrollment id (or the VMA name, when one pending VMA has it)")
+    p.add_argument("--notes", help="recorded in the audit trail")
+    p = _command(actions, "reject", _vma_reject, "reject a pending VMA")
+    p.add_argument("id", metavar="ID", help="enrollment id (or the VMA name, when one pending VMA has it)")
+    p.add_argument("--reason", required=True, help="recorded in the audit trail")
+    p = _command(actions, "revoke", _vma_revoke, "revoke a VMA: remove its tunnel key and end its sessions")
+    p.add_argument("id", metavar="ID", help="enrollment id (or the VMA name)")
+    p.add_argument("--reason", help="recorded in the audit trail")
+    p = _command(actions, "list", _vma_list, "list VMA connections (connected ones unless asked)")
+    p.add_argument("--disconnected", action="store_true", help="also disconnected ones")
+    p.add_argument("--all", action="store_true", help="also disconnected and revoked ones")
+    p = _command(actions, "audit", _vma_audit, "the enrollment audit trail, newest first")
+    p.add_argument("--type", choices=["enrollment", "verification", "approval", "rejection", "connection",
+                                      "disconnection", "revocation"])
+    p.add_argument("--enrollment", metavar="ID", help="events of one enrollment")
+    _add_limit(p)
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -828,6 +1397,11 @@ def _global_options() -> argparse.ArgumentParser:
     p.add_argument("--target", default=argparse.SUPPRESS, metavar="HOST:PORT",
                    help=f"OMA server (default: $OMA_TARGET, the saved login, {DEFAULT_TARGET})")
     p.add_argument("--token", default=argparse.SUPPRESS, help="bearer token (default: $OMA_TOKEN, the saved login)")
+    p.add_argument("--tls-ca", default=argparse.SUPPRESS, metavar="FILE",
+                   help="speak TLS, trusting this PEM root, e.g. the OMA's oma-tls.crt (default: $OMA_TLS_CA, "
+                        "the saved login; without it: plaintext)")
+    p.add_argument("--tls-server-name", default=argparse.SUPPRESS, metavar="NAME",
+                   help="the name the OMA's certificate must carry, when the target's host is not in it")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
     p.add_argument("--timeout", type=_positive_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
                    help=f"deadline of each call (default {DEFAULT_TIMEOUT_S:g}; {SLOW_TIMEOUT_S:g} for "
@@ -852,14 +1426,17 @@ def _command(commands: Any, name: str, handler: Callable, help_text: str) -> arg
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omactl", parents=[_GLOBAL_OPTIONS],
-        description="Operate the OMA migration server: VMs, credentials, CloudStack, replication, jobs.",
-        epilog="exit codes: 0 ok, 1 the command reports a failure (e.g. the job failed), 2 usage error, "
-               "100+N the RPC failed with gRPC status N (105 NOT_FOUND, 112 UNIMPLEMENTED, "
-               "116 UNAUTHENTICATED), 130 interrupted",
+        description="Operate the OMA migration server: credentials, CloudStack, VMs, replication, failover "
+                    "(test, live, rollback), readiness, schedules and groups, VMA enrollment, jobs.",
+        epilog="exit codes: 0 ok, 1 the command reports a failure (the followed job failed, the VM is not "
+               "ready, a confirmation was declined), 2 usage error (also: failover live without --yes and no "
+               "terminal), 100+N the RPC failed with gRPC status N (105 NOT_FOUND, 109 FAILED_PRECONDITION, "
+               "112 UNIMPLEMENTED, 116 UNAUTHENTICATED), 130 interrupted (a watched job keeps running)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (_register_session, _register_credentials, _register_cloudstack, _register_discovery,
-                     _register_vms, _register_replication, _register_jobs, _register_mappings, _register_groups):
+                     _register_vms, _register_replication, _register_failover, _register_jobs, _register_mappings,
+                     _register_groups, _register_schedules, _register_vma):
         register(commands)
     return parser
 

@@ -21,6 +21,7 @@ from oma.v1 import (
     discovery_pb2_grpc,
     enrollment_admin_pb2_grpc,
     enrollment_pb2_grpc,
+    failover_pb2,
     failover_pb2_grpc,
     job_log_pb2_grpc,
     machine_groups_pb2_grpc,
@@ -205,5 +206,14 @@ class OmaClient:
         try:
             for item in stream:
                 yield item.progress
+        finally:
+            stream.cancel()
+
+    def watch_failover(self, job_id: str, timeout: float | None = None) -> Iterator[Any]:
+        """A failover, cleanup or rollback job until it ends: one WatchFailoverJobResponse (the JobLog job
+        with all its steps, and the failover record) per change; the last one has ``terminal`` set."""
+        stream = self.failover.WatchFailoverJob(failover_pb2.WatchFailoverJobRequest(job_id=job_id), timeout=timeout)
+        try:
+            yield from stream
         finally:
             stream.cancel()

@@ -388,3 +388,199 @@ def job_details(j: Any) -> str:
         ("Duration", elapsed(j.started_at, j.completed_at)), ("Error", j.error_message),
     ])
     return sections(("", record), ("Steps", table(j.steps, JOB_STEP_COLUMNS)))
+
+
+# --- failover -------------------------------------------------------------------------------------
+FAILOVER_JOB_COLUMNS: list[Column] = [
+    ("JOB ID", lambda j: j.job_id),
+    ("VM", lambda j: j.vm_name),
+    ("TYPE", lambda j: j.job_type),
+    ("STATUS", lambda j: j.status),
+    ("PROGRESS", lambda j: f"{j.progress}%"),
+    ("DESTINATION VM", lambda j: j.destination_vm_id),
+    ("STARTED", lambda j: j.started_at if j.started_at.seconds else j.created_at),
+    ("DURATION", lambda j: duration(j.duration_seconds) if j.duration_seconds > 0 else None),
+    ("ERROR", lambda j: j.error_message),
+]
+
+FAILOVER_STEP_COLUMNS: list[Column] = [
+    ("#", lambda s: s.seq),
+    ("STEP", lambda s: s.display_name or s.name),
+    ("STATUS", lambda s: s.status),
+    ("DURATION", lambda s: elapsed(s.started_at, s.completed_at)),
+    ("ERROR", lambda s: s.error_message),
+]
+
+# pass | fail | warning | skip as people read them in a column
+_CHECK_STATUS = {"pass": "pass", "fail": "FAIL", "warning": "warn", "skip": "skip"}
+
+READINESS_CHECK_COLUMNS: list[Column] = [
+    ("CHECK", lambda c: c.check_name),
+    ("STATUS", lambda c: _CHECK_STATUS.get(c.status, c.status)),
+    ("TYPE", lambda c: c.check_type),
+    ("MESSAGE", lambda c: c.message),
+]
+
+
+def failover_vm_name(job: Any, record: Any = None) -> str:
+    """The VM a failover, cleanup or rollback job is about (the record, else the job's metadata)."""
+    if record is not None and record.source_vm_name:
+        return record.source_vm_name
+    fields_ = job.metadata.fields
+    return fields_["vm_name"].string_value if "vm_name" in fields_ else ""
+
+
+def expected_steps(job: Any) -> int:
+    """Steps the job will have when its workflow said so (metadata ``expected_steps``), else 0: unknown."""
+    fields_ = job.metadata.fields
+    expected = int(fields_["expected_steps"].number_value) if "expected_steps" in fields_ else 0
+    return expected if expected >= len(job.steps) else 0
+
+
+def failover_status(r: Any) -> str:
+    """GetFailoverStatusResponse: the job, the failover record and the steps."""
+    job, record = r.job, r.failover_job
+    has_record = r.HasField("failover_job")
+    pairs: list[tuple[str, Any]] = [
+        ("Job ID", r.job_id), ("External ID", r.external_job_id),
+        ("Operation", job.operation if r.HasField("job") else None),
+        ("VM", failover_vm_name(job, record if has_record else None)), ("Context ID", r.context_id),
+        ("Status", r.status), ("Progress", f"{r.progress}%"),
+    ]
+    if has_record:
+        pairs += [("Failover job", record.job_id), ("Failover type", record.job_type),
+                  ("Failover status", record.status), ("Destination VM", destination_vm(record))]
+    pairs += [("Started", r.started_at), ("Duration", duration(r.duration_seconds) if r.duration_seconds > 0 else None),
+              ("Error", job.error_message or (record.error_message if has_record else ""))]
+    parts = [("", fields(pairs))]
+    if r.HasField("job"):
+        parts.append(("Steps", table(job.steps, FAILOVER_STEP_COLUMNS, empty="no steps yet")))
+    return sections(*parts)
+
+
+def readiness(r: Any) -> str:
+    kind = r.failover_type or "live"
+    failed = [c for c in r.checks if c.status == "fail"]
+    if r.is_valid:
+        verdict = f"{r.vm_name} is ready for a {kind} failover (score {r.readiness_score}%)"
+        if r.estimated_duration_seconds:
+            verdict += f"; estimated duration {duration(r.estimated_duration_seconds)}"
+    else:
+        verdict = (f"{r.vm_name} is NOT ready for a {kind} failover: {len(failed)} check(s) failed "
+                   f"(score {r.readiness_score}%)")
+    parts = [("", table(r.checks, READINESS_CHECK_COLUMNS, empty="no checks")), ("", verdict)]
+    if r.required_actions:
+        parts.append(("Required actions", "\n".join(f"- {a}" for a in r.required_actions)))
+    if r.validation_warnings:
+        parts.append(("Warnings", "\n".join(f"- {w}" for w in r.validation_warnings)))
+    return sections(*parts)
+
+
+# --- schedules ------------------------------------------------------------------------------------
+SCHEDULE_COLUMNS: list[Column] = [
+    ("NAME", lambda s: s.name),
+    ("CRON", lambda s: s.cron_expression if s.schedule_type != "chain" else f"after {s.chain_parent_schedule_id}"),
+    ("TIMEZONE", lambda s: s.timezone),
+    ("TYPE", lambda s: s.replication_type),
+    ("ENABLED", lambda s: s.enabled),
+    ("NEXT RUN", lambda s: s.next_execution),
+    ("LAST RUN", lambda s: s.last_execution),
+    ("GROUPS", lambda s: s.group_count),
+    ("VMS", lambda s: s.vm_count),
+    ("ID", lambda s: s.id),
+]
+
+SCHEDULE_EXECUTION_COLUMNS: list[Column] = [
+    ("EXECUTION ID", lambda e: e.id),
+    ("STATUS", lambda e: e.status),
+    ("TYPE", lambda e: e.execution_type),
+    ("SCHEDULED", lambda e: e.scheduled_at),
+    ("DURATION", lambda e: duration(e.execution_duration_seconds) if e.execution_duration_seconds > 0 else None),
+    ("VMS", lambda e: e.vms_eligible),
+    ("JOBS", lambda e: e.jobs_created),
+    ("OK", lambda e: e.jobs_completed),
+    ("FAILED", lambda e: e.jobs_failed),
+    ("SKIPPED", lambda e: e.jobs_skipped),
+    ("BY", lambda e: e.triggered_by),
+    ("ERROR", lambda e: e.error_message),
+]
+
+
+def schedule_details(s: Any) -> str:
+    if s.schedule_type == "chain":
+        when_ = f"{s.chain_delay_minutes} min after each execution of {s.chain_parent_schedule_id}"
+    else:
+        when_ = f"{s.cron_expression} ({s.timezone})"
+    return fields([
+        ("Name", s.name), ("ID", s.id), ("Description", s.description), ("Type", s.schedule_type),
+        ("Runs", when_), ("Replication", s.replication_type), ("Enabled", s.enabled),
+        ("Next run", s.next_execution), ("Last run", s.last_execution),
+        ("Max concurrent jobs", s.max_concurrent_jobs),
+        ("Retries", f"{s.retry_attempts}, {s.retry_delay_minutes} min apart"),
+        ("Skip if running", s.skip_if_running),
+        ("Groups", s.group_count), ("VMs", s.vm_count),
+        ("Created", f"{when(s.created_at)} by {text(s.created_by)}"), ("Updated", s.updated_at),
+    ])
+
+
+def scheduler_status(r: Any) -> str:
+    record = fields([
+        ("Scheduler", "running" if r.is_running else "stopped"), ("Started", r.started_at),
+        ("Active schedules", r.active_schedules),
+        ("Running executions", f"{r.running_executions} (at most {r.max_concurrent_executions})"),
+        ("Last reload", r.last_reload_at),
+    ])
+    registrations = table(r.registrations, [
+        ("SCHEDULE", lambda g: g.schedule_name), ("NEXT RUN", lambda g: g.next_run), ("LAST RUN", lambda g: g.last_run),
+        ("RUNNING", lambda g: g.is_running), ("FIRINGS", lambda g: g.job_count), ("ID", lambda g: g.schedule_id),
+    ], empty="no schedules registered")
+    return sections(("", record), ("Registered", registrations))
+
+
+# --- VMA enrollment -------------------------------------------------------------------------------
+ENROLLMENT_COLUMNS: list[Column] = [
+    ("ID", lambda e: e.id),
+    ("VMA", lambda e: e.vma_name),
+    ("VERSION", lambda e: e.vma_version),
+    ("FINGERPRINT", lambda e: e.vma_fingerprint),
+    ("ADDRESS", lambda e: e.vma_ip_address),
+    ("STATUS", lambda e: e.status),
+    ("ENROLLED", lambda e: e.created_at),
+    ("EXPIRES", lambda e: e.expires_at),
+]
+
+VMA_CONNECTION_COLUMNS: list[Column] = [
+    ("ENROLLMENT ID", lambda c: c.enrollment_id),
+    ("VMA", lambda c: c.vma_name),
+    ("STATUS", lambda c: c.connection_status),
+    ("TUNNEL USER", lambda c: c.ssh_user),
+    ("REVERSE PORT", lambda c: c.reverse_tunnel_port or None),
+    ("FINGERPRINT", lambda c: c.vma_fingerprint),
+    ("CONNECTED", lambda c: c.connected_at),
+    ("LAST SEEN", lambda c: c.last_seen_at),
+    ("REVOKED", lambda c: f"{when(c.revoked_at)} by {text(c.revoked_by)}" if c.revoked_at.seconds else None),
+]
+
+
+def _event_details(event: Any) -> str:
+    values = json_format.MessageToDict(event.event_details)
+    return ", ".join(f"{key}={value}" for key, value in sorted(values.items()))
+
+
+VMA_AUDIT_COLUMNS: list[Column] = [
+    ("TIME", lambda e: e.created_at),
+    ("EVENT", lambda e: e.event_type),
+    ("BY", lambda e: e.approved_by),
+    ("FROM", lambda e: e.source_ip),
+    ("ENROLLMENT ID", lambda e: e.enrollment_id),
+    ("DETAILS", _event_details),
+]
+
+
+def destination_vm(record: Any) -> str:
+    """The destination CloudStack VM of a failover record: 'display name (uuid)', or '' before it exists."""
+    if not record.destination_vm_id:
+        return ""
+    spec = record.source_vm_spec.fields
+    name = spec["destination_name"].string_value if "destination_name" in spec else ""
+    return f"{name} ({record.destination_vm_id})" if name else record.destination_vm_id
