@@ -10,8 +10,12 @@ Four real processes, each on a free port, all in one work folder:
 
 Then the demo works only through ``omactl``, as an operator would: log in, save the vCenter credential,
 configure CloudStack, discover, add a VM, replicate it in full, let the "guest" write a few blocks,
-replicate again (incremental). At the end it checks the result itself: every replica volume holds the
-exact bytes of its source disk (sha256), and the incremental run copied only the changed blocks.
+replicate again (incremental). It checks the result itself: every replica volume holds the exact bytes
+of its source disk (sha256), and the incremental run copied only the changed blocks. Then it runs a test
+failover: completes the CloudStack settings (template, compute offering) and maps the VM's networks,
+checks readiness, boots the VM in CloudStack with live step progress, shows the destination VM, ends
+the test and checks that the test VM is gone, the VM is ready for failover again and the replicas still
+equal the source disks.
 
     scripts/lab                                   # setup, then this demo (the README's main command)
     scripts/lab --no-setup --vms 6 --disk-size 256MiB
@@ -483,6 +487,109 @@ def check_volumes(ctl: Omactl, lab: Lab, vm: str, failures: list[str]) -> list[b
     return matches
 
 
+@dataclass
+class FailoverRun:
+    """The test failover as the operator saw it."""
+    job: dict[str, Any]  # ``omactl failover status JOB --json``
+    destination: dict[str, Any]  # the destination VM as CloudStack listed it while the test ran
+    networks: list[str]  # CloudStack networks of its NICs
+    cleanup: dict[str, Any]  # the JobLog job that ended the test (``omactl jobs show ID --json``)
+    failover_seconds: float  # omactl failover test, end to end
+    end_seconds: float  # omactl failover end, end to end
+    status_after: str  # the VM's status once the test is over
+    replicas_match: bool  # the replica volumes still hold the source disks' bytes afterwards
+
+    @property
+    def ok(self) -> bool:
+        return (self.job.get("status"), self.cleanup.get("status"), self.status_after) == (
+            "completed", "completed", "ready_for_failover") and self.replicas_match
+
+
+def prepare_failover(ctl: Omactl, lab: Lab, vm: str) -> None:
+    """What a failover needs besides the replica: a template and a compute offering in the CloudStack
+    settings, and a CloudStack network for each source network (production for live, isolated for test)."""
+    cs = lab.cs
+    ctl.run("cloudstack", "set", "lab-cloudstack", "--template-id", cs["template_id"], "--service-offering-id",
+            cs["service_offering_id"], "--network-id", cs["network_id"])
+    for source in ctl.json("mappings", "status", vm)["source_networks"]:
+        ctl.run("mappings", "add", vm, source, cs["network_id"], "--strategy", "production")
+        ctl.run("mappings", "add", vm, source, cs["ids"]["network_test"], "--test", "--strategy", "isolated")
+    ctl.run("mappings", "status", vm)
+
+
+def cloudstack_vms(lab: Lab) -> dict[str, dict[str, Any]]:
+    """Every VM CloudStack lists (destroyed ones are not listed), by id."""
+    import cs as cloudstack_api
+
+    api = cloudstack_api.CloudStack(endpoint=lab.cs["url"], key=lab.cs["api_key"], secret=lab.cs["secret_key"])
+    return {v["id"]: v for v in api.listVirtualMachines(listall=True).get("virtualmachine", [])}
+
+
+def show_destination(lab: Lab, vm: str, destination_id: str, failures: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The test VM as CloudStack reports it: running, on the test network, booting from the replica volumes."""
+    import cs as cloudstack_api
+
+    api = cloudstack_api.CloudStack(endpoint=lab.cs["url"], key=lab.cs["api_key"], secret=lab.cs["secret_key"])
+    found = cloudstack_vms(lab).get(destination_id)
+    if found is None:
+        failures.append(f"CloudStack has no VM {destination_id} (the test failover's destination)")
+        return {}, []
+    networks = [nic["networkname"] for nic in found.get("nic", [])]
+    say(f"CloudStack VM {found['displayname']} ({found['id']}): {found['state']}, {found['cpunumber']} vCPU, "
+        f"{found['memory']} MiB, NICs on {', '.join(networks) or 'no network'}")
+    volumes = sorted(api.listVolumes(virtualmachineid=destination_id, listall=True).get("volume", []),
+                     key=lambda v: int(v.get("deviceid", 0)))
+    for volume in volumes:
+        say(f"  device {volume.get('deviceid')}: {volume['name']} ({volume['type']}, {size(int(volume['size']))})")
+    if found["state"] != "Running":
+        failures.append(f"the test VM {found['id']} is {found['state']}, expected Running")
+    if not volumes or any(not v["name"].startswith(f"migration-{vm}-") for v in volumes):
+        failures.append(f"the test VM {found['id']} does not boot from the replica volumes of {vm}: "
+                        f"{[v['name'] for v in volumes]}")
+    if set(networks) != {"test-isolated-network"}:
+        failures.append(f"the test VM's NICs are on {networks}, expected the test network only")
+    return found, networks
+
+
+def run_test_failover(ctl: Omactl, lab: Lab, vm: str, failures: list[str]) -> FailoverRun:
+    """``omactl failover test`` with its steps, the destination VM, then ``omactl failover end``."""
+    step(f"12. Operator: test failover of {vm} - a copy boots in CloudStack on the test network, the source "
+         f"keeps running (live step progress)")
+    ctl.run("readiness", vm, "--type", "test")
+    started = time.monotonic()
+    try:
+        ctl.run("failover", "test", vm)
+    except LabError:
+        with contextlib.suppress(LabError, IndexError, KeyError):  # show which step failed, if a job exists
+            ctl.run("failover", "status", ctl.json("failover", "list", "--vm", vm)["failover_jobs"][0]["job_id"])
+        raise
+    failover_seconds = time.monotonic() - started
+    job_id = ctl.json("failover", "list", "--vm", vm)["failover_jobs"][0]["job_id"]  # newest first
+    ctl.run("failover", "status", job_id)
+    job = ctl.json("failover", "status", job_id)
+    destination, networks = show_destination(lab, vm, job["failover_job"]["destination_vm_id"], failures)
+    ctl.run("vms", "list")
+
+    step("13. Operator: end the test failover - the test VM is removed, the replica volumes go back to the OMA")
+    started = time.monotonic()
+    ctl.run("failover", "end", vm)
+    end_seconds = time.monotonic() - started
+    cleanup = ctl.json("jobs", "show", ctl.json("jobs", "list", "--vm", vm, "--type", "cleanup")["jobs"][0]["id"])
+    if destination and destination["id"] in cloudstack_vms(lab):
+        failures.append(f"the test VM {destination['id']} still exists after the end of the test")
+    elif destination:
+        say(f"CloudStack VM {destination['displayname']} ({destination['id']}) is gone")
+    ctl.run("vms", "list")
+    status_after = ctl.json("vms", "show", vm)["details"]["context"]["current_status"]
+    if status_after != "ready_for_failover":
+        failures.append(f"{vm} is {status_after} after the end of the test failover, expected ready_for_failover")
+    say(f"{vm} is {status_after}; the replica volumes still equal the source disks:")
+    before = len(failures)
+    matches = check_volumes(ctl, lab, vm, failures)
+    return FailoverRun(job["job"], destination, networks, cleanup["job"], failover_seconds, end_seconds,
+                        status_after, bool(matches) and all(matches) and len(failures) == before)
+
+
 def show_metrics(lab: Lab) -> None:
     import urllib.request
 
@@ -494,7 +601,7 @@ def show_metrics(lab: Lab) -> None:
 
 
 def summary(lab: Lab, vm: str, disks: int, capacity: int, full: Run, incr: Run, only_changes: bool,
-            matches: list[bool], keep: bool) -> None:
+            matches: list[bool], test: FailoverRun, keep: bool) -> None:
     checksums_ok = bool(matches) and all(matches) and len(matches) == disks
     rows = [("VM", "DISKS", "FULL COPIED", "FULL S", "FULL MiB/s", "INCR COPIED", "INCR S", "CHECKSUMS"),
             (vm, f"{disks} x {size(capacity)}", size(full.bytes), f"{full.copy_seconds:.1f}",
@@ -513,6 +620,12 @@ def summary(lab: Lab, vm: str, disks: int, capacity: int, full: Run, incr: Run, 
         f"to end; {'copied only the changed blocks' if only_changes else 'did NOT copy exactly the changed blocks'})")
     say(f"checksums:               {'match' if checksums_ok else 'DO NOT MATCH'} ({sum(matches)} of {disks} disks, "
         f"sha256)")
+    destination = f"{test.destination.get('displayname', '?')} {test.destination.get('state', 'missing')} on " \
+                  f"{', '.join(test.networks) or 'no network'}"
+    say(f"test failover:           {test.job.get('status')} (job {test.job.get('job_id')}; {test.failover_seconds:.1f}s; "
+        f"{destination}); ended {test.cleanup.get('status')} (job {test.cleanup.get('id')}; "
+        f"{test.end_seconds:.1f}s); {vm} {'back to ' if test.ok else 'is '}{test.status_after}"
+        f"{', replicas unchanged' if test.replicas_match else ', replicas CHANGED'}")
     say(f"metrics:                 {lab.metrics_url}  (VMA: {lab.vma_metrics_url})")
     say(f"work folder:             {lab.work}{'' if keep else ' (removed on exit; --keep keeps it)'}")
     say(f"total time:              {time.monotonic() - _T0:.1f}s")
@@ -548,15 +661,19 @@ def demo(args: argparse.Namespace, work: Path, procs: Processes) -> int:
     matches = check_volumes(ctl, lab, vm, failures)
     show_metrics(lab)
 
+    step(f"11. Operator: prepare the failover of {vm} - CloudStack template and compute offering, network mappings")
+    prepare_failover(ctl, lab, vm)
+    test = run_test_failover(ctl, lab, vm, failures)
+
     summary(lab, vm, len(source["disks"]), int(source["disks"][0]["capacity"]), full, incr, only_changes,
-            matches, args.keep)
+            matches, test, args.keep)
     if failures:
         print(_style("\nFAILED:", "1;31"), flush=True)
         for failure in failures:
             say(failure)
         return 1
-    print(_style("\nOK: the VM's disks were replicated in full and incrementally; the replicas match the source.",
-                 "1;32"), flush=True)
+    print(_style("\nOK: the VM's disks were replicated in full and incrementally; the replicas match the source; "
+                 "a test failover booted it in CloudStack and was ended cleanly.", "1;32"), flush=True)
     if args.stay:
         print(f"\nThe lab keeps running. Try it yourself:\n    export OMACTL_CONFIG={omactl_config}\n"
               f"    {BIN / 'omactl'} vms list\nPress Ctrl-C to stop everything.", flush=True)
@@ -572,7 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disk-size", default="128MiB", help="capacity of each disk, e.g. 64MiB, 256MiB (default 128MiB)")
     p.add_argument("--workdir", type=Path, help="work folder (default: a new temp folder); must be empty or new")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, database, volumes)")
-    p.add_argument("--quiet-progress", action="store_true", help="no live progress display (for CI logs)")
+    p.add_argument("--quiet-progress", action="store_true",
+                   help="no live replication progress (for CI logs; the failover's steps are still listed)")
     p.add_argument("--stay", action="store_true", help="leave the lab running after the demo until Ctrl-C")
     args = p.parse_args(argv)
     if args.vms < 1:
