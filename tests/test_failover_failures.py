@@ -201,6 +201,47 @@ def test_an_incomplete_compensation_needs_cleanup_failed_execution(lab_private):
     assert replicate(lab, ctx.context_id).replication_type == "incremental"
 
 
+def test_a_failed_final_sync_leaves_the_vm_ready_for_failover_and_a_retry_syncs_again(lab_private):
+    """§2.4 row 4: the source is off, the final sync fails (its datastore is gone, so vCenter cannot
+    snapshot it): the failover fails at final-sync with nothing else touched, the message says the
+    source is off, the VM is ready for failover again and free; once the datastore is back the retried
+    live failover final-syncs and completes."""
+    from tests.test_replication_failures import datastore_gone
+
+    lab = lab_private
+    ctx = prepared_vm(lab)
+    volumes_before = [(m.volume_uuid, m.vm_id, m.operation_mode) for m in models.DeviceMapping.select()
+                      .where(models.DeviceMapping.vm_context == ctx.context_id).order_by(models.DeviceMapping.volume_uuid)]
+    live = fpb.StartLiveFailoverRequest(context_id=ctx.context_id, vmware_vm_id=ctx.vmware_vm_id, vm_name=ctx.vm_name)
+    with datastore_gone(lab):
+        started = lab.client.failover.StartLiveFailover(live, timeout=30)
+        final = watch(lab, started.job_id)[-1]
+    assert final.job.status == "failed" and final.failover_job.status == "failed"
+    assert failed_steps(started.job_id) == ["final-sync"], steps(started.job_id)
+    assert f"the source VM {ctx.vm_name} is powered off" in final.failover_job.error_message
+    assert "final-syncs again" in final.failover_job.error_message
+    assert power_state(lab, ctx) == "poweredOff"
+    sync = models.ReplicationJob.get(models.ReplicationJob.scheduled_by == "failover")
+    assert sync.status == "failed" and sync.completed_at
+    ctx_row = models.VmReplicationContext.get_by_id(ctx.context_id)
+    assert (ctx_row.current_status, ctx_row.current_job_id) == ("ready_for_failover", None)
+    assert ctx_row.last_successful_job_id != sync.id and ctx_row.failed_jobs == 1
+    assert not models.JobTracking.select().where(models.JobTracking.parent_job == started.job_id,
+                                                 models.JobTracking.operation == "failover-compensation").exists()
+    assert destination_vms(lab) == [] and not [vm for vm in lab.cloudstack.state.vms.values()
+                                               if vm.name == ctx.vm_name]
+    assert [(m.volume_uuid, m.vm_id, m.operation_mode) for m in models.DeviceMapping.select().where(
+        models.DeviceMapping.vm_context == ctx.context_id).order_by(models.DeviceMapping.volume_uuid)] == volumes_before
+
+    retry = lab.client.failover.StartLiveFailover(live, timeout=30)
+    done = watch(lab, retry.job_id)[-1]
+    assert done.job.status == "completed", done.job.error_message
+    synced = models.ReplicationJob.get(models.ReplicationJob.scheduled_by == "failover",
+                                       models.ReplicationJob.status == "completed")
+    assert synced.replication_type == "incremental"
+    assert models.VmReplicationContext.get_by_id(ctx.context_id).current_status == "failed_over_live"
+
+
 def _request(ctx, **values):
     fields = {"context_id": ctx.context_id, "vmware_vm_id": ctx.vmware_vm_id, "vm_name": ctx.vm_name}
     fields.update(values)

@@ -80,6 +80,7 @@ from oma_server.domain import (
     contexts,
     credentials,
     failover,
+    job_lifecycle,
     joblog,
     readiness,
     replications,
@@ -628,7 +629,8 @@ class FailoverEngine:
     def _final_sync(self, run: FailoverRun, step: joblog.StepHandle) -> None:
         engine = self.runtime.components["replication"]
         created = replications.create(replications.CreateRequest(
-            context_id=run.ctx.context_id, scheduled_by="failover", request_id=f"final-sync-{run.job_id}",
+            context_id=run.ctx.context_id, scheduled_by=job_lifecycle.FINAL_SYNC_SCHEDULER,
+            request_id=f"final-sync-{run.job_id}",
             for_failover_job=run.job_id),
             run.actor)
         run.final_sync_job = created.job.id
@@ -887,11 +889,15 @@ class FailoverEngine:
         if failed_step == "status-update":
             # The destination VM runs: never tear it down for a bookkeeping error (§2.4 rows 13/14).
             error += f"; the destination VM {run.destination_vm_id} is running with the volumes attached"
-        elif failed_step == "final-sync" and run.final_sync_job:
-            with contextlib.suppress(DomainError), db.connection_context():
-                job = ReplicationJob.get_by_id(run.final_sync_job)
-                if job.status in REPLICATION_ACTIVE_STATUSES:
-                    self.runtime.components["replication"].cancel(job.id, "the failover failed")
+        elif failed_step == "final-sync":
+            if run.final_sync_job:
+                with contextlib.suppress(DomainError), db.connection_context():
+                    job = ReplicationJob.get_by_id(run.final_sync_job)
+                    if job.status in REPLICATION_ACTIVE_STATUSES:
+                        self.runtime.components["replication"].cancel(job.id, "the failover failed")
+            # §2.4 row 4: the context stays ready for failover (job_lifecycle releases a failed final
+            # sync that way); the replicas keep the last completed sync's change ids.
+            error += "; the next live failover final-syncs again from the last completed sync"
         elif run.status_flipped or run.locked or run.snapshots or run.destination_vm_id or run.name_was_free:
             ok, problems = self._compensate(run)
             if ok:

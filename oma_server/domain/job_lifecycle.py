@@ -30,6 +30,8 @@ from oma_server.domain import joblog
 
 log = logging.getLogger("oma_server.replication")
 
+FINAL_SYNC_SCHEDULER = "failover"  # replication_jobs.scheduled_by of a live failover's final sync
+
 _JOBLOG_STATUS = {
     JobStatus.COMPLETED: JobTrackingStatus.COMPLETED,
     JobStatus.FAILED: JobTrackingStatus.FAILED,
@@ -91,7 +93,11 @@ def _release_context(job: ReplicationJob, status: JobStatus, now) -> None:
         new_status = ContextStatus.READY_FOR_FAILOVER
     elif status is JobStatus.FAILED:
         values[VmReplicationContext.failed_jobs] = VmReplicationContext.failed_jobs + 1
-        new_status = ContextStatus.FAILED
+        # A failover's final sync that fails leaves the VM ready for failover (spec §2.4 row 4): its last
+        # completed sync is intact as far as CBT knows (the change ids were not advanced), so the retried
+        # failover's own final sync copies again everything changed since then.
+        final_sync = job.scheduled_by == FINAL_SYNC_SCHEDULER and ctx.last_successful_job_id
+        new_status = ContextStatus.READY_FOR_FAILOVER if final_sync else ContextStatus.FAILED
     else:  # cancelled: back to what the last finished job said
         new_status = ContextStatus.READY_FOR_FAILOVER if ctx.last_successful_job_id else ContextStatus.DISCOVERED
     if ctx.current_status not in CONTEXT_REPLICATION_BLOCKED_STATUSES:
