@@ -1,7 +1,7 @@
 """A failure injected in each step of a replication ends the job ``failed`` with the step named,
 releases the VM in the same transaction, and the next replication succeeds once the cause is gone.
 Every fault is a real one (a refused login, CloudStack job errors, a busy port, a busy VM, a missing
-datastore), not a mock."""
+datastore, change tracking turned off for one disk), not a mock."""
 from __future__ import annotations
 
 import contextlib
@@ -108,6 +108,32 @@ def datastore_gone(lab):
     os.rename(moved, folder)
 
 
+@contextlib.contextmanager
+def one_disk_untracked(lab, vm_name):
+    """The VM's second disk has change tracking off (``scsi0:1.ctkEnabled = false`` in its extraConfig, as
+    vSphere allows per disk): it is copied, but vCenter gives its snapshot no change id to continue from."""
+    from pyVim.connect import Disconnect
+    from pyVmomi import vim
+
+    si = lab.vcenter.connect()
+    view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)
+    vm = next(v for v in view.view if v.name == vm_name)
+
+    def set_ctk(value: str) -> None:
+        task = vm.ReconfigVM_Task(vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key="scsi0:1.ctkEnabled",
+                                                                                          value=value)]))
+        while task.info.state not in ("success", "error"):
+            time.sleep(0.05)
+        assert task.info.state == "success", task.info.error
+
+    set_ctk("false")
+    try:
+        yield
+    finally:
+        set_ctk("true")
+        Disconnect(si)
+
+
 FAULTS = {
     "prepare-disks": lambda lab, vm, tmp: wrong_vcenter_password(lab),
     "provision-volumes": lambda lab, vm, tmp: cloudstack_job_fails(lab, "createVolume"),
@@ -115,6 +141,7 @@ FAULTS = {
     "start-exports": lambda lab, vm, tmp: no_free_nbd_port(lab),
     "start-transfer": lambda lab, vm, tmp: vm_busy_with_another_job(lab, vm, tmp),
     "transfer": lambda lab, vm, tmp: datastore_gone(lab),
+    "finalize": lambda lab, vm, tmp: one_disk_untracked(lab, vm),
 }
 
 
@@ -133,8 +160,13 @@ def test_failure_in_each_step_releases_the_vm(step, db, tmp_path):
         assert (ctx.current_job_id, ctx.current_status, ctx.failed_jobs) == (None, "failed", 1)
         tracking = models.JobTracking.get(models.JobTracking.external_job_id == job_id)
         assert tracking.status == "failed" and [s.name for s in tracking.steps if s.status == "failed"] == [step]
-        assert all(d.sync_status in ("failed", "pending") for d in
-                   models.VmDisk.select().where(models.VmDisk.vm_context == context_id))
+        disks = {d.disk_id: d for d in models.VmDisk.select().where(models.VmDisk.vm_context == context_id)}
+        if step == "finalize":  # the tracked disk is complete with its change id; the other one is not
+            assert (disks["disk-2000"].sync_status, bool(disks["disk-2000"].disk_change_id)) == ("completed", True)
+            assert (disks["disk-2001"].sync_status, disks["disk-2001"].disk_change_id) == ("failed", None)
+            assert "disk-2001" in final.error_message and "change tracking" in final.error_message
+        else:
+            assert all(d.sync_status in ("failed", "pending") for d in disks.values())
 
         _, retry = _run(lab, context_id)
         assert retry.status == "completed", retry.error_message

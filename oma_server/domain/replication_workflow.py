@@ -441,7 +441,14 @@ class ReplicationEngine:
         missing = [d.disk_id for d in VmDisk.select().where(VmDisk.job == state.job_id)
                    if d.sync_status != DiskSyncStatus.COMPLETED or not d.disk_change_id]
         if missing:
-            raise errors.FailedPrecondition(f"no change id stored for {', '.join(missing)}")
+            # A disk copied without a change id cannot be followed by an incremental sync: the job must
+            # not pass for complete (the usual cause: change tracking is off for that disk alone).
+            VmDisk.update(sync_status=DiskSyncStatus.FAILED).where(
+                VmDisk.job == state.job_id, VmDisk.disk_id.in_(missing)).execute()
+            raise errors.FailedPrecondition(
+                f"no change id for {', '.join(missing)}: vCenter reported none for the snapshot of "
+                f"{'that disk' if len(missing) == 1 else 'those disks'} (is change tracking off for it, "
+                f"e.g. scsiX:Y.ctkEnabled = false?); turn change tracking on and replicate again")
         step.details["disks"] = len(state.targets) or VmDisk.select().where(VmDisk.job == state.job_id).count()
 
 

@@ -110,6 +110,9 @@ type liveDisk struct {
 	fileName string
 	path     string
 	capacity int64
+	// untracked: the VM's extraConfig turns change tracking off for this disk alone
+	// ("scsi<bus>:<unit>.ctkEnabled" = "false"), as vSphere allows per disk.
+	untracked bool
 }
 
 type vmView struct {
@@ -133,6 +136,7 @@ func (c *cbtState) readVM(ref types.ManagedObjectReference) (*vmView, bool) {
 		return nil, false
 	}
 	view := &vmView{}
+	ctkOff := map[string]bool{}
 	simulator.Map.WithLock(vm, func() {
 		view.name = vm.Name
 		if vm.Config == nil {
@@ -140,6 +144,12 @@ func (c *cbtState) readVM(ref types.ManagedObjectReference) (*vmView, bool) {
 		}
 		view.enabled = vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
 		view.devices = append([]types.BaseVirtualDevice(nil), vm.Config.Hardware.Device...)
+		for _, opt := range vm.Config.ExtraConfig {
+			o := opt.GetOptionValue()
+			if value, ok := o.Value.(string); ok && strings.HasSuffix(o.Key, ".ctkEnabled") {
+				ctkOff[strings.TrimSuffix(o.Key, ".ctkEnabled")] = strings.EqualFold(value, "false")
+			}
+		}
 	})
 	for _, dev := range view.devices {
 		d, ok := dev.(*types.VirtualDisk)
@@ -152,7 +162,13 @@ func (c *cbtState) readVM(ref types.ManagedObjectReference) (*vmView, bool) {
 		}
 		name := fb.GetVirtualDeviceFileBackingInfo().FileName
 		local, _ := c.inv.resolveDatastorePath(name)
-		view.disks = append(view.disks, liveDisk{key: d.Key, fileName: name, path: local, capacity: diskCapacityOf(d)})
+		unit := int32(0)
+		if d.UnitNumber != nil {
+			unit = *d.UnitNumber
+		}
+		untracked := ctkOff[fmt.Sprintf("scsi%d:%d", d.ControllerKey-1000, unit)]
+		view.disks = append(view.disks, liveDisk{key: d.Key, fileName: name, path: local, capacity: diskCapacityOf(d),
+			untracked: untracked})
 	}
 	return view, true
 }
@@ -247,6 +263,9 @@ func (c *cbtState) syncLocked(v *vmCBT, view *vmView) {
 	}
 	present := map[int32]bool{}
 	for _, ld := range view.disks {
+		if ld.untracked { // dropped below: tracked again later, it starts a new CBT identity
+			continue
+		}
 		present[ld.key] = true
 		d := v.disks[ld.key]
 		if d != nil && d.capacity == ld.capacity {
