@@ -124,6 +124,12 @@ class Settings:
     enrollment_sweep_interval_seconds: float = 30.0
     # Calls of the public enrollment RPCs per source address and minute.
     enrollment_rate_limit_per_minute: int = 60
+    # The connection monitor calls each approved VMA's health service through its reverse-forward port on
+    # this host every interval; a VMA not answering for disconnect_after is marked disconnected.
+    tunnel_reverse_host: str = "127.0.0.1"
+    vma_monitor_interval_seconds: float = 60.0
+    vma_monitor_probe_timeout_seconds: float = 5.0
+    vma_disconnect_after_seconds: float = 300.0
 
     # --- failover, rollback and cleanup ----------------------------------------------------
     # Workflow workers (failovers, test cleanups, rollbacks, failed-execution cleanups).

@@ -13,6 +13,7 @@ import time
 from typing import Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vma.v1 import (
     cbt_pb2,
     cbt_pb2_grpc,
@@ -166,3 +167,20 @@ class ProgressWatch:
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+def tunnel_probe(host: str, timeout: float):
+    """``probe(port)``: True when a VMA agent answers SERVING on the standard health service at
+    ``host:port`` (the OMA end of its reverse tunnel) within ``timeout``. One short-lived channel per
+    probe: tunnel ports come and go with the VMAs, and a channel kept for a dead port only reconnects."""
+
+    def probe(port: int) -> bool:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.RpcError as exc:
+                log.debug("no answer through the tunnel at %s:%d: %s", host, port, exc.code().name)
+                return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    return probe

@@ -23,9 +23,9 @@ from oma.v1 import enrollment_pb2 as pb
 from oma_server.config import Settings
 from oma_server.convert import fill, timestamp, to_datetime
 from oma_server.db.database import db
-from oma_server.domain import enrollment
+from oma_server.domain import enrollment, vma_connections
 from oma_server.errors import FailedPrecondition
-from oma_server.integrations import ssh_keys
+from oma_server.integrations import ssh_keys, vma_client
 from oma_server.rpc import caller_name
 
 log = logging.getLogger("oma_server.enrollment")
@@ -257,6 +257,12 @@ class ExpirySweep:
 
 
 def start_component(runtime) -> None:
-    sweep = ExpirySweep(runtime.settings.enrollment_sweep_interval_seconds)
+    settings = runtime.settings
+    sweep = ExpirySweep(settings.enrollment_sweep_interval_seconds)
     sweep.start()
     runtime.components["enrollment_expiry"] = sweep
+    monitor = vma_connections.ConnectionMonitor(
+        vma_client.tunnel_probe(settings.tunnel_reverse_host, settings.vma_monitor_probe_timeout_seconds),
+        settings.vma_monitor_interval_seconds, settings.vma_disconnect_after_seconds)
+    monitor.start()
+    runtime.components["vma_connection_monitor"] = monitor
