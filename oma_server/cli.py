@@ -1,4 +1,5 @@
-"""``oma-server``: run the OMA gRPC server (default) or apply database migrations."""
+"""``oma-server``: run the OMA gRPC server (default), apply database migrations, or print the sshd
+settings of the VMA tunnel account (``tunnel-sshd-config``, a drop-in for /etc/ssh/sshd_config.d/)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ from oma_server.logs import configure_logging
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oma-server", description=__doc__)
-    p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    p.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate", "tunnel-sshd-config"])
     p.add_argument("--listen", help="address to serve gRPC on (default 127.0.0.1:9090, env OMA_LISTEN)")
     p.add_argument("--tls-listen", help="also serve gRPC over TLS on host:port (env OMA_TLS_LISTEN; default off)")
     p.add_argument("--tls-cert", dest="tls_cert_file",
@@ -43,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         if generated:
             print(f"oma-server: created user 'admin' with password: {generated}  (shown once)")
         print("oma-server: database is up to date")
+        return 0
+
+    if args.command == "tunnel-sshd-config":
+        from oma_server.domain.enrollment import tunnel_for
+        from oma_server.errors import DomainError
+
+        try:
+            tunnel = tunnel_for(settings)
+        except DomainError as exc:
+            print(f"oma-server: {exc}", file=sys.stderr)
+            return 1
+        print(tunnel.keys.sshd_config(tunnel.ssh_user, tunnel.ssh_port, tunnel.reverse_ports), end="")
         return 0
 
     from oma_server.server import build_server

@@ -185,7 +185,7 @@ def test_enroll_verify_approve_result_revoke(admin, public, server, keys_file):
         "connected", "vma_tunnel", 9081)
     lines = keys_file.read_text().splitlines()
     permit_open = ",".join(f'permitopen="127.0.0.1:{p}"' for p in NBD_PORTS)
-    assert lines == [f'command="/usr/local/sbin/vma-tunnel-wrapper",restrict,{permit_open},'
+    assert lines == [f'command="/usr/local/sbin/vma-tunnel-wrapper",restrict,port-forwarding,{permit_open},'
                      f'permitlisten="127.0.0.1:9081" ssh-ed25519 {vma.blob_b64} '
                      f'vma-enrollment {enrolled.vma_fingerprint}']
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
@@ -196,7 +196,7 @@ def test_enroll_verify_approve_result_revoke(admin, public, server, keys_file):
     assert (tunnel.status, tunnel.ssh_user, tunnel.ssh_port, tunnel.reverse_tunnel_port) == (
         "approved", "vma_tunnel", 443, 9081)
     assert tunnel.host_key_hash == fingerprint_of(host_key)[0]
-    assert tunnel.ssh_options == f'restrict,{permit_open},permitlisten="127.0.0.1:9081"'
+    assert tunnel.ssh_options == f'restrict,port-forwarding,{permit_open},permitlisten="127.0.0.1:9081"'
     active = admin.enrollment_admin.ListActiveVMAs(apb.ListActiveVMAsRequest(), timeout=10)
     assert [(c.id, c.enrollment_id, c.reverse_tunnel_port) for c in active.connections] == [
         (connection.id, vma.enrollment_id, 9081)]

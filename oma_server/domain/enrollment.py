@@ -28,7 +28,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 from peewee import IntegrityError
 
@@ -95,13 +95,48 @@ class Caller:
 @dataclass(frozen=True)
 class Tunnel:
     """What an approval grants (the tunnel account, its port, the OMA host key to pin, a reverse port
-    from ``reverse_ports``) and the key file it changes."""
+    from ``reverse_ports``), the key file it changes, and how a revocation ends a live session
+    (``end_sessions(reverse_port)`` → the ended session pids and the problems met)."""
 
     keys: ssh_keys.AuthorizedKeys
     host_key_hash: str
     ssh_user: str
     ssh_port: int
     reverse_ports: range
+    end_sessions: Callable[[int], Any] | None = None
+
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def tunnel_for(settings: Any, *, end_sessions: Callable[[int], Any] | None = None) -> Tunnel:
+    """The tunnel of the OMA's settings: host key, authorized_keys of the tunnel account, whose keys may
+    reach exactly the OMA's NBD export ports and reverse-forward one port each from the reverse range."""
+    try:
+        host_key = ssh_keys.load_host_key(settings.tunnel_host_key, settings.data_dir)
+    except ssh_keys.SshKeyError as exc:
+        raise FailedPrecondition(f"the OMA's SSH host key is not usable: {exc}") from None
+    nbd_host = "127.0.0.1" if settings.nbd_bind_host in _WILDCARD_HOSTS else settings.nbd_bind_host
+    try:
+        keys = ssh_keys.AuthorizedKeys(
+            settings.tunnel_authorized_keys or settings.data_dir / "tunnel" / "authorized_keys",
+            forced_command=settings.tunnel_forced_command,
+            permit_open=[f"{nbd_host}:{port}" for port in range(settings.nbd_port_min, settings.nbd_port_max + 1)])
+    except ValueError as exc:
+        raise FailedPrecondition(f"OMA_TUNNEL_FORCED_COMMAND: {exc}") from None
+    return Tunnel(keys=keys, host_key_hash=host_key.fingerprint, ssh_user=settings.tunnel_ssh_user,
+                  ssh_port=settings.tunnel_ssh_port,
+                  reverse_ports=range(settings.tunnel_reverse_port_min, settings.tunnel_reverse_port_max + 1),
+                  end_sessions=end_sessions)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A revoked connection, the live tunnel sessions that were ended, and what to tell the operator."""
+
+    connection: VmaActiveConnection
+    sessions_ended: list[int]
+    message: str
 
 
 @dataclass(frozen=True)
@@ -420,9 +455,9 @@ def reject(caller: Caller, enrollment_id: str, rejected_by: str, reason: str) ->
     return enrollment
 
 
-def revoke(tunnel: Tunnel, caller: Caller, enrollment_id: str, revoked_by: str, reason: str) -> VmaActiveConnection:
-    """Remove the VMA's key from the tunnel account (first; a failure changes nothing), then mark its
-    connection ``revoked``."""
+def revoke(tunnel: Tunnel, caller: Caller, enrollment_id: str, revoked_by: str, reason: str) -> Revocation:
+    """Remove the VMA's key from the tunnel account (first; a failure changes nothing), end its live
+    tunnel session (sshd keeps open sessions of a removed key), then mark its connection ``revoked``."""
     revoked_by = _text(revoked_by, "revoked_by") or caller.actor
     reason = _text(reason, "reason", 2000)
     try:
@@ -436,6 +471,9 @@ def revoke(tunnel: Tunnel, caller: Caller, enrollment_id: str, revoked_by: str, 
             if connection.connection_status == ConnectionStatus.REVOKED:
                 raise FailedPrecondition(f"the tunnel access of enrollment {enrollment.id} is already revoked")
             removed = tunnel.keys.remove(_key(enrollment))  # first: if it fails, nothing is revoked
+            ended = None
+            if tunnel.end_sessions is not None and connection.reverse_tunnel_port is not None:
+                ended = tunnel.end_sessions(connection.reverse_tunnel_port)
             now = utcnow()
             connection.connection_status = ConnectionStatus.REVOKED
             connection.revoked_at, connection.revoked_by = now, revoked_by
@@ -443,12 +481,21 @@ def revoke(tunnel: Tunnel, caller: Caller, enrollment_id: str, revoked_by: str, 
             connection.reverse_tunnel_port = None  # released for the next VMA; the audit row keeps it
             connection.save()
             _audit(AuditEventType.REVOCATION, caller, enrollment, revoked_by=revoked_by, reason=reason or None,
-                   connection_id=connection.id, keys_removed=removed,
-                   reverse_tunnel_port=port)
+                   connection_id=connection.id, keys_removed=removed, reverse_tunnel_port=port,
+                   sessions_ended=ended.pids if ended else None, session_problems=(ended.problems or None)
+                   if ended else None)
     except ssh_keys.SshKeyError as exc:
         raise FailedPrecondition(f"the VMA's key could not be removed, nothing was revoked: {exc}") from None
-    log.info("tunnel access of VMA %r (enrollment %s) revoked by %s", enrollment.vma_name, enrollment.id, revoked_by)
-    return connection
+    pids = ended.pids if ended else []
+    message = f"key removed from {tunnel.keys.path}; " + (
+        f"{len(pids)} live tunnel session{'s' if len(pids) != 1 else ''} ended (pid {', '.join(map(str, pids))})"
+        if pids else "no live tunnel session was open")
+    if ended and ended.problems:
+        message += "; " + "; ".join(ended.problems)
+        log.warning("revoking VMA %r: %s", enrollment.vma_name, "; ".join(ended.problems))
+    log.info("tunnel access of VMA %r (enrollment %s) revoked by %s: %s", enrollment.vma_name, enrollment.id,
+             revoked_by, message)
+    return Revocation(connection, pids, message)
 
 
 # --- lists --------------------------------------------------------------------------------------------------

@@ -24,13 +24,11 @@ from oma_server.config import Settings
 from oma_server.convert import fill, timestamp, to_datetime
 from oma_server.db.database import db
 from oma_server.domain import enrollment, vma_connections
-from oma_server.errors import FailedPrecondition
-from oma_server.integrations import ssh_keys, vma_client
+from oma_server.integrations import tunnel_sessions, vma_client
 from oma_server.rpc import caller_name
 
 log = logging.getLogger("oma_server.enrollment")
 
-_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
 def source_address(context: grpc.ServicerContext) -> str | None:
@@ -90,23 +88,7 @@ class TunnelConfig:
             return self._tunnel
 
     def _build(self) -> enrollment.Tunnel:
-        s = self._settings
-        try:
-            host_key = ssh_keys.load_host_key(s.tunnel_host_key, s.data_dir)
-        except ssh_keys.SshKeyError as exc:
-            raise FailedPrecondition(f"the OMA's SSH host key is not usable: {exc}") from None
-        nbd_host = "127.0.0.1" if s.nbd_bind_host in _WILDCARD_HOSTS else s.nbd_bind_host
-        try:
-            keys = ssh_keys.AuthorizedKeys(
-                s.tunnel_authorized_keys or s.data_dir / "tunnel" / "authorized_keys",
-                forced_command=s.tunnel_forced_command,
-                # The VMA reaches exactly the OMA's NBD export ports through the tunnel.
-                permit_open=[f"{nbd_host}:{port}" for port in range(s.nbd_port_min, s.nbd_port_max + 1)])
-        except ValueError as exc:
-            raise FailedPrecondition(f"OMA_TUNNEL_FORCED_COMMAND: {exc}") from None
-        return enrollment.Tunnel(keys=keys, host_key_hash=host_key.fingerprint, ssh_user=s.tunnel_ssh_user,
-                                 ssh_port=s.tunnel_ssh_port,
-                                 reverse_ports=range(s.tunnel_reverse_port_min, s.tunnel_reverse_port_max + 1))
+        return enrollment.tunnel_for(self._settings, end_sessions=tunnel_sessions.end_sessions)
 
 
 def _tunnel_config(runtime) -> TunnelConfig:
@@ -162,10 +144,11 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
         return admin_pb.RejectEnrollmentResponse(enrollment=_enrollment(row))
 
     def RevokeVMA(self, request, context):
-        connection = enrollment.revoke(self._tunnel.get(), self._caller(context), request.enrollment_id,
-                                       request.revoked_by, request.reason)
+        revoked = enrollment.revoke(self._tunnel.get(), self._caller(context), request.enrollment_id,
+                                    request.revoked_by, request.reason)
         return admin_pb.RevokeVMAResponse(
-            connection=_connection(connection, enrollment.reverse_ports_of([connection.enrollment_id])))
+            connection=_connection(revoked.connection, enrollment.reverse_ports_of([revoked.connection.enrollment_id])),
+            sessions_ended=len(revoked.sessions_ended), message=revoked.message)
 
     def ListActiveVMAs(self, request, context):
         page = enrollment.list_connections(request.include_disconnected, request.include_revoked,

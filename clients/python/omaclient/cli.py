@@ -1331,7 +1331,7 @@ def _vma_revoke(s: Session, args: argparse.Namespace) -> None:
                                              reason=args.reason or "")
     response = s.call(s.client.enrollment_admin.RevokeVMA, request)
     s.show(response, lambda r: f"revoked VMA {r.connection.vma_name} (enrollment {r.connection.enrollment_id}): "
-                               f"its tunnel key is removed and its sessions ended")
+                               f"{r.message}")
 
 
 def _vma_list(s: Session, args: argparse.Namespace) -> None:

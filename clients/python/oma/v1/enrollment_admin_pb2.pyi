@@ -456,16 +456,24 @@ class RevokeVMAResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
+    SESSIONS_ENDED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    sessions_ended: _builtins.int
+    """Live tunnel sessions of the VMA that were ended (sshd keeps a removed key's open sessions)."""
+    message: _builtins.str
+    """What was done, for the operator (key removed, sessions ended, or why a session could not be ended)."""
     @_builtins.property
     def connection(self) -> Global___VMAConnection: ...
     def __init__(
         self,
         *,
         connection: Global___VMAConnection | None = ...,
+        sessions_ended: _builtins.int = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "message", b"message", "sessions_ended", b"sessions_ended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
