@@ -1,29 +1,34 @@
 """The VMA tunnel end to end through a real OpenSSH server (spec failover-scheduler-enrollment §5.6–5.8):
 sshd configured with exactly what ``oma-server tunnel-sshd-config`` prints, the tunnel account's keys as
-the OMA's approvals write them, and a real VMA agent that enrolled, was approved and runs the ssh command
-it wrote (``tunnel.ssh_config``). Through the tunnel the OMA's connection monitor reaches the VMA's API;
-the key allows only the forwards it names; revoking the VMA removes the key and ends the live session."""
+the OMA's approvals write them, and a real VMA agent that enrolled, was approved, pinned the OMA's host
+key and keeps its ssh tunnel up. Through the tunnel the OMA's connection monitor reaches the VMA's API,
+which is what tells the agent its tunnel works; the key allows only the forwards it names; a lost
+session is restarted; revoking the VMA removes the key, ends the live session and stops the agent's
+tunnel; an sshd with another host key is never connected to."""
 from __future__ import annotations
 
 import contextlib
 import getpass
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from oma.v1 import enrollment_admin_pb2 as apb
+from vma.v1 import enrollment_pb2_grpc
 
 from oma_server.db import models
 from oma_server.integrations.ssh_keys import parse_public_key
 from omaclient.client import OmaClient
-from tests.fixtures.servers import ADMIN_PASSWORD
+from tests.fixtures.servers import ADMIN_PASSWORD, start_vma
 from tests.fixtures.sshd import check_config, start_sshd
-from tests.test_vma_enrollment import agent, enroll, new_code, wait_for  # noqa: F401 (agent is a fixture)
+from tests.test_vma_enrollment import enroll, new_code, status, wait_for
 
 USER = getpass.getuser()  # the tunnel account: sshd here runs as this user, so it can only log in as it
 REPO = Path(__file__).resolve().parents[1]
@@ -64,32 +69,70 @@ def _connection(enrollment_id: str) -> models.VmaActiveConnection:
     return models.VmaActiveConnection.get(models.VmaActiveConnection.enrollment == enrollment_id)
 
 
+def _free_port() -> int:
+    return _free_ports(1)
+
+
 @pytest.fixture
-def tunnel_lab(oma_factory, tmp_path):
-    """An OMA whose tunnel settings name a private sshd, that sshd (configured by `oma-server
-    tunnel-sshd-config`), and an admin client."""
-    sshd_port, nbd, reverse = _free_ports(1), _free_ports(2), _free_ports(2)
-    settings = {
-        "tunnel_authorized_keys": str(tmp_path / "tunnel-home" / ".ssh" / "authorized_keys"),
-        "tunnel_ssh_user": USER, "tunnel_ssh_port": sshd_port, "nbd_port_min": nbd, "nbd_port_max": nbd + 1,
-        "tunnel_reverse_port_min": reverse, "tunnel_reverse_port_max": reverse + 1,
-        "vma_monitor_interval_seconds": 0.2, "vma_monitor_probe_timeout_seconds": 1.0,
-        "vma_disconnect_after_seconds": 1.0,
-    }
-    oma = oma_factory(**settings)
-    data_dir = oma.runtime.settings.data_dir
-    env = {**os.environ, "OMA_DATA_DIR": str(data_dir),
-           **{f"OMA_{key.upper()}": str(value) for key, value in settings.items()}}
-    generated = subprocess.run([str(Path(sys.executable).with_name("oma-server")), "tunnel-sshd-config"], env=env,
-                               capture_output=True, text=True, timeout=60)
-    assert generated.returncode == 0, generated.stderr
-    dropin = tmp_path / "sshd" / "oma-vma-tunnel.conf"
-    dropin.parent.mkdir(parents=True)
-    dropin.write_text(generated.stdout)
-    with start_sshd(tmp_path / "sshd", data_dir / "ssh_host_ed25519_key", dropin, port=sshd_port) as sshd, \
-            OmaClient(f"127.0.0.1:{oma.port}", token="") as admin:
+def tunnel_lab_factory(oma_factory, tmp_path):
+    """``tunnel_lab_factory(sshd_host_key=None)``: an OMA whose tunnel settings name a private sshd, that
+    sshd (configured by ``oma-server tunnel-sshd-config``; its host key is the OMA's own unless another is
+    given), and an admin client."""
+    stack = contextlib.ExitStack()
+
+    def make(sshd_host_key: Path | None = None, **extra):
+        sshd_port, nbd, reverse = _free_ports(1), _free_ports(2), _free_ports(2)
+        settings = {
+            "tunnel_authorized_keys": str(tmp_path / "tunnel-home" / ".ssh" / "authorized_keys"),
+            "tunnel_ssh_user": USER, "tunnel_ssh_port": sshd_port, "nbd_port_min": nbd, "nbd_port_max": nbd + 1,
+            "tunnel_reverse_port_min": reverse, "tunnel_reverse_port_max": reverse + 1,
+            "vma_monitor_interval_seconds": 0.2, "vma_monitor_probe_timeout_seconds": 1.0,
+            "vma_disconnect_after_seconds": 1.0, **extra,
+        }
+        oma = oma_factory(**settings)
+        data_dir = oma.runtime.settings.data_dir
+        env = {**os.environ, "OMA_DATA_DIR": str(data_dir),
+               **{f"OMA_{key.upper()}": str(value) for key, value in settings.items()}}
+        generated = subprocess.run([str(Path(sys.executable).with_name("oma-server")), "tunnel-sshd-config"],
+                                   env=env, capture_output=True, text=True, timeout=60)
+        assert generated.returncode == 0, generated.stderr
+        dropin = tmp_path / "sshd" / "oma-vma-tunnel.conf"
+        dropin.parent.mkdir(parents=True)
+        dropin.write_text(generated.stdout)
+        sshd = stack.enter_context(start_sshd(tmp_path / "sshd", sshd_host_key or data_dir / "ssh_host_ed25519_key",
+                                              dropin, port=sshd_port))
+        admin = stack.enter_context(OmaClient(f"127.0.0.1:{oma.port}", token=""))
         admin.login("admin", ADMIN_PASSWORD)
-        yield oma, sshd, admin, generated.stdout, reverse
+        return oma, sshd, admin, generated.stdout, reverse
+
+    with stack:
+        yield make
+
+
+@pytest.fixture
+def tunnel_lab(tunnel_lab_factory):
+    return tunnel_lab_factory()
+
+
+@pytest.fixture
+def tunnel_agent(tmp_path):
+    """A VMA agent on a fixed port (its tunnel forwards to it) whose tunnel keeper checks often."""
+    port = _free_port()
+
+    @contextlib.contextmanager
+    def run():
+        with start_vma(listen=f"127.0.0.1:{port}", work_dir=tmp_path / "vma-work",
+                       enrollment_dir=tmp_path / "enrollment", enrollment_poll_interval_seconds=0.05,
+                       tunnel_check_interval_seconds=0.1, tunnel_restart_delay_seconds=0.5) as running:
+            channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+            try:
+                yield enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+            finally:
+                channel.close()
+
+    run.port = port
+    run.dir = tmp_path / "enrollment"
+    return run
 
 
 def test_generated_sshd_settings_match_the_keys_and_sshd_accepts_them(tunnel_lab):
@@ -107,62 +150,90 @@ def test_generated_sshd_settings_match_the_keys_and_sshd_accepts_them(tunnel_lab
     assert f"# sshd must also listen on the tunnel port: add `Port {s.tunnel_ssh_port}`" in dropin
 
 
-def test_the_tunnel_carries_the_monitor_and_revocation_ends_it(tunnel_lab, agent, tmp_path):  # noqa: F811
+def _enrolled_and_approved(oma, admin, vma):
+    started = enroll(vma, oma.port, new_code(admin))
+    wait_for(vma, "awaiting_approval")
+    admin.enrollment_admin.ApproveEnrollment(apb.ApproveEnrollmentRequest(enrollment_id=started.enrollment_id),
+                                             timeout=10)
+    wait_for(vma, "approved")
+    return started.enrollment_id
+
+
+def test_the_agent_pins_the_host_key_keeps_the_tunnel_up_and_stops_when_revoked(tunnel_lab, tunnel_agent):
     oma, sshd, admin, _, reverse = tunnel_lab
-    with agent() as vma:
-        started = enroll(vma, oma.port, new_code(admin))
-        wait_for(vma, "awaiting_approval")
-        admin.enrollment_admin.ApproveEnrollment(apb.ApproveEnrollmentRequest(enrollment_id=started.enrollment_id),
-                                                 timeout=10)
-        approved = wait_for(vma, "approved")
-        written = json.loads((agent.dir / f"enrollment-{started.enrollment_id}.json").read_text())
+    with tunnel_agent() as vma:
+        enrollment_id = _enrolled_and_approved(oma, admin, vma)
+        written = json.loads((tunnel_agent.dir / f"enrollment-{enrollment_id}.json").read_text())
         assert (written["reverse_tunnel_port"], written["ssh_port"], written["ssh_user"]) == (reverse, sshd.port, USER)
-        # Not yet connected through a tunnel: the monitor marks it disconnected after the threshold.
-        _wait_for(lambda: _connection(started.enrollment_id).connection_status == "disconnected",
-                  "the VMA without a tunnel to be disconnected")
 
-        # The operator's step the VMA asks for: the OMA host key, checked against the pinned fingerprint.
-        host_key_line = (oma.runtime.settings.data_dir / "ssh_host_ed25519_key.pub").read_text().split()
-        assert parse_public_key(" ".join(host_key_line))[0].fingerprint == written["host_key_hash"]
-        (agent.dir / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {host_key_line[0]} {host_key_line[1]}\n")
-        command = (agent.dir / "tunnel.command").read_text().split()
-        log = open(tmp_path / "ssh-client.log", "wb")
-        tunnel = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            # The OMA reaches the VMA's API through the reverse forward: the monitor sees it again.
-            back = _wait_for(lambda: (c := _connection(started.enrollment_id)).connection_status == "connected" and c,
-                             "the VMA to answer through the tunnel")
-            assert back.last_seen_at is not None and tunnel.poll() is None
-            reconnected = models.VmaConnectionAudit.get(models.VmaConnectionAudit.enrollment == started.enrollment_id,
-                                                        models.VmaConnectionAudit.event_type == "connection")
-            assert reconnected.event_details["reverse_tunnel_port"] == reverse
+        # The agent pins the host key the OMA approved it with, starts ssh, and calls the tunnel up only
+        # once the OMA's monitor has reached the agent's API through the reverse forward.
+        up = _wait_for(lambda: (st := status(vma)).tunnel_configured and st, "the agent's tunnel to be up")
+        assert up.message.startswith(f"tunnel up: the OMA reached this agent through its port {reverse} at ")
+        host_key = (oma.runtime.settings.data_dir / "ssh_host_ed25519_key.pub").read_text().split()
+        assert (tunnel_agent.dir / "known_hosts").read_text() == f"[127.0.0.1]:{sshd.port} {host_key[0]} {host_key[1]}\n"
+        assert parse_public_key(" ".join(host_key))[0].fingerprint == written["host_key_hash"]
+        connection = _connection(enrollment_id)
+        assert connection.connection_status == "connected" and connection.last_seen_at is not None
+        assert _listening(reverse)
 
-            # The key forwards nothing else: another reverse port is refused by sshd.
-            other = subprocess.run(["ssh", "-F", "none", "-i", str(agent.dir / "id_ed25519"), "-o", "IdentitiesOnly=yes",
-                                    "-o", f"UserKnownHostsFile={agent.dir / 'known_hosts'}", "-o", "BatchMode=yes",
-                                    "-o", "ExitOnForwardFailure=yes", "-p", str(sshd.port), "-N", "-R",
-                                    f"127.0.0.1:{reverse + 1}:127.0.0.1:{agent.port}", f"{USER}@127.0.0.1"],
-                                   capture_output=True, text=True, timeout=30)
-            assert other.returncode == 255 and "remote port forwarding failed" in other.stderr, other.stderr
+        # The key forwards nothing else: another reverse port is refused by sshd.
+        other = subprocess.run(["ssh", "-F", "none", "-i", str(tunnel_agent.dir / "id_ed25519"), "-o",
+                                "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={tunnel_agent.dir / 'known_hosts'}",
+                                "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-p", str(sshd.port), "-N",
+                                "-R", f"127.0.0.1:{reverse + 1}:127.0.0.1:{tunnel_agent.port}", f"{USER}@127.0.0.1"],
+                               capture_output=True, text=True, timeout=30)
+        assert other.returncode == 255 and "remote port forwarding failed" in other.stderr, other.stderr
 
-            # Revoked: the key leaves authorized_keys and the live session is ended.
-            revoked = admin.enrollment_admin.RevokeVMA(apb.RevokeVMARequest(enrollment_id=started.enrollment_id,
-                                                                            reason="site closed"), timeout=30)
-            assert revoked.sessions_ended == 1 and "1 live tunnel session ended" in revoked.message, revoked.message
-            assert tunnel.wait(15) == 255  # the ssh client lost its session
-            assert not _listening(reverse)
-            audit = models.VmaConnectionAudit.get(models.VmaConnectionAudit.enrollment == started.enrollment_id,
-                                                  models.VmaConnectionAudit.event_type == "revocation")
-            assert len(audit.event_details["sessions_ended"]) == 1
-            assert approved.vma_fingerprint.split(":", 1)[1] not in Path(
-                oma.runtime.settings.tunnel_authorized_keys).read_text()
-            # ... and the VMA cannot come back with it.
-            again = subprocess.run(command, capture_output=True, text=True, timeout=30)
-            assert again.returncode == 255 and "Permission denied (publickey)" in again.stderr, again.stderr
-            assert _connection(started.enrollment_id).connection_status == "revoked"
-        finally:
-            if tunnel.poll() is None:
-                tunnel.kill()
-            tunnel.wait()
-            log.close()
-    assert json.loads((agent.dir / "state.json").read_text())["state"] == "approved"
+        # The session ends (sshd restarted, network cut): the agent starts ssh again by itself.
+        first_pid = _session_pid(reverse)
+        os.kill(first_pid, signal.SIGTERM)
+        _wait_for(lambda: (pid := _session_pid(reverse)) and pid != first_pid, "the agent to restart the tunnel")
+
+        # Revoked: the key leaves authorized_keys, the live session is ended, and the agent stops.
+        revoked = admin.enrollment_admin.RevokeVMA(apb.RevokeVMARequest(enrollment_id=enrollment_id,
+                                                                        reason="site closed"), timeout=30)
+        assert revoked.sessions_ended == 1 and "1 live tunnel session ended" in revoked.message, revoked.message
+        stopped = _wait_for(lambda: "revoked" in (st := status(vma)).message and st, "the agent to stop")
+        assert not stopped.tunnel_configured and stopped.message.startswith("tunnel stopped: the OMA revoked")
+        assert not _listening(reverse)
+        audit = models.VmaConnectionAudit.get(models.VmaConnectionAudit.enrollment == enrollment_id,
+                                              models.VmaConnectionAudit.event_type == "revocation")
+        assert len(audit.event_details["sessions_ended"]) == 1
+        assert written["host_key_hash"] and enrollment_id and _connection(enrollment_id).connection_status == "revoked"
+        attempts = sshd.log_text().count("Accepted publickey")
+        time.sleep(1.5)  # three restart delays: the agent does not try again
+        assert sshd.log_text().count("Accepted publickey") == attempts and not _listening(reverse)
+        # ... and the key no longer logs in.
+        command = (tunnel_agent.dir / "tunnel.command").read_text().split()
+        again = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert again.returncode == 255 and "Permission denied (publickey)" in again.stderr, again.stderr
+    assert json.loads((tunnel_agent.dir / "state.json").read_text())["tunnel_configured"] is False
+
+
+def test_the_agent_does_not_connect_to_an_sshd_with_another_host_key(tunnel_lab_factory, tunnel_agent, tmp_path):
+    other_key = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
+    oma, sshd, admin, _, reverse = tunnel_lab_factory(sshd_host_key=other_key)  # not the key the OMA pins
+    with tunnel_agent() as vma:
+        enrollment_id = _enrolled_and_approved(oma, admin, vma)
+        pinned = json.loads((tunnel_agent.dir / f"enrollment-{enrollment_id}.json").read_text())["host_key_hash"]
+        refused = _wait_for(lambda: "tunnel not started" in (st := status(vma)).message and st,
+                            "the agent to refuse the host key")
+        offered = subprocess.run(["ssh-keygen", "-lf", f"{other_key}.pub"], capture_output=True, text=True,
+                                 check=True).stdout.split()[1]
+        assert refused.message == (f"tunnel not started: the sshd at 127.0.0.1:{sshd.port} offers host key {offered}, "
+                                   f"not the {pinned} the OMA approved this agent with")
+        assert not refused.tunnel_configured
+        assert not (tunnel_agent.dir / "known_hosts").exists() and not (tunnel_agent.dir / "tunnel.log").exists()
+        assert "Accepted publickey" not in sshd.log_text() and not _listening(reverse)
+
+
+def _session_pid(port: int) -> int | None:
+    """The sshd process listening on the reverse port (the agent's tunnel session), if any."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    return None

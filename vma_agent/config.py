@@ -63,6 +63,11 @@ class Settings:
     enrollment_poll_interval_seconds: float = 5.0
     # Deadline of each call to the OMA.
     enrollment_call_timeout_seconds: float = 30.0
+    # Once approved, keep the SSH tunnel to the OMA up (pin the host key, run ssh, restart it after it
+    # ends); off: the agent only writes tunnel.ssh_config and tunnel.command for the operator to run.
+    tunnel_enabled: bool = True
+    tunnel_restart_delay_seconds: float = 10.0
+    tunnel_check_interval_seconds: float = 5.0
 
     def datastores(self) -> dict[str, Path]:
         mapping = {}

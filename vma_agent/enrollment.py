@@ -13,9 +13,10 @@ This flow:
   OMA expires the enrollment;
 * saves its state (``state.json``, 0600) after every step and resumes from it when the agent restarts;
 * on approval pins the OMA's SSH host key fingerprint and writes ``enrollment-<id>.json``, the tunnel's ssh
-  configuration and its command line. Installing and health-checking the tunnel (a service, known_hosts
-  holding the key with the pinned fingerprint) is not done here, and the state says so:
-  ``tunnel_configured`` stays false.
+  configuration and its command line; then :mod:`vma_agent.tunnel` keeps the tunnel up (known_hosts from
+  the pinned fingerprint, ssh restarted when it ends) and sets ``tunnel_configured`` once the OMA confirms
+  it reached this agent through the tunnel. With ``tunnel_enabled`` off the files are written and the
+  operator runs the command.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from oma.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 from vma_agent import errors
 from vma_agent.config import Settings
+from vma_agent.tunnel import TunnelCheckError, TunnelKeeper, TunnelView
 
 log = logging.getLogger("vma_agent.enrollment")
 
@@ -175,9 +177,15 @@ class Enrollment:
         self._channel: grpc.Channel | None = None
         self._worker: threading.Thread | None = None
         self._record = self._load()
+        self._keeper = TunnelKeeper(
+            self, restart_delay=settings.tunnel_restart_delay_seconds,
+            check_interval=settings.tunnel_check_interval_seconds,
+            keyscan_timeout=settings.enrollment_call_timeout_seconds) if settings.tunnel_enabled else None
         if self._record is not None and self._record.state in IN_PROGRESS:
             log.info("resuming enrollment with %s (state %s)", self._record.oma_host, self._record.state)
             self._start_worker()
+        elif self._record is not None and self._record.state == APPROVED and self._keeper is not None:
+            self._keeper.start()
 
     # --- state -----------------------------------------------------------------------------------------
 
@@ -206,6 +214,42 @@ class Enrollment:
             record = dataclasses.replace(self._record, **changes)
             self._save(record)
             return dataclasses.replace(record)
+
+    # --- what the tunnel keeper uses --------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    def approved_record(self) -> Record | None:
+        record = self.status()
+        return record if record is not None and record.state == APPROVED else None
+
+    def record_tunnel(self, configured: bool, message: str) -> None:
+        with self._record_lock:
+            record = self._record
+            if record is None or record.state != APPROVED or (record.tunnel_configured, record.message) == (
+                    configured, message):
+                return
+            self._save(dataclasses.replace(record, tunnel_configured=configured, message=message))
+
+    def write_private_file(self, name: str, text: str) -> None:
+        _write_private(self._dir / name, text)
+
+    def tunnel_result(self) -> TunnelView:
+        """What the OMA says about this agent's tunnel (GetEnrollmentResult)."""
+        record = self.status()
+        try:
+            response = self._call("GetEnrollmentResult", enrollment_pb2.GetEnrollmentResultRequest(
+                enrollment_id=record.enrollment_id))
+        except (_Transient, _Stopped) as exc:
+            raise TunnelCheckError(f"the OMA could not be asked about the tunnel: {exc}") from None
+        except grpc.RpcError as exc:
+            raise TunnelCheckError(f"the OMA refused to report on the tunnel: {exc.details()}") from None
+        except errors.AgentError as exc:  # e.g. the pinned TLS certificate no longer matches
+            raise TunnelCheckError(exc.message) from None
+        seen = response.tunnel_last_seen_at.ToDatetime(UTC) if response.HasField("tunnel_last_seen_at") else None
+        return TunnelView(tunnel_last_seen_at=seen, access_revoked=response.access_revoked)
 
     # --- starting --------------------------------------------------------------------------------------
 
@@ -389,13 +433,18 @@ class Enrollment:
         _write_private(self._dir / SSH_CONFIG_FILE, "\n".join(lines) + "\n")
         command = f"ssh -F {self._dir / SSH_CONFIG_FILE} -N oma-tunnel"
         _write_private(self._dir / COMMAND_FILE, command + "\n")
+        with contextlib.suppress(FileNotFoundError):  # a host key pinned for an earlier enrollment
+            (self._dir / "known_hosts").unlink()
         self._update(
             state=APPROVED, ssh_user=response.ssh_user, ssh_port=response.ssh_port, ssh_options=response.ssh_options,
             host_key_hash=response.host_key_hash, reverse_tunnel_port=response.reverse_tunnel_port,
             enrolled_at=enrolled_at, tunnel_configured=False,
-            message=(f"approved; tunnel not configured: put the OMA host key with fingerprint "
+            message=("approved; starting the tunnel" if self._keeper is not None else
+                     f"approved; tunnel not configured: put the OMA host key with fingerprint "
                      f"{response.host_key_hash} in {self._dir / 'known_hosts'} and run: {command}"))
         log.info("enrollment %s approved; tunnel files written to %s", record.enrollment_id, self._dir)
+        if self._keeper is not None:
+            self._keeper.start()
 
     # --- the background worker ---------------------------------------------------------------------------
 
@@ -446,4 +495,6 @@ class Enrollment:
         self._worker = None
 
     def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.stop()
         self._stop_worker()

@@ -156,6 +156,7 @@ class Result:
     message: str
     connection: VmaActiveConnection | None = None
     reverse_tunnel_port: int | None = None
+    access_revoked: bool = False
 
 
 def effective_status(enrollment: VmaEnrollment, now: datetime | None = None) -> str:
@@ -366,7 +367,8 @@ def result(enrollment_id: str) -> Result:
         return Result(enrollment, status, _STATUS_MESSAGES[status])
     connection = VmaActiveConnection.get_or_none(VmaActiveConnection.enrollment == enrollment.id)
     if connection is None or connection.connection_status == ConnectionStatus.REVOKED:
-        return Result(enrollment, status, "Enrollment approved; tunnel access has been revoked")
+        return Result(enrollment, status, "Enrollment approved; tunnel access has been revoked",
+                      access_revoked=True)
     return Result(enrollment, status, _STATUS_MESSAGES[status], connection,
                   reverse_ports_of([enrollment.id]).get(enrollment.id))
 

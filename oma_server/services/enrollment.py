@@ -204,12 +204,13 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self._source(context)
         result = enrollment.result(request.enrollment_id)
         response = pb.GetEnrollmentResultResponse(enrollment_id=result.enrollment.id, status=str(result.status),
-                                                  message=result.message)
+                                                  message=result.message, access_revoked=result.access_revoked)
         if result.connection is not None and result.reverse_tunnel_port is not None:
             tunnel = self._tunnel.get()
             fill(response, ssh_user=result.connection.ssh_user, ssh_port=tunnel.ssh_port,
                  ssh_options=tunnel.keys.options(result.reverse_tunnel_port), host_key_hash=tunnel.host_key_hash,
-                 reverse_tunnel_port=result.reverse_tunnel_port)
+                 reverse_tunnel_port=result.reverse_tunnel_port,
+                 tunnel_last_seen_at=result.connection.last_seen_at)
         return response
 
 

@@ -37,4 +37,5 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
             enrollment_id=record.enrollment_id, state=record.state, message=record.message,
             oma_host=record.oma_host, oma_port=record.oma_port, vma_name=record.vma_name,
             vma_fingerprint=record.vma_fingerprint, ssh_user=record.ssh_user,
-            enrolled_at=timestamp(_time(record.enrolled_at)), updated_at=timestamp(_time(record.updated_at)))
+            enrolled_at=timestamp(_time(record.enrolled_at)), updated_at=timestamp(_time(record.updated_at)),
+            tunnel_configured=record.tunnel_configured)

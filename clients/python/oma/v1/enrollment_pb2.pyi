@@ -179,6 +179,8 @@ class GetEnrollmentResultResponse(_message.Message):
     SSH_OPTIONS_FIELD_NUMBER: _builtins.int
     HOST_KEY_HASH_FIELD_NUMBER: _builtins.int
     REVERSE_TUNNEL_PORT_FIELD_NUMBER: _builtins.int
+    TUNNEL_LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
+    ACCESS_REVOKED_FIELD_NUMBER: _builtins.int
     enrollment_id: _builtins.str
     status: _builtins.str
     """`pending_verification` | `awaiting_approval` | `approved` | `rejected` | `expired`."""
@@ -193,6 +195,12 @@ class GetEnrollmentResultResponse(_message.Message):
     """Set when approved: `SHA256:<base64>` fingerprint of the OMA's Ed25519 SSH host key, to pin."""
     reverse_tunnel_port: _builtins.int
     """Set when approved: OMA-side port the VMA must reverse-forward to its API."""
+    access_revoked: _builtins.bool
+    """Approved, but the operator revoked the tunnel access since: the VMA must stop its tunnel."""
+    @_builtins.property
+    def tunnel_last_seen_at(self) -> _timestamp_pb2.Timestamp:
+        """When the OMA's connection monitor last reached the VMA through its tunnel (unset: never)."""
+
     def __init__(
         self,
         *,
@@ -204,10 +212,12 @@ class GetEnrollmentResultResponse(_message.Message):
         ssh_options: _builtins.str = ...,
         host_key_hash: _builtins.str = ...,
         reverse_tunnel_port: _builtins.int = ...,
+        tunnel_last_seen_at: _timestamp_pb2.Timestamp | None = ...,
+        access_revoked: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tunnel_last_seen_at", b"tunnel_last_seen_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_id", b"enrollment_id", "host_key_hash", b"host_key_hash", "message", b"message", "reverse_tunnel_port", b"reverse_tunnel_port", "ssh_options", b"ssh_options", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_revoked", b"access_revoked", "enrollment_id", b"enrollment_id", "host_key_hash", b"host_key_hash", "message", b"message", "reverse_tunnel_port", b"reverse_tunnel_port", "ssh_options", b"ssh_options", "ssh_port", b"ssh_port", "ssh_user", b"ssh_user", "status", b"status", "tunnel_last_seen_at", b"tunnel_last_seen_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from migration.v1 import options_pb2 as migration_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vma/v1/enrollment.proto\x12\x06vma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\"\x90\x01\n\rEnrollRequest\x12\x10\n\x08oma_host\x18\x01 \x01(\t\x12\x10\n\x08oma_port\x18\x02 \x01(\x05\x12\x14\n\x0cpairing_code\x18\x03 \x01(\t\x12\x10\n\x08vma_name\x18\x04 \x01(\t\x12\x13\n\x0bvma_version\x18\x05 \x01(\t\x12\x1e\n\x16oma_certificate_sha256\x18\x06 \x01(\t\"G\n\x0e\x45nrollResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1c\n\x1aGetEnrollmentStatusRequest\"\x96\x02\n\x1bGetEnrollmentStatusResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08oma_host\x18\x04 \x01(\t\x12\x10\n\x08oma_port\x18\x05 \x01(\x05\x12\x10\n\x08vma_name\x18\x06 \x01(\t\x12\x17\n\x0fvma_fingerprint\x18\x07 \x01(\t\x12\x10\n\x08ssh_user\x18\x08 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe5\x01\n\x11\x45nrollmentService\x12T\n\x06\x45nroll\x12\x15.vma.v1.EnrollRequest\x1a\x16.vma.v1.EnrollResponse\"\x1b\x8a\xb5\x18\x17POST /enrollment/enroll\x12z\n\x13GetEnrollmentStatus\x12\".vma.v1.GetEnrollmentStatusRequest\x1a#.vma.v1.GetEnrollmentStatusResponse\"\x1a\x8a\xb5\x18\x16GET /enrollment/statusB4Z2github.com/oma-vma/migrate/clients/go/vma/v1;vmav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vma/v1/enrollment.proto\x12\x06vma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\"\x90\x01\n\rEnrollRequest\x12\x10\n\x08oma_host\x18\x01 \x01(\t\x12\x10\n\x08oma_port\x18\x02 \x01(\x05\x12\x14\n\x0cpairing_code\x18\x03 \x01(\t\x12\x10\n\x08vma_name\x18\x04 \x01(\t\x12\x13\n\x0bvma_version\x18\x05 \x01(\t\x12\x1e\n\x16oma_certificate_sha256\x18\x06 \x01(\t\"G\n\x0e\x45nrollResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1c\n\x1aGetEnrollmentStatusRequest\"\xb1\x02\n\x1bGetEnrollmentStatusResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08oma_host\x18\x04 \x01(\t\x12\x10\n\x08oma_port\x18\x05 \x01(\x05\x12\x10\n\x08vma_name\x18\x06 \x01(\t\x12\x17\n\x0fvma_fingerprint\x18\x07 \x01(\t\x12\x10\n\x08ssh_user\x18\x08 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11tunnel_configured\x18\x0b \x01(\x08\x32\xe5\x01\n\x11\x45nrollmentService\x12T\n\x06\x45nroll\x12\x15.vma.v1.EnrollRequest\x1a\x16.vma.v1.EnrollResponse\"\x1b\x8a\xb5\x18\x17POST /enrollment/enroll\x12z\n\x13GetEnrollmentStatus\x12\".vma.v1.GetEnrollmentStatusRequest\x1a#.vma.v1.GetEnrollmentStatusResponse\"\x1a\x8a\xb5\x18\x16GET /enrollment/statusB4Z2github.com/oma-vma/migrate/clients/go/vma/v1;vmav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,7 +45,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_start=316
   _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_end=344
   _globals['_GETENROLLMENTSTATUSRESPONSE']._serialized_start=347
-  _globals['_GETENROLLMENTSTATUSRESPONSE']._serialized_end=625
-  _globals['_ENROLLMENTSERVICE']._serialized_start=628
-  _globals['_ENROLLMENTSERVICE']._serialized_end=857
+  _globals['_GETENROLLMENTSTATUSRESPONSE']._serialized_end=652
+  _globals['_ENROLLMENTSERVICE']._serialized_start=655
+  _globals['_ENROLLMENTSERVICE']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

@@ -110,6 +110,7 @@ class GetEnrollmentStatusResponse(_message.Message):
     SSH_USER_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    TUNNEL_CONFIGURED_FIELD_NUMBER: _builtins.int
     enrollment_id: _builtins.str
     state: _builtins.str
     message: _builtins.str
@@ -119,6 +120,8 @@ class GetEnrollmentStatusResponse(_message.Message):
     vma_fingerprint: _builtins.str
     """SSH fingerprint of this agent's key: "SHA256:<base64>"."""
     ssh_user: _builtins.str
+    tunnel_configured: _builtins.bool
+    """The tunnel to the OMA is up: the OMA confirmed it reached this agent through it."""
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -136,10 +139,11 @@ class GetEnrollmentStatusResponse(_message.Message):
         ssh_user: _builtins.str = ...,
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        tunnel_configured: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "enrollment_id", b"enrollment_id", "message", b"message", "oma_host", b"oma_host", "oma_port", b"oma_port", "ssh_user", b"ssh_user", "state", b"state", "updated_at", b"updated_at", "vma_fingerprint", b"vma_fingerprint", "vma_name", b"vma_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "enrollment_id", b"enrollment_id", "message", b"message", "oma_host", b"oma_host", "oma_port", b"oma_port", "ssh_user", b"ssh_user", "state", b"state", "tunnel_configured", b"tunnel_configured", "updated_at", b"updated_at", "vma_fingerprint", b"vma_fingerprint", "vma_name", b"vma_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
