@@ -50,15 +50,16 @@ def admin(oma):
         yield client
 
 
-@pytest.fixture
-def agent(tmp_path):
-    """Start (and restart) an agent on one port with one enrollment directory: ``with agent() as stub``."""
+def agent_runner(tmp_path, **settings):
+    """``with run() as stub``: start (and restart) an agent on one fixed port (its tunnel forwards to it)
+    with one enrollment directory; ``run.port``, ``run.dir``."""
     port = _free_port()
 
     @contextlib.contextmanager
     def run():
         with start_vma(listen=f"127.0.0.1:{port}", work_dir=tmp_path / "vma-work",
-                       enrollment_dir=tmp_path / "enrollment", enrollment_poll_interval_seconds=0.05) as running:
+                       enrollment_dir=tmp_path / "enrollment", enrollment_poll_interval_seconds=0.05,
+                       **settings) as running:
             channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
             try:
                 yield enrollment_pb2_grpc.EnrollmentServiceStub(channel)
@@ -68,6 +69,11 @@ def agent(tmp_path):
     run.port = port
     run.dir = tmp_path / "enrollment"
     return run
+
+
+@pytest.fixture
+def agent(tmp_path):
+    return agent_runner(tmp_path)
 
 
 def new_code(admin) -> str:

@@ -18,17 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from oma.v1 import enrollment_admin_pb2 as apb
-from vma.v1 import enrollment_pb2_grpc
 
 from oma_server.db import models
 from oma_server.integrations.ssh_keys import parse_public_key
 from omaclient.client import OmaClient
-from tests.fixtures.servers import ADMIN_PASSWORD, start_vma
+from tests.fixtures.servers import ADMIN_PASSWORD
 from tests.fixtures.sshd import check_config, start_sshd
-from tests.test_vma_enrollment import enroll, new_code, status, wait_for
+from tests.test_vma_enrollment import agent_runner, enroll, new_code, status, wait_for
 
 USER = getpass.getuser()  # the tunnel account: sshd here runs as this user, so it can only log in as it
 REPO = Path(__file__).resolve().parents[1]
@@ -116,23 +114,8 @@ def tunnel_lab(tunnel_lab_factory):
 
 @pytest.fixture
 def tunnel_agent(tmp_path):
-    """A VMA agent on a fixed port (its tunnel forwards to it) whose tunnel keeper checks often."""
-    port = _free_port()
-
-    @contextlib.contextmanager
-    def run():
-        with start_vma(listen=f"127.0.0.1:{port}", work_dir=tmp_path / "vma-work",
-                       enrollment_dir=tmp_path / "enrollment", enrollment_poll_interval_seconds=0.05,
-                       tunnel_check_interval_seconds=0.1, tunnel_restart_delay_seconds=0.5) as running:
-            channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-            try:
-                yield enrollment_pb2_grpc.EnrollmentServiceStub(channel)
-            finally:
-                channel.close()
-
-    run.port = port
-    run.dir = tmp_path / "enrollment"
-    return run
+    """A VMA agent whose tunnel keeper checks often and restarts ssh quickly."""
+    return agent_runner(tmp_path, tunnel_check_interval_seconds=0.1, tunnel_restart_delay_seconds=0.5)
 
 
 def test_generated_sshd_settings_match_the_keys_and_sshd_accepts_them(tunnel_lab):

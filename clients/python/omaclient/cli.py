@@ -596,20 +596,24 @@ def _watch(s: Session, args: argparse.Namespace) -> int:
     return _follow(s, args.job)
 
 
-def _follow(s: Session, job_id: str) -> int:
-    display: progress.Display
+def _display(s: Session, terminal: Callable[[Any], Any], plain: Callable[[Any], Any]) -> progress.Display:
+    """JSON Lines on stdout with --json; otherwise redrawn on a terminal, or plain lines, on stderr."""
     if s.json:
-        display = progress.JsonLinesDisplay(sys.stdout)
-    elif sys.stderr.isatty():
-        display = progress.TerminalDisplay(sys.stderr)
-    else:
-        display = progress.PlainDisplay(sys.stderr)
+        return progress.JsonLinesDisplay(sys.stdout)
+    return terminal(sys.stderr) if sys.stderr.isatty() else plain(sys.stderr)
+
+
+def _stopped_watching(job_id: str, resume: str) -> int:
+    print(f"\nstopped watching; job {job_id} keeps running. Resume with: {resume}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _follow(s: Session, job_id: str) -> int:
+    display = _display(s, progress.TerminalDisplay, progress.PlainDisplay)
     try:
         final = progress.follow(s.client, job_id, display)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; job {job_id} keeps running. Resume with: omactl watch {job_id}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped_watching(job_id, f"omactl watch {job_id}")
     if not s.json:
         if final.status == "completed":
             print(f"job {job_id} completed: {output.size(final.bytes_transferred)} in "
@@ -903,19 +907,11 @@ def _started(s: Session, args: argparse.Namespace, response: Any, text: str) -> 
 
 
 def _follow_failover(s: Session, job_id: str) -> int:
-    display: progress.Display
-    if s.json:
-        display = progress.JsonLinesDisplay(sys.stdout)
-    elif sys.stderr.isatty():
-        display = progress.FailoverTerminalDisplay(sys.stderr)
-    else:
-        display = progress.FailoverPlainDisplay(sys.stderr)
+    display = _display(s, progress.FailoverTerminalDisplay, progress.FailoverPlainDisplay)
     try:
         final = progress.follow_failover(s.client, job_id, display)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; job {job_id} keeps running. Resume with: omactl failover watch {job_id}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped_watching(job_id, f"omactl failover watch {job_id}")
     job = final.job
     if not s.json:
         print(_outcome(final))

@@ -65,20 +65,26 @@ class JsonLinesDisplay:
         self._stream.flush()
 
 
-class TerminalDisplay:
-    """Redraws the job line and one bar per disk in place (ANSI: cursor up, clear to end)."""
+class _Redrawing:
+    """Lines redrawn in place on a terminal (ANSI: cursor up over the previous drawing, clear to end)."""
 
     def __init__(self, stream: TextIO):
         self._stream = stream
         self._lines_on_screen = 0
 
-    def update(self, progress: Any) -> None:
+    def _redraw(self, lines: list[str]) -> None:
         width = _columns(self._stream)
-        lines = [job_line(progress), *(disk_line(d) for d in progress.disks)]
         erase = f"\x1b[{self._lines_on_screen}F\x1b[J" if self._lines_on_screen else ""
         self._stream.write(erase + "".join(line[:width] + "\n" for line in lines))
         self._stream.flush()
         self._lines_on_screen = len(lines)
+
+
+class TerminalDisplay(_Redrawing):
+    """Redraws the job line and one bar per disk in place."""
+
+    def update(self, progress: Any) -> None:
+        self._redraw([job_line(progress), *(disk_line(d) for d in progress.disks)])
 
 
 class PlainDisplay:
@@ -179,21 +185,12 @@ def step_line(step: Any, total: int) -> str:
     return "  ".join(parts)
 
 
-class FailoverTerminalDisplay:
+class FailoverTerminalDisplay(_Redrawing):
     """The job line and one line per step, redrawn in place."""
 
-    def __init__(self, stream: TextIO):
-        self._stream = stream
-        self._lines_on_screen = 0
-
     def update(self, update: Any) -> None:
-        width = _columns(self._stream)
         total = output.expected_steps(update.job)
-        lines = [failover_job_line(update), *(step_line(s, total) for s in update.job.steps)]
-        erase = f"\x1b[{self._lines_on_screen}F\x1b[J" if self._lines_on_screen else ""
-        self._stream.write(erase + "".join(line[:width] + "\n" for line in lines))
-        self._stream.flush()
-        self._lines_on_screen = len(lines)
+        self._redraw([failover_job_line(update), *(step_line(s, total) for s in update.job.steps)])
 
 
 class FailoverPlainDisplay:
