@@ -46,7 +46,8 @@ def test_system_health_is_measured_for_operators_and_minimal_for_anonymous(oma, 
     assert response.system_health == "healthy" and response.version == "0.1.0"
     assert {name: c.status for name, c in components.items()} == {
         "database": "healthy", "replication_engine": "healthy", "vma_tunnel": "healthy", "cloudstack": "unknown",
-        "log_sink": "healthy", "scheduler": "healthy"}
+        "log_sink": "healthy", "scheduler": "healthy", "vma_connections": "unknown"}
+    assert components["vma_connections"].message == "no VMA is enrolled"
     assert components["database"].details["backend"] in ("sqlite", "mariadb")
     engine = components["replication_engine"].details
     assert (engine["active_jobs"], engine["leases_held"], engine["orphaned_jobs"]) == (2, 1, 0)
@@ -81,7 +82,8 @@ def test_unreachable_dependencies_degrade_health_without_showing_secrets(oma_fac
         response, components = _health(client)
     assert response.system_health == "degraded"
     assert {name: c.status for name, c in components.items() if c.status != "healthy"} == {
-        "vma_tunnel": "unhealthy", "cloudstack": "unhealthy", "replication_engine": "degraded"}
+        "vma_tunnel": "unhealthy", "cloudstack": "unhealthy", "replication_engine": "degraded",
+        "vma_connections": "unknown"}
     assert "127.0.0.1:9" in components["vma_tunnel"].message
     assert components["cloudstack"].details["api_host"] == "127.0.0.1:9"
     assert components["replication_engine"].details["orphaned_jobs"] == 1

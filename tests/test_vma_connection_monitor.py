@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+from oma.v1 import debug_pb2
 from oma.v1 import enrollment_admin_pb2 as apb
 
 from oma_server.db import models
@@ -94,6 +95,11 @@ def test_silent_vmas_are_disconnected_answering_ones_reconnect_and_revoked_stays
         a = _connection(site_a.enrollment_id)
         assert a.connection_status == "connected" and not _events(admin, site_a.enrollment_id, "disconnection")
         assert _listed(admin) == {site_a.enrollment_id: "connected"}
+        health = {c.name: c for c in admin.debug.GetSystemHealth(debug_pb2.GetSystemHealthRequest(),
+                                                                 timeout=10).components}
+        assert health["vma_connections"].status == "degraded"
+        assert health["vma_connections"].message == \
+            "1 of 2 enrolled VMAs do not answer through their tunnels: site-b"
         assert _listed(admin, include_disconnected=True) == {site_a.enrollment_id: "connected",
                                                              site_b.enrollment_id: "disconnected"}
 

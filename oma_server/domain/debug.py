@@ -45,6 +45,7 @@ from oma_server.db.models import (
     ReplicationSchedule,
     ScheduleExecution,
     ScheduleExecutionStatus,
+    VmaActiveConnection,
     utcnow,
 )
 from oma_server.domain import cloudstack_config, paging
@@ -171,6 +172,25 @@ def replication_health(instance: str | None, lease_seconds: float) -> Probe:
     return Probe("replication_engine", HEALTHY,
                  f"{details['active_jobs']} active jobs, {details['leases_held']} driven by {instance}",
                  _elapsed_ms(started), now, details)
+
+
+def vma_connections_health(monitor_running: bool) -> Probe:
+    """The enrolled VMAs as the connection monitor last saw them through their tunnels."""
+    now = utcnow()
+    rows = (VmaActiveConnection.select(VmaActiveConnection.connection_status, VmaActiveConnection.vma_name)
+            .where(VmaActiveConnection.connection_status != "revoked"))
+    connected = sorted(r.vma_name for r in rows if r.connection_status == "connected")
+    disconnected = sorted(r.vma_name for r in rows if r.connection_status == "disconnected")
+    details = {"connected": len(connected), "disconnected": len(disconnected), "disconnected_vmas": disconnected}
+    if not monitor_running:
+        return Probe("vma_connections", UNKNOWN, "the VMA connection monitor is not running", 0, now, details)
+    if not connected and not disconnected:
+        return Probe("vma_connections", UNKNOWN, "no VMA is enrolled", 0, now, details)
+    if disconnected:
+        return Probe("vma_connections", DEGRADED, f"{len(disconnected)} of {len(connected) + len(disconnected)} "
+                     f"enrolled VMAs do not answer through their tunnels: {', '.join(disconnected)}", 0, now, details)
+    return Probe("vma_connections", HEALTHY, f"all {len(connected)} enrolled VMAs answer through their tunnels",
+                 0, now, details)
 
 
 def log_sink_health(dropped: int | None) -> Probe:

@@ -38,6 +38,7 @@ class DebugServicer(debug_pb2_grpc.DebugServiceServicer):
             debug.vma_health(components.get("vma")),
             debug.cloudstack_health(cloudstack_config.active_config(), self._runtime.secrets),
             debug.log_sink_health(sink.dropped if sink else None),
+            debug.vma_connections_health("vma_connection_monitor" in components),
         ]
         scheduler_probe, scheduler = debug.scheduler_health(components.get("scheduler"))
         probes.append(scheduler_probe)
