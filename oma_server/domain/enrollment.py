@@ -174,8 +174,8 @@ def _text(value: str, name: str, max_length: int = 255) -> str:
 
 
 def _audit(event_type: AuditEventType, caller: Caller, enrollment: VmaEnrollment | None = None,
-           **details: object) -> None:
-    VmaConnectionAudit.create(
+           **details: object) -> VmaConnectionAudit:
+    return VmaConnectionAudit.create(
         enrollment=enrollment.id if enrollment is not None else None, event_type=event_type,
         vma_fingerprint=enrollment.vma_fingerprint if enrollment is not None else None,
         source_ip=caller.source_ip, user_agent=caller.user_agent, approved_by=caller.actor,
@@ -458,8 +458,9 @@ def reject(caller: Caller, enrollment_id: str, rejected_by: str, reason: str) ->
 
 
 def revoke(tunnel: Tunnel, caller: Caller, enrollment_id: str, revoked_by: str, reason: str) -> Revocation:
-    """Remove the VMA's key from the tunnel account (first; a failure changes nothing), end its live
-    tunnel session (sshd keeps open sessions of a removed key), then mark its connection ``revoked``."""
+    """Remove the VMA's key from the tunnel account (first; a failure changes nothing) and mark its
+    connection ``revoked``; once that is committed, end its live tunnel session (sshd keeps the open
+    sessions of a removed key) and add what was ended to the audit row."""
     revoked_by = _text(revoked_by, "revoked_by") or caller.actor
     reason = _text(reason, "reason", 2000)
     try:
@@ -473,22 +474,24 @@ def revoke(tunnel: Tunnel, caller: Caller, enrollment_id: str, revoked_by: str, 
             if connection.connection_status == ConnectionStatus.REVOKED:
                 raise FailedPrecondition(f"the tunnel access of enrollment {enrollment.id} is already revoked")
             removed = tunnel.keys.remove(_key(enrollment))  # first: if it fails, nothing is revoked
-            ended = None
-            if tunnel.end_sessions is not None and connection.reverse_tunnel_port is not None:
-                ended = tunnel.end_sessions(connection.reverse_tunnel_port)
             now = utcnow()
             connection.connection_status = ConnectionStatus.REVOKED
             connection.revoked_at, connection.revoked_by = now, revoked_by
             port = connection.reverse_tunnel_port
             connection.reverse_tunnel_port = None  # released for the next VMA; the audit row keeps it
             connection.save()
-            _audit(AuditEventType.REVOCATION, caller, enrollment, revoked_by=revoked_by, reason=reason or None,
-                   connection_id=connection.id, keys_removed=removed, reverse_tunnel_port=port,
-                   sessions_ended=ended.pids if ended else None, session_problems=(ended.problems or None)
-                   if ended else None)
+            audit = _audit(AuditEventType.REVOCATION, caller, enrollment, revoked_by=revoked_by,
+                           reason=reason or None, connection_id=connection.id, keys_removed=removed,
+                           reverse_tunnel_port=port)
     except ssh_keys.SshKeyError as exc:
         raise FailedPrecondition(f"the VMA's key could not be removed, nothing was revoked: {exc}") from None
+    # Outside the transaction: ending a session may wait for the process to exit.
+    ended = tunnel.end_sessions(port) if tunnel.end_sessions is not None and port is not None else None
     pids = ended.pids if ended else []
+    if ended is not None:
+        VmaConnectionAudit.update(event_details={**audit.event_details, "sessions_ended": pids,
+                                                 **({"session_problems": ended.problems} if ended.problems else {})}
+                                  ).where(VmaConnectionAudit.id == audit.id).execute()
     message = f"key removed from {tunnel.keys.path}; " + (
         f"{len(pids)} live tunnel session{'s' if len(pids) != 1 else ''} ended (pid {', '.join(map(str, pids))})"
         if pids else "no live tunnel session was open")
