@@ -145,10 +145,10 @@ class TunnelKeeper:
             return
         if self._revoked:
             return
-        command = (self._enrollment.directory / "tunnel.command").read_text().split()
         try:
+            command = (self._enrollment.directory / "tunnel.command").read_text().split()
             self._process = ssh_tunnel.SshProcess(command, self._enrollment.directory / TUNNEL_LOG_FILE)
-        except ssh_tunnel.SshError as exc:
+        except (OSError, ssh_tunnel.SshError) as exc:
             self._next_start = time.monotonic() + self._restart_delay
             self._down(f"tunnel not started: {exc}")
             return
