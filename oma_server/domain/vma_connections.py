@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -39,16 +38,6 @@ MONITOR = "monitor"
 Probe = Callable[[int], bool]
 
 
-@dataclass
-class PassResult:
-    """What one monitor pass saw and changed (connection ids)."""
-
-    seen: list[str] = field(default_factory=list)
-    unanswered: list[str] = field(default_factory=list)
-    disconnected: list[str] = field(default_factory=list)
-    reconnected: list[str] = field(default_factory=list)
-
-
 def _audit(event_type: AuditEventType, connection: VmaActiveConnection, **details: object) -> None:
     VmaConnectionAudit.create(
         enrollment=connection.enrollment_id, event_type=event_type, vma_fingerprint=connection.vma_fingerprint,
@@ -56,25 +45,19 @@ def _audit(event_type: AuditEventType, connection: VmaActiveConnection, **detail
                                             "reverse_tunnel_port": connection.reverse_tunnel_port, **details})
 
 
-def monitor_pass(probe: Probe, disconnect_after: timedelta, now: datetime | None = None) -> PassResult:
+def monitor_pass(probe: Probe, disconnect_after: timedelta) -> None:
     """Probe every connected or disconnected VMA once and record what changed."""
-    result = PassResult()
     watched = list(VmaActiveConnection.select().where(
         VmaActiveConnection.connection_status.in_([ConnectionStatus.CONNECTED, ConnectionStatus.DISCONNECTED]),
         VmaActiveConnection.reverse_tunnel_port.is_null(False)).order_by(VmaActiveConnection.connected_at))
     for connection in watched:
-        answered = probe(connection.reverse_tunnel_port)
-        at = now or utcnow()
-        if answered:
-            result.seen.append(connection.id)
-            _seen(connection, at, result)
+        if probe(connection.reverse_tunnel_port):
+            _seen(connection, utcnow())
         else:
-            result.unanswered.append(connection.id)
-            _unanswered(connection, at, disconnect_after, result)
-    return result
+            _unanswered(connection, utcnow(), disconnect_after)
 
 
-def _seen(connection: VmaActiveConnection, at: datetime, result: PassResult) -> None:
+def _seen(connection: VmaActiveConnection, at: datetime) -> None:
     with db.atomic():
         if connection.connection_status == ConnectionStatus.DISCONNECTED:
             moved = VmaActiveConnection.update(connection_status=ConnectionStatus.CONNECTED, last_seen_at=at,
@@ -84,7 +67,6 @@ def _seen(connection: VmaActiveConnection, at: datetime, result: PassResult) -> 
             if moved:
                 _audit(AuditEventType.CONNECTION, connection, reason="tunnel_answered",
                        disconnected_since=_iso(connection.updated_at))
-                result.reconnected.append(connection.id)
                 log.info("VMA %r (connection %s) answers through its tunnel again", connection.vma_name,
                          connection.id)
             return
@@ -93,8 +75,7 @@ def _seen(connection: VmaActiveConnection, at: datetime, result: PassResult) -> 
             VmaActiveConnection.connection_status == ConnectionStatus.CONNECTED).execute()
 
 
-def _unanswered(connection: VmaActiveConnection, at: datetime, disconnect_after: timedelta,
-                result: PassResult) -> None:
+def _unanswered(connection: VmaActiveConnection, at: datetime, disconnect_after: timedelta) -> None:
     if connection.connection_status != ConnectionStatus.CONNECTED:
         return
     since = connection.last_seen_at or connection.connected_at
@@ -109,7 +90,6 @@ def _unanswered(connection: VmaActiveConnection, at: datetime, disconnect_after:
         if moved:
             _audit(AuditEventType.DISCONNECTION, connection, reason="connection_timeout",
                    last_seen_at=_iso(connection.last_seen_at), silent_seconds=int((at - since).total_seconds()))
-            result.disconnected.append(connection.id)
     if moved:
         log.warning("VMA %r (connection %s) has not answered through its tunnel (port %s) since %s: disconnected",
                     connection.vma_name, connection.id, connection.reverse_tunnel_port, _iso(since))
@@ -131,9 +111,9 @@ class ConnectionMonitor:
     def start(self) -> None:
         self._thread.start()
 
-    def run_once(self) -> PassResult:
+    def run_once(self) -> None:
         with db.connection_context():
-            return monitor_pass(self._probe, self._disconnect_after)
+            monitor_pass(self._probe, self._disconnect_after)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
