@@ -436,6 +436,11 @@ class FailoverEngine:
                 continue
             self._fail_record(record, "interrupted by restart: no job drives this failover any more")
 
+    def _stopped(self, job_id: str, exc: Exception) -> None:
+        """The OMA stopped while the job ran its steps: end the job as interrupted."""
+        with db.connection_context():
+            self._interrupt(JobTracking.get_by_id(job_id), f"interrupted: {exc}")
+
     def _interrupt(self, job: JobTracking, reason: str) -> None:
         log.warning("%s job %s: %s", job.operation, job.id, reason)
         with db.atomic():
@@ -573,8 +578,7 @@ class FailoverEngine:
             self._failover_failed(run, exc.step, exc.message)
             return
         except _Stopping as exc:
-            with db.connection_context():
-                self._interrupt(JobTracking.get_by_id(job.id), f"interrupted: {exc}")
+            self._stopped(job.id, exc)
             return
         with db.connection_context(), db.atomic():
             self._end(job.id, run.ctx.context_id)
@@ -1123,8 +1127,7 @@ class FailoverEngine:
         except joblog.StepFailed as exc:
             run.failures.append(exc.message)
         except _Stopping as exc:
-            with db.connection_context():
-                self._interrupt(JobTracking.get_by_id(job.id), f"interrupted: {exc}")
+            self._stopped(job.id, exc)
             return
         with db.connection_context():
             if run.failures:
@@ -1270,8 +1273,7 @@ class FailoverEngine:
                 self._cleanup_failed(job.id, run.ctx.context_id, None, exc.message)
             return
         except _Stopping as exc:
-            with db.connection_context():
-                self._interrupt(JobTracking.get_by_id(job.id), f"interrupted: {exc}")
+            self._stopped(job.id, exc)
             return
         with db.connection_context(), db.atomic():
             self._end(job.id, run.ctx.context_id)
