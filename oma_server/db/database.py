@@ -17,9 +17,12 @@ Two backends, chosen by URL:
   ``stale_timeout`` (default 300 s) must stay below the server's ``wait_timeout`` (MariaDB default 28800 s) so the
   pool recycles connections before the server drops them.
 
-Usage per RPC: ``with db.connection_context(): …`` (``db`` is ``database_proxy``) opens a connection for the
-calling thread and closes it afterwards — for the pool "close" returns the connection to the pool, for SQLite it
-closes the file handle.
+Usage per RPC: ``with db.connection_context(): …`` (``db`` is ``database_proxy``) takes a connection for the
+calling thread and gives it back afterwards. Both backends pool: opening and closing an SQLite file per call
+cost about a third of a read RPC (the open re-runs the pragmas, the close of the last connection checkpoints the
+WAL), so a file database is a ``PooledSqliteDatabase`` too — without a limit (one connection per thread that uses
+the database at once; SQLite connections are cheap and the thread pools bound their number) and opened with
+``check_same_thread=False`` (a pooled connection is handed to whichever thread asks next, never to two at once).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import uuid
 from urllib.parse import unquote, urlsplit
 
 from peewee import Database, DatabaseProxy, ModelSelect, MySQLDatabase, SqliteDatabase
-from playhouse.pool import PooledMySQLDatabase
+from playhouse.pool import PooledMySQLDatabase, PooledSqliteDatabase
 
 #: The database every model binds to; initialised by :func:`init_database` (or by tests).
 database_proxy = DatabaseProxy()
@@ -77,8 +80,10 @@ def connect(url: str, *, pool_size: int = 20, stale_timeout: int = 300, pool_tim
             raise ValueError(f"sqlite URL has no path: {url!r}")
         if path == ":memory:":
             return SharedMemorySqliteDatabase(busy_timeout_ms)
-        return SqliteDatabase(path, pragmas=_sqlite_pragmas(busy_timeout_ms), timeout=busy_timeout_ms / 1000,
-                              lock_type="IMMEDIATE")
+        # No pool ``timeout``/``max_connections``: the pool never makes a thread wait (``busy_timeout`` is the
+        # pragma that makes writers queue).
+        return PooledSqliteDatabase(path, pragmas=_sqlite_pragmas(busy_timeout_ms), lock_type="IMMEDIATE",
+                                    max_connections=0, check_same_thread=False)
     if scheme in ("mysql", "mariadb"):
         name = parts.path.lstrip("/")
         if not name or not parts.hostname:
