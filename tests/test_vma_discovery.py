@@ -353,10 +353,10 @@ def test_fast_parser_edge_cases():
            b'<connectable><connected>false</connected></connectable><macAddress>00:50:56:aa:bb:cc</macAddress>'
            b'</VirtualDevice></val></propSet></objects>')
     data = head + obj + tail
-    fast, token = vsphere._objects_fast(data)
-    slow, token2 = vsphere._objects_et(data)
+    fast, token = vsphere.session._objects_fast(data)
+    slow, token2 = vsphere.session._objects_et(data)
     assert token == token2 == "t-1"
-    rf, rs = vsphere._vm_record(fast[0][1], fast[0][2]), vsphere._vm_record(slow[0][1], slow[0][2])
+    rf, rs = vsphere.session._vm_record(fast[0][1], fast[0][2]), vsphere.session._vm_record(slow[0][1], slow[0][2])
     assert dataclasses.asdict(rf) == dataclasses.asdict(rs)
     assert rf.name == "a & b <c> \u00e9" and rf.annotation == ""
     assert rf.controllers[15000].kind == "sata"
@@ -366,6 +366,6 @@ def test_fast_parser_edge_cases():
     (nic,) = rf.nics
     assert (nic.adapter_type, nic.backing, nic.opaque_id, nic.connected) == ("vmxnet3", "opaque", "ls-1", False)
     # answers the fast parser does not vouch for go to ElementTree
-    with pytest.raises(vsphere._NotForFastPath):
-        vsphere._objects_fast(head + obj.replace(b"<key>16000</key>", b"") + tail)
-    assert vsphere._objects(head + tail) == ([], "t-1")
+    with pytest.raises(vsphere.session._NotForFastPath):
+        vsphere.session._objects_fast(head + obj.replace(b"<key>16000</key>", b"") + tail)
+    assert vsphere.session._objects(head + tail) == ([], "t-1")
