@@ -13,6 +13,7 @@ from vma.v1 import discovery_pb2, discovery_pb2_grpc, vcenter_pb2
 
 from tests.fixtures.servers import VMA_TOKEN, start_vma
 from vma_agent.integrations import vsphere
+from vma_agent.integrations.vsphere import properties as vsphere_properties
 
 MD = (("authorization", f"Bearer {VMA_TOKEN}"),)
 WRONG_PASSWORD = "Wr0ng-S3cret-pw!"
@@ -353,10 +354,11 @@ def test_fast_parser_edge_cases():
            b'<connectable><connected>false</connected></connectable><macAddress>00:50:56:aa:bb:cc</macAddress>'
            b'</VirtualDevice></val></propSet></objects>')
     data = head + obj + tail
-    fast, token = vsphere._objects_fast(data)
-    slow, token2 = vsphere._objects_et(data)
+    fast, token = vsphere_properties.parse_objects_fast(data)
+    slow, token2 = vsphere_properties.parse_objects_et(data)
     assert token == token2 == "t-1"
-    rf, rs = vsphere._vm_record(fast[0][1], fast[0][2]), vsphere._vm_record(slow[0][1], slow[0][2])
+    record = vsphere_properties.vm_record_from_properties
+    rf, rs = record(fast[0][1], fast[0][2]), record(slow[0][1], slow[0][2])
     assert dataclasses.asdict(rf) == dataclasses.asdict(rs)
     assert rf.name == "a & b <c> \u00e9" and rf.annotation == ""
     assert rf.controllers[15000].kind == "sata"
@@ -366,6 +368,6 @@ def test_fast_parser_edge_cases():
     (nic,) = rf.nics
     assert (nic.adapter_type, nic.backing, nic.opaque_id, nic.connected) == ("vmxnet3", "opaque", "ls-1", False)
     # answers the fast parser does not vouch for go to ElementTree
-    with pytest.raises(vsphere._NotForFastPath):
-        vsphere._objects_fast(head + obj.replace(b"<key>16000</key>", b"") + tail)
-    assert vsphere._objects(head + tail) == ([], "t-1")
+    with pytest.raises(vsphere_properties.NotForFastPath):
+        vsphere_properties.parse_objects_fast(head + obj.replace(b"<key>16000</key>", b"") + tail)
+    assert vsphere_properties.parse_objects(head + tail) == ([], "t-1")

@@ -12,7 +12,7 @@ from vma.v1 import cbt_pb2, cbt_pb2_grpc, power_pb2, power_pb2_grpc, vcenter_pb2
 
 from tests.fixtures.servers import VMA_TOKEN, start_vma
 from tests.fixtures.vcsim import VCSim, VCSimError
-from vma_agent import cbt
+from vma_agent import cbt, errors
 from vma_agent.integrations import vsphere
 
 MD = (("authorization", f"Bearer {VMA_TOKEN}"),)
@@ -298,5 +298,5 @@ def test_session_keepalive_and_relogin(sim):
         assert s.power_state(vm).power_state == "poweredOn" and s.logins == 2
     finally:
         s.close()
-    with pytest.raises(vsphere.errors.FailedPrecondition):
+    with pytest.raises(errors.FailedPrecondition):
         s.power_state(vm)
