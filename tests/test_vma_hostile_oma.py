@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from oma.v1 import enrollment_pb2 as oma_pb
 from oma.v1 import enrollment_pb2_grpc as oma_grpc
 from vma.v1 import enrollment_pb2 as pb
@@ -119,6 +120,20 @@ def test_control_honest_values_from_the_same_fake_oma_write_the_files_and_start_
     assert f"    RemoteForward 127.0.0.1:{oma.reverse_port} 127.0.0.1:{agent.port}\n" in config
     assert "    LocalForward 127.0.0.1:10809 127.0.0.1:10809\n" in config
     assert (agent.dir / "known_hosts").exists()
+
+
+def test_an_impossible_last_seen_time_is_reported_not_crashed_on(fake_oma, agent):
+    oma, port = fake_oma
+    oma.approval["tunnel_last_seen_at"] = Timestamp(seconds=2 ** 62)
+    with agent() as vma:
+        _enroll(vma, port)
+        assert _settled(vma).state == "approved"
+        deadline = time.monotonic() + 20
+        while (current := status(vma)).message != ("tunnel not started: the OMA reported an impossible "
+                                                   "tunnel_last_seen_at"):
+            assert time.monotonic() < deadline, current.message
+            time.sleep(0.05)
+        assert not current.tunnel_configured and not (agent.dir / "tunnel.log").exists()
 
 
 _INJECTED = "\n    ProxyCommand /bin/sh -c 'id > {proof}'"

@@ -256,7 +256,10 @@ class Enrollment:
             raise TunnelCheckError(f"the OMA refused to report on the tunnel: {_said(exc)}") from None
         except errors.AgentError as exc:  # e.g. the pinned TLS certificate no longer matches
             raise TunnelCheckError(exc.message) from None
-        seen = response.tunnel_last_seen_at.ToDatetime(UTC) if response.HasField("tunnel_last_seen_at") else None
+        try:
+            seen = response.tunnel_last_seen_at.ToDatetime(UTC) if response.HasField("tunnel_last_seen_at") else None
+        except (ValueError, OverflowError):  # a timestamp no clock can show
+            raise TunnelCheckError("the OMA reported an impossible tunnel_last_seen_at") from None
         return TunnelView(tunnel_last_seen_at=seen, access_revoked=response.access_revoked)
 
     # --- starting --------------------------------------------------------------------------------------
