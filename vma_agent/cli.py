@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from vma_agent.config import load_settings
+from vma_agent.config import ConfigError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vma_agent.server import build_server
 
-    running = build_server(settings)
+    try:
+        running = build_server(settings)
+    except ConfigError as exc:
+        print(f"vma-agent: not started: {exc}", file=sys.stderr, flush=True)
+        return 2
     print(f"vma-agent: serving on port {running.port}", flush=True)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -6,12 +6,15 @@ the common ones from ``vma-agent`` flags (flags win).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "VMA_"
+#: The shortest bearer token accepted on a non-loopback address.
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -19,13 +22,18 @@ class Settings:
     listen: str = "127.0.0.1:9091"
     max_workers: int = 32
     max_concurrent_rpcs: int = 64
-    # Bearer token the OMA must present; empty = no authentication (lab only).
+    # Bearer token the OMA must present. Empty = no authentication, which the agent accepts only on a
+    # loopback address (the lab, or behind the enrollment tunnel, whose reverse forward ends on
+    # 127.0.0.1); any other listen address needs a token of at least MIN_TOKEN_LENGTH characters.
     auth_token: str = ""
     metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
     # Ended jobs' progress is kept this long for late readers.
     progress_retention_seconds: float = 6 * 3600
+    # At most this many jobs' progress is held in memory; a new job beyond it evicts the longest-ended
+    # job, or is refused (RESOURCE_EXHAUSTED) while all of them still run.
+    progress_max_jobs: int = 1000
 
     # --- vCenter ---------------------------------------------------------------------------
     vcenter_timeout_seconds: float = 60.0
@@ -69,12 +77,46 @@ class Settings:
     tunnel_restart_delay_seconds: float = 10.0
     tunnel_check_interval_seconds: float = 5.0
 
+    def check(self) -> None:
+        """Refuse settings the agent must not start with (raises :class:`ConfigError` naming the setting)."""
+        host = listen_host(self.listen)
+        if not _is_loopback(host):
+            if not self.auth_token:
+                raise ConfigError(
+                    f"listen = {self.listen!r} is not a loopback address and auth_token (VMA_AUTH_TOKEN) is "
+                    f"empty: anyone who reaches that address could drive vCenter through this agent. Set "
+                    f"VMA_AUTH_TOKEN to the OMA's vma_token, or listen on 127.0.0.1 (behind the tunnel)")
+            if len(self.auth_token) < MIN_TOKEN_LENGTH:
+                raise ConfigError(f"auth_token (VMA_AUTH_TOKEN) must be at least {MIN_TOKEN_LENGTH} characters "
+                                  f"when listen ({self.listen!r}) is not a loopback address")
+        if self.progress_max_jobs < 1:
+            raise ConfigError("progress_max_jobs (VMA_PROGRESS_MAX_JOBS) must be at least 1")
+
     def datastores(self) -> dict[str, Path]:
         mapping = {}
         for item in filter(None, (s.strip() for s in self.datastore_map.split(","))):
             name, _, folder = item.partition("=")
             mapping[name.strip()] = Path(folder.strip())
         return mapping
+
+
+class ConfigError(ValueError):
+    """A setting the agent refuses to start with; the message names it."""
+
+
+def listen_host(listen: str) -> str:
+    """The host part of a gRPC listen address (``host:port``, ``[v6]:port``, ``:port`` = every address)."""
+    host = listen.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '' or 0.0.0.0-like wildcards are not loopback; neither is a name that may resolve anywhere
+        return False
 
 
 def _convert(raw: str, kind: Any) -> Any:

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import ssl
 import tempfile
 import threading
@@ -44,9 +45,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 from oma.v1 import enrollment_pb2, enrollment_pb2_grpc
 
-from vma_agent import errors
+from vma_agent import errors, validation
 from vma_agent.config import Settings
-from vma_agent.tunnel import TunnelCheckError, TunnelKeeper, TunnelView
+from vma_agent.integrations import ssh_tunnel
+from vma_agent.tunnel import SSH_CONFIG_FILE, TunnelCheckError, TunnelKeeper, TunnelView
 
 log = logging.getLogger("vma_agent.enrollment")
 
@@ -56,7 +58,7 @@ IN_PROGRESS = (KEYS_GENERATED, ENROLLED, VERIFIED, AWAITING_APPROVAL)
 
 DEFAULT_OMA_PORT = 443
 STATE_FILE, PRIVATE_KEY_FILE = "state.json", "id_ed25519"
-PUBLIC_KEY_FILE, SSH_CONFIG_FILE, COMMAND_FILE = "id_ed25519.pub", "tunnel.ssh_config", "tunnel.command"
+PUBLIC_KEY_FILE, COMMAND_FILE = "id_ed25519.pub", "tunnel.command"
 _CODE = re.compile(r"^[A-Z0-9]{4}-?[A-Z0-9]{4}-?[A-Z0-9]{4}$")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _MAX_BACKOFF_SECONDS = 60.0
@@ -96,6 +98,11 @@ class _Transient(Exception):
 
 class _Stopped(Exception):
     """The agent is stopping; leave the state as it is."""
+
+
+def _said(exc: grpc.RpcError) -> str:
+    """What the OMA said in an error status, safe to store and log."""
+    return validation.oma_message(exc.details() or "")
 
 
 def _now() -> str:
@@ -184,7 +191,8 @@ class Enrollment:
         if self._record is not None and self._record.state in IN_PROGRESS:
             log.info("resuming enrollment with %s (state %s)", self._record.oma_host, self._record.state)
             self._start_worker()
-        elif self._record is not None and self._record.state == APPROVED and self._keeper is not None:
+        elif self._record is not None and self._record.state == APPROVED and self._restore_tunnel_files() \
+                and self._keeper is not None:
             self._keeper.start()
 
     # --- state -----------------------------------------------------------------------------------------
@@ -245,10 +253,13 @@ class Enrollment:
         except (_Transient, _Stopped) as exc:
             raise TunnelCheckError(f"the OMA could not be asked about the tunnel: {exc}") from None
         except grpc.RpcError as exc:
-            raise TunnelCheckError(f"the OMA refused to report on the tunnel: {exc.details()}") from None
+            raise TunnelCheckError(f"the OMA refused to report on the tunnel: {_said(exc)}") from None
         except errors.AgentError as exc:  # e.g. the pinned TLS certificate no longer matches
             raise TunnelCheckError(exc.message) from None
-        seen = response.tunnel_last_seen_at.ToDatetime(UTC) if response.HasField("tunnel_last_seen_at") else None
+        try:
+            seen = response.tunnel_last_seen_at.ToDatetime(UTC) if response.HasField("tunnel_last_seen_at") else None
+        except (ValueError, OverflowError):  # a timestamp no clock can show
+            raise TunnelCheckError("the OMA reported an impossible tunnel_last_seen_at") from None
         return TunnelView(tunnel_last_seen_at=seen, access_revoked=response.access_revoked)
 
     # --- starting --------------------------------------------------------------------------------------
@@ -257,8 +268,9 @@ class Enrollment:
                oma_certificate_sha256: str) -> Record:
         """Generate the key and enroll with the OMA now; verification and waiting continue in the background."""
         oma_host, code = oma_host.strip(), pairing_code.strip().upper()
-        if not oma_host or any(c.isspace() for c in oma_host) or len(oma_host) > 253:
+        if not oma_host:
             raise errors.InvalidArgument("oma_host is required (a host name or address)")
+        validation.host("oma_host", oma_host)  # it becomes the tunnel's HostName and an ssh-keyscan argument
         if not code:
             raise errors.InvalidArgument("pairing_code is required")
         if not _CODE.match(code):
@@ -326,7 +338,7 @@ class Enrollment:
             if self._stop.is_set():
                 raise _Stopped() from None
             if exc.code() in _TRANSIENT:
-                raise _Transient(f"{name}: {exc.code().name}: {exc.details()}") from None
+                raise _Transient(f"{name}: {exc.code().name}: {_said(exc)}") from None
             raise
 
     def _fail(self, message: str) -> Record:
@@ -342,11 +354,18 @@ class Enrollment:
         except errors.Unauthenticated as exc:  # the pinned certificate does not match
             raise errors.Unauthenticated(self._fail(exc.message).message) from None
         except grpc.RpcError as exc:
-            raise errors.Unauthenticated(self._fail(f"the OMA refused the enrollment: {exc.details()}").message) \
+            raise errors.Unauthenticated(self._fail(f"the OMA refused the enrollment: {_said(exc)}").message) \
                 from None
         if response.vma_fingerprint != record.vma_fingerprint:
             raise errors.Unauthenticated(self._fail(
-                f"the OMA computed fingerprint {response.vma_fingerprint} for key {record.vma_fingerprint}").message)
+                f"the OMA computed fingerprint {validation.quote(response.vma_fingerprint)} for key "
+                f"{record.vma_fingerprint}").message)
+        try:  # the id names a file (enrollment-<id>.json); the challenge is signed with the agent's key
+            validation.identifier("enrollment_id", response.enrollment_id, max_length=64)
+            validation.challenge("challenge", response.challenge)
+        except validation.Invalid as exc:
+            raise errors.FailedPrecondition(self._fail(
+                f"refused the OMA's answer to Enroll: {exc.message}; enrollment ended").message) from None
         self._update(state=ENROLLED, enrollment_id=response.enrollment_id, challenge=response.challenge,
                      pairing_code="", message="enrolled; proving possession of the key")
         log.info("enrolled with %s as %s (enrollment %s)", record.oma_host, record.vma_name, response.enrollment_id)
@@ -360,16 +379,16 @@ class Enrollment:
                 enrollment_id=record.enrollment_id, signature=base64.b64encode(signature).decode()))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # verified before a restart, or expired
-                self._update(state=VERIFIED, challenge="", message=exc.details())
+                self._update(state=VERIFIED, challenge="", message=_said(exc))
             else:
-                self._fail(f"the OMA refused the verification: {exc.details()}")
+                self._fail(f"the OMA refused the verification: {_said(exc)}")
             return
         if response.status == AWAITING_APPROVAL:
-            self._update(state=VERIFIED, challenge="", message=response.message)
+            self._update(state=VERIFIED, challenge="", message=validation.oma_message(response.message))
         elif response.status == REJECTED:
-            self._update(state=REJECTED, challenge="", message=response.message)
+            self._update(state=REJECTED, challenge="", message=validation.oma_message(response.message))
         else:
-            self._fail(f"the OMA did not accept the signature: {response.message}")
+            self._fail(f"the OMA did not accept the signature: {validation.oma_message(response.message)}")
 
     def _poll(self) -> bool:
         """Ask for the result once; True when still waiting."""
@@ -378,73 +397,128 @@ class Enrollment:
             response = self._call("GetEnrollmentResult", enrollment_pb2.GetEnrollmentResultRequest(
                 enrollment_id=record.enrollment_id))
         except grpc.RpcError as exc:
-            self._fail(f"the OMA cannot report on enrollment {record.enrollment_id}: {exc.details()}")
+            self._fail(f"the OMA cannot report on enrollment {record.enrollment_id}: {_said(exc)}")
             return False
         if response.status == APPROVED:
             self._approved(response)
         elif response.status in (REJECTED, EXPIRED):
-            self._update(state=response.status, message=response.message)
-            log.warning("enrollment %s %s: %s", record.enrollment_id, response.status, response.message)
+            self._update(state=response.status, message=validation.oma_message(response.message))
+            log.warning("enrollment %s %s: %s", record.enrollment_id, response.status,
+                        validation.oma_message(response.message))
         elif response.status == AWAITING_APPROVAL:
             if record.state != AWAITING_APPROVAL:
-                self._update(state=AWAITING_APPROVAL, message=response.message)
+                self._update(state=AWAITING_APPROVAL, message=validation.oma_message(response.message))
             return True
         else:
-            self._fail(f"the OMA reports enrollment {record.enrollment_id} as {response.status} after verification")
+            self._fail(f"the OMA reports enrollment {record.enrollment_id} as "
+                       f"{validation.quote(response.status)} after verification")
         return False
 
     # --- approval: pin the host key, write the tunnel's files --------------------------------------------
 
     def _approved(self, response: enrollment_pb2.GetEnrollmentResultResponse) -> None:
         record = self.status()
-        if not (response.ssh_user and response.host_key_hash.startswith("SHA256:") and response.reverse_tunnel_port):
-            self._fail(f"approved without tunnel parameters: {response.message}")
+        if not (response.ssh_user and response.host_key_hash and response.reverse_tunnel_port):
+            self._fail(f"approved without tunnel parameters: {validation.oma_message(response.message)}")
+            return
+        try:  # every value of the answer that reaches a file or ssh is checked before anything is written
+            tunnel = validation.tunnel_parameters(
+                ssh_user=response.ssh_user, ssh_port=response.ssh_port, ssh_options=response.ssh_options,
+                host_key_hash=response.host_key_hash, reverse_tunnel_port=response.reverse_tunnel_port)
+            config_text = self._tunnel_config(record, tunnel)
+        except (validation.Invalid, ssh_tunnel.SshConfigError) as exc:
+            self._fail(f"refused the OMA's approval of enrollment {record.enrollment_id}: {exc}; no tunnel "
+                       f"file was written and ssh was not started")
             return
         enrolled_at = _now()
-        private_key, public_key = self._dir / PRIVATE_KEY_FILE, self._dir / PUBLIC_KEY_FILE
         config = {
             "enrollment_id": record.enrollment_id, "oma_host": record.oma_host, "oma_port": record.oma_port,
-            "vma_name": record.vma_name, "vma_version": record.vma_version, "public_key_path": str(public_key),
-            "private_key_path": str(private_key), "ssh_user": response.ssh_user, "ssh_port": response.ssh_port,
-            "ssh_options": response.ssh_options, "host_key_hash": response.host_key_hash,
-            "reverse_tunnel_port": response.reverse_tunnel_port, "enrolled_at": enrolled_at,
+            "vma_name": record.vma_name, "vma_version": record.vma_version,
+            "public_key_path": str(self._dir / PUBLIC_KEY_FILE), "private_key_path": str(self._dir / PRIVATE_KEY_FILE),
+            "ssh_user": tunnel.ssh_user, "ssh_port": tunnel.ssh_port, "ssh_options": tunnel.ssh_options,
+            "host_key_hash": tunnel.host_key_hash, "reverse_tunnel_port": tunnel.reverse_tunnel_port,
+            "enrolled_at": enrolled_at,
         }
         _write_private(self._dir / f"enrollment-{record.enrollment_id}.json", json.dumps(config, indent=2) + "\n")
-        forwards = re.findall(r'permitopen="([^"]+)"', response.ssh_options)
-        listen = re.search(r'permitlisten="([^"]+)"', response.ssh_options)
-        remote = listen.group(1) if listen else f"127.0.0.1:{response.reverse_tunnel_port}"
-        lines = [
-            f"# Tunnel to the OMA for enrollment {record.enrollment_id} (written by vma-agent).",
-            f"# The OMA's SSH host key must have the fingerprint {response.host_key_hash}.",
-            "Host oma-tunnel",
-            f"    HostName {record.oma_host}",
-            f"    Port {response.ssh_port}",
-            f"    User {response.ssh_user}",
-            f"    IdentityFile {private_key}",
-            "    IdentitiesOnly yes",
-            "    StrictHostKeyChecking yes",
-            f"    UserKnownHostsFile {self._dir / 'known_hosts'}",
-            "    ServerAliveInterval 30",
-            "    ServerAliveCountMax 3",
-            "    ExitOnForwardFailure yes",
-            f"    RemoteForward {remote} 127.0.0.1:{self._agent_port}",
-            *(f"    LocalForward {target} {target}" for target in forwards),
-        ]
-        _write_private(self._dir / SSH_CONFIG_FILE, "\n".join(lines) + "\n")
-        command = f"ssh -F {self._dir / SSH_CONFIG_FILE} -N oma-tunnel"
-        _write_private(self._dir / COMMAND_FILE, command + "\n")
+        command = self._write_tunnel_files(config_text)
         with contextlib.suppress(FileNotFoundError):  # a host key pinned for an earlier enrollment
             (self._dir / "known_hosts").unlink()
         self._update(
-            state=APPROVED, ssh_user=response.ssh_user, ssh_port=response.ssh_port, ssh_options=response.ssh_options,
-            host_key_hash=response.host_key_hash, reverse_tunnel_port=response.reverse_tunnel_port,
+            state=APPROVED, ssh_user=tunnel.ssh_user, ssh_port=tunnel.ssh_port, ssh_options=tunnel.ssh_options,
+            host_key_hash=tunnel.host_key_hash, reverse_tunnel_port=tunnel.reverse_tunnel_port,
             enrolled_at=enrolled_at, tunnel_configured=False,
             message=("approved; starting the tunnel" if self._keeper is not None else
                      f"approved; tunnel not configured: put the OMA host key with fingerprint "
-                     f"{response.host_key_hash} in {self._dir / 'known_hosts'} and run: {command}"))
+                     f"{tunnel.host_key_hash} in {self._dir / 'known_hosts'} and run: {command}"))
         log.info("enrollment %s approved; tunnel files written to %s", record.enrollment_id, self._dir)
         if self._keeper is not None:
             self._keeper.start()
+
+    def _tunnel_config(self, record: Record, tunnel: validation.TunnelParameters) -> str:
+        """The text of ``tunnel.ssh_config`` from checked values (raises SshConfigError for a value that
+        cannot be written safely, e.g. a line break in the enrollment directory's path)."""
+        # The VMA-side end of each forward to the OMA's NBD exports listens on loopback only, whatever host
+        # the OMA names: a key option must never make this agent listen on its network.
+        forwards = [(str(validation.HostPort(t.host if validation.is_loopback(t.host) else "127.0.0.1", t.port)),
+                     str(t)) for t in tunnel.options.permit_open]
+        return ssh_tunnel.ssh_config_text(
+            comments=[f"Tunnel to the OMA for enrollment {record.enrollment_id} (written by vma-agent).",
+                      f"The OMA's SSH host key must have the fingerprint {tunnel.host_key_hash}."],
+            directives=[
+                ("HostName", record.oma_host),
+                ("Port", str(tunnel.ssh_port)),
+                ("User", tunnel.ssh_user),
+                ("IdentityFile", str(self._dir / PRIVATE_KEY_FILE)),
+                ("IdentitiesOnly", "yes"),
+                ("StrictHostKeyChecking", "yes"),
+                ("UserKnownHostsFile", str(self._dir / "known_hosts")),
+                # Nothing from the answer may run a program or reach past the tunnel: no proxy, no local
+                # commands, no agent or X11 forwarding, no shell (-N), keys only.
+                ("ProxyCommand", "none"),
+                ("PermitLocalCommand", "no"),
+                ("ForwardAgent", "no"),
+                ("ForwardX11", "no"),
+                ("PasswordAuthentication", "no"),
+                ("KbdInteractiveAuthentication", "no"),
+                ("BatchMode", "yes"),
+                ("ServerAliveInterval", "30"),
+                ("ServerAliveCountMax", "3"),
+                ("ExitOnForwardFailure", "yes"),
+                ("RemoteForward", str(tunnel.remote_forward), f"127.0.0.1:{self._agent_port}"),
+                *(("LocalForward", local, target) for local, target in forwards),
+            ])
+
+    def _write_tunnel_files(self, config_text: str) -> str:
+        """Write ``tunnel.ssh_config`` and, for people, ``tunnel.command``; returns the command line."""
+        _write_private(self._dir / SSH_CONFIG_FILE, config_text)
+        command = shlex.join(ssh_tunnel.tunnel_command(self._dir / SSH_CONFIG_FILE))
+        _write_private(self._dir / COMMAND_FILE, command + "\n")
+        return command
+
+    def _restore_tunnel_files(self) -> bool:
+        """At start: check the saved approval again and rewrite the tunnel's ssh configuration from it, so a
+        file an older agent wrote without these checks is never run. False (and the enrollment failed) when
+        the saved values do not pass."""
+        record = self._record
+        try:
+            validation.host("oma_host", record.oma_host)
+            validation.identifier("enrollment_id", record.enrollment_id, max_length=64)
+            tunnel = validation.tunnel_parameters(
+                ssh_user=record.ssh_user, ssh_port=record.ssh_port, ssh_options=record.ssh_options,
+                host_key_hash=record.host_key_hash, reverse_tunnel_port=record.reverse_tunnel_port)
+            self._write_tunnel_files(self._tunnel_config(record, tunnel))
+        except (validation.Invalid, ssh_tunnel.SshConfigError) as exc:
+            for name in (SSH_CONFIG_FILE, COMMAND_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    (self._dir / name).unlink()
+            with self._record_lock:
+                self._save(dataclasses.replace(record, state=FAILED, tunnel_configured=False, message=(
+                    f"the saved approval is not valid ({exc}); the tunnel files were removed: enroll again")))
+            log.error("%s", self._record.message)
+            return False
+        except OSError as exc:
+            log.error("cannot rewrite the tunnel files in %s: %s", self._dir, exc)
+        return True
 
     # --- the background worker ---------------------------------------------------------------------------
 

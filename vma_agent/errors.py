@@ -41,3 +41,7 @@ class Unauthenticated(AgentError):
 
 class PermissionDenied(AgentError):
     code = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(AgentError):
+    code = "RESOURCE_EXHAUSTED"

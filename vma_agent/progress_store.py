@@ -5,6 +5,11 @@ record's ``sequence``; watchers wait on a condition and always read the latest s
 watcher can only miss intermediate states (visible as a sequence gap), never block an update.
 ``updated_at`` is the time of the last real update (never rewritten on read), so the OMA can tell a
 stalled job from a live one. Records are evicted a while after they end.
+
+Memory is bounded: at most ``max_jobs`` records (a new job beyond that evicts the job that ended
+longest ago, or is refused with RESOURCE_EXHAUSTED while every held job still runs), at most
+:data:`MAX_DISKS_PER_JOB` disks per job and the last :data:`MAX_ERRORS_PER_JOB` errors; the RPC layer
+bounds every string.
 """
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
 
+from vma_agent import errors
+
 ETA_CAP_SECONDS = 86_400
+# A VMware VM has at most 256 virtual disks (4 SCSI controllers x 64 targets, less the controllers).
+MAX_DISKS_PER_JOB = 256
+MAX_ERRORS_PER_JOB = 100
 
 
 class Stage(enum.Enum):
@@ -176,11 +186,12 @@ def _normalise_sync_type(value: str) -> str:
 
 
 class ProgressStore:
-    def __init__(self, retention_seconds: float = 6 * 3600):
+    def __init__(self, retention_seconds: float = 6 * 3600, max_jobs: int = 1000):
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[str, JobRecord] = {}
         self._retention = retention_seconds
+        self._max_jobs = max_jobs
 
     # --- writes -----------------------------------------------------------------------------
     def apply(self, update: ProgressUpdate) -> tuple[JobRecord, bool]:
@@ -192,10 +203,14 @@ class ProgressStore:
             record = self._jobs.get(update.job_id)
             created = record is None
             if created:
+                self._make_room_locked()
                 record = self._jobs[update.job_id] = JobRecord(job_id=update.job_id)
             elif record.terminal and update.status not in (None, *TERMINAL):
                 # A job that ended stays ended; late reports from a dying worker are ignored.
                 return copy.deepcopy(record), False
+            if update.disk_id and update.disk_id not in record.disks and len(record.disks) >= MAX_DISKS_PER_JOB:
+                raise errors.ResourceExhausted(
+                    f"job {update.job_id} already has {MAX_DISKS_PER_JOB} disks, the most a VM can have")
             self._apply_locked(record, update)
             record.sequence += 1
             record.updated_at = _now()
@@ -221,6 +236,7 @@ class ProgressStore:
         if u.error_message:
             record.errors.append(u.error_message if not u.disk_id else f"{u.disk_id}: {u.error_message}")
             record.last_error = record.errors[-1]
+            del record.errors[:-MAX_ERRORS_PER_JOB]  # the most recent ones
 
         if u.disk_id:
             self._apply_disk_locked(record, u)
@@ -327,6 +343,19 @@ class ProgressStore:
             yield snapshot
             if snapshot.terminal:
                 return
+
+    def _make_room_locked(self) -> None:
+        """Room for one more record: evict the job that ended longest ago, or refuse when none has ended."""
+        if len(self._jobs) < self._max_jobs:
+            return
+        ended = [r for r in self._jobs.values() if r.ended_monotonic is not None]
+        if not ended:
+            raise errors.ResourceExhausted(
+                f"this agent already tracks {len(self._jobs)} running jobs (progress_max_jobs); wait for one "
+                f"to end")
+        oldest = min(ended, key=lambda r: r.ended_monotonic)
+        del self._jobs[oldest.job_id]
+        self._changed.notify_all()  # a watcher of the evicted job sees it gone and ends
 
     def _evict_locked(self) -> None:
         now = time.monotonic()

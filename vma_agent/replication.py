@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from vma_agent import errors, metrics
+from vma_agent import errors, metrics, validation
 from vma_agent.config import Settings
 from vma_agent.datamover import copier
 from vma_agent.integrations import vsphere
@@ -168,15 +168,33 @@ class ReplicationJobs:
             if busy:
                 raise errors.FailedPrecondition(
                     f"job {busy[0].request.job_id} is already replicating this VM; wait for it or cancel it")
+            self._forget_finished_locked()
+            # Refused (RESOURCE_EXHAUSTED) before the job exists when the progress store is full.
+            self._progress.apply(ProgressUpdate(job_id=request.job_id, stage=Stage.DISCOVER,
+                                                status=JobStatus.QUEUED, snapshot_name=SNAPSHOT_PREFIX + request.job_id))
             job = self._jobs[request.job_id] = RunningJob(request)
-        self._progress.apply(ProgressUpdate(job_id=request.job_id, stage=Stage.DISCOVER, status=JobStatus.QUEUED,
-                                            snapshot_name=SNAPSHOT_PREFIX + request.job_id))
         for disk in request.disks:
             self._progress.apply(ProgressUpdate(job_id=request.job_id, disk_id=disk.disk_id,
                                                 disk_status=DiskStatus.QUEUED))
         job.thread = threading.Thread(target=self._run, args=(job,), name=f"job-{request.job_id}", daemon=True)
         job.thread.start()
         return job
+
+    def _forget_finished_locked(self) -> None:
+        """Keep at most ``progress_max_jobs`` jobs: the ones that finished longest ago go first."""
+        excess = len(self._jobs) - self._settings.progress_max_jobs + 1
+        if excess <= 0:
+            return
+        finished = sorted((j for j in self._jobs.values() if j.thread is not None and not j.thread.is_alive()),
+                          key=lambda j: j.finished_at or j.started_at)
+        for job in finished[:excess]:
+            del self._jobs[job.request.job_id]
+
+    def runs(self, job_id: str) -> bool:
+        """Whether a worker of this agent is running ``job_id`` now."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        return job is not None and (job.thread is None or job.thread.is_alive())
 
     def get(self, job_id: str) -> RunningJob:
         with self._lock:
@@ -211,11 +229,13 @@ class ReplicationJobs:
     # --- the job --------------------------------------------------------------------------------
     @staticmethod
     def _validate(request: JobRequest) -> None:
-        if not request.job_id:
-            raise errors.InvalidArgument("job_id is required")
+        # The job id names the vCenter snapshot (srep-<job_id>) and the worker thread; disk ids are log fields.
+        validation.identifier("job_id", request.job_id)
         if not request.disks:
             raise errors.InvalidArgument("at least one disk is required")
         for disk in request.disks:
+            if disk.disk_id:
+                validation.identifier("disk_id", disk.disk_id)
             if disk.key <= 0 or not disk.disk_id:
                 raise errors.InvalidArgument(f"disk {disk.disk_id!r} needs its VMware device key (vmware_disk_key)")
             if not disk.target_uri.startswith(("nbd://", "nbd+unix://", "nbds://")):

@@ -1,5 +1,6 @@
-"""Cross-cutting part of every agent RPC: bearer-token check (when configured), agent errors mapped
-to gRPC status codes, and bugs logged and answered INTERNAL without internals."""
+"""Cross-cutting part of every agent RPC: bearer-token check (when configured), the size limits of every
+request field (:mod:`vma_agent.request_limits`), agent errors mapped to gRPC status codes, and bugs
+logged and answered INTERNAL without internals."""
 from __future__ import annotations
 
 import hmac
@@ -9,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 import grpc
 
-from vma_agent import errors, metrics
+from vma_agent import errors, metrics, request_limits
 
 log = logging.getLogger("vma_agent.rpc")
 
@@ -55,6 +56,7 @@ class AgentInterceptor(grpc.ServerInterceptor):
             started = time.monotonic()
             try:
                 self._check_token(context)
+                request_limits.check(request)
                 response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001
                 self._abort(context, method, exc)
@@ -67,6 +69,7 @@ class AgentInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
             try:
                 self._check_token(context)
+                request_limits.check(request)
                 yield from behavior(request, context)
             except Exception as exc:  # noqa: BLE001
                 self._abort(context, method, exc)

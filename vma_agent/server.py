@@ -42,7 +42,7 @@ def _implemented(runtime: AgentRuntime) -> dict[str, Any]:
     jobs = runtime.components.setdefault(
         "replication_jobs", ReplicationJobs(runtime.settings, runtime.progress, sessions))
     return {
-        "vma.v1.ProgressService": ProgressServicer(runtime.progress),
+        "vma.v1.ProgressService": ProgressServicer(runtime.progress, runs_job=jobs.runs),
         "vma.v1.DiscoveryService": DiscoveryServicer(sessions, runtime.settings),
         "vma.v1.PowerService": PowerServicer(sessions, runtime.settings),
         "vma.v1.CBTService": CBTServicer(sessions, runtime.settings),
@@ -67,7 +67,10 @@ class RunningAgent:
 
 
 def build_server(settings: Settings) -> RunningAgent:
-    runtime = AgentRuntime(settings, ProgressStore(settings.progress_retention_seconds))
+    """Start the agent; raises ``config.ConfigError`` for settings it must not run with (e.g. a non-loopback
+    listen address without auth_token) before anything listens."""
+    settings.check()
+    runtime = AgentRuntime(settings, ProgressStore(settings.progress_retention_seconds, settings.progress_max_jobs))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         interceptors=[AgentInterceptor(settings.auth_token)],

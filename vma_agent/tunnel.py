@@ -6,7 +6,8 @@ host-key checking (E-8, E-9). Once the enrollment is approved, this keeper:
 1. pins the OMA's SSH host key: asks the OMA's sshd for its Ed25519 key (ssh-keyscan) and writes
    ``known_hosts`` only if its fingerprint is the ``host_key_hash`` the OMA sent with the approval —
    otherwise it does not connect and says why (a different key is a different server);
-2. runs the tunnel command the enrollment wrote (``ssh -F tunnel.ssh_config -N oma-tunnel``) and restarts
+2. runs ``ssh -F tunnel.ssh_config -N oma-tunnel`` (the configuration the enrollment wrote from checked
+   values; the command line is the agent's own, the ``tunnel.command`` file only shows it) and restarts
    it ``restart_delay`` after it ends (like the original systemd unit's ``Restart=always``, 10 s);
 3. reports the tunnel up only when the OMA confirms it reached this agent through the reverse forward:
    the OMA's connection monitor records ``last_seen_at``, and GetEnrollmentResult returns it — a value
@@ -29,7 +30,7 @@ from vma_agent.integrations import ssh_tunnel
 
 log = logging.getLogger("vma_agent.tunnel")
 
-KNOWN_HOSTS_FILE, TUNNEL_LOG_FILE = "known_hosts", "tunnel.log"
+KNOWN_HOSTS_FILE, TUNNEL_LOG_FILE, SSH_CONFIG_FILE = "known_hosts", "tunnel.log", "tunnel.ssh_config"
 
 
 class TunnelCheckError(Exception):
@@ -145,8 +146,10 @@ class TunnelKeeper:
             return
         if self._revoked:
             return
+        # The command line is built here, not read from tunnel.command (that file is for people): nothing
+        # in a file can add an argument to ssh.
+        command = ssh_tunnel.tunnel_command(self._enrollment.directory / SSH_CONFIG_FILE)
         try:
-            command = (self._enrollment.directory / "tunnel.command").read_text().split()
             self._process = ssh_tunnel.SshProcess(command, self._enrollment.directory / TUNNEL_LOG_FILE)
         except (OSError, ssh_tunnel.SshError) as exc:
             self._next_start = time.monotonic() + self._restart_delay

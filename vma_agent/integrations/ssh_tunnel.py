@@ -9,12 +9,65 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+
+#: The ``Host`` alias of the tunnel in ``tunnel.ssh_config`` (what ``ssh -F … -N oma-tunnel`` names).
+HOST_ALIAS = "oma-tunnel"
+# ssh_config(5) expands %-tokens in these directives; a literal % is written %%. Elsewhere a % is refused.
+_TOKEN_DIRECTIVES = frozenset({"HostName", "IdentityFile", "UserKnownHostsFile"})
+_DIRECTIVE = re.compile(r"[A-Z][A-Za-z0-9]+")
+# Any character that could end the line, or that OpenSSH's own config tokenizer treats specially inside
+# a quoted value (quote, backslash), or that starts an environment variable ($): such values are refused,
+# never escaped.
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\$\u0085\u2028\u2029]')
+# Characters that make a value need quoting (else it would be split into several arguments or cut at #).
+_NEEDS_QUOTES = re.compile(r"[\s#=']")
+_LINE_BREAK = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 
 
 class SshError(Exception):
     """OpenSSH could not be run, or the OMA's sshd could not be reached."""
+
+
+class SshConfigError(ValueError):
+    """A value cannot be written into an ssh configuration safely."""
+
+
+def _config_value(directive: str, value: str) -> str:
+    if not value or _UNSAFE.search(value):
+        raise SshConfigError(f"{directive}: {value[:100]!r} cannot be written into an ssh configuration "
+                             f"(empty, or contains a line break, control character, quote, backslash or $)")
+    if "%" in value:
+        if directive not in _TOKEN_DIRECTIVES:
+            raise SshConfigError(f"{directive}: {value[:100]!r} contains %, which ssh would expand")
+        value = value.replace("%", "%%")
+    return f'"{value}"' if _NEEDS_QUOTES.search(value) else value
+
+
+def ssh_config_text(comments: Sequence[str], directives: Sequence[tuple[str, ...]]) -> str:
+    """The one place an ssh_config is written: ``Host`` :data:`HOST_ALIAS` followed by ``directives``, each
+    ``(name, argument, …)`` on one line. Every argument is checked so it cannot span lines or add a
+    directive (refused with :class:`SshConfigError` otherwise), quoted when it contains spaces, and ``%``
+    is escaped where ssh expands tokens. Comments are single lines too."""
+    lines = []
+    for comment in comments:
+        if _LINE_BREAK.search(comment):
+            raise SshConfigError(f"comment {comment[:100]!r} contains a line break or control character")
+        lines.append(f"# {comment}")
+    lines.append(f"Host {HOST_ALIAS}")
+    for directive, *arguments in directives:
+        if not _DIRECTIVE.fullmatch(directive) or not arguments:
+            raise SshConfigError(f"{directive!r} is not an ssh_config directive with arguments")
+        lines.append(f"    {directive} {' '.join(_config_value(directive, a) for a in arguments)}")
+    return "\n".join(lines) + "\n"
+
+
+def tunnel_command(config_path: Path) -> list[str]:
+    """The tunnel's command line: ssh with only the agent's configuration, no remote command."""
+    return ["ssh", "-F", str(config_path), "-N", HOST_ALIAS]
 
 
 def key_fingerprint(blob_b64: str) -> str:
@@ -25,6 +78,8 @@ def key_fingerprint(blob_b64: str) -> str:
 
 def host_keys(host: str, port: int, timeout: float) -> list[tuple[str, str]]:
     """The Ed25519 host keys the sshd at ``host:port`` offers, as (key type, base64 blob)."""
+    if not host or host.startswith("-") or any(c.isspace() for c in host):  # never an option to ssh-keyscan
+        raise SshError(f"{host[:100]!r} is not a host name")
     try:
         scanned = subprocess.run(["ssh-keyscan", "-T", str(max(1, int(timeout))), "-p", str(port), "-t", "ed25519",
                                   host], capture_output=True, text=True, timeout=timeout + 10)

@@ -1,8 +1,11 @@
+"""ProgressService: read, watch and (for callers other than this agent's data mover) report job progress."""
 from __future__ import annotations
+
+from typing import Callable
 
 from vma.v1 import progress_pb2, progress_pb2_grpc
 
-from vma_agent import errors
+from vma_agent import errors, validation
 from vma_agent.progress_store import (
     DiskStatus,
     JobRecord,
@@ -14,8 +17,6 @@ from vma_agent.progress_store import (
 from vma_agent.services import timestamp
 
 _MIB = 1024 * 1024
-
-
 
 
 def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
@@ -54,20 +55,26 @@ def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
 
 
 class ProgressServicer(progress_pb2_grpc.ProgressServiceServicer):
-    def __init__(self, store: ProgressStore):
+    def __init__(self, store: ProgressStore, runs_job: Callable[[str], bool] = lambda job_id: False):
         self._store = store
+        self._runs_job = runs_job  # whether this agent's own data mover runs the job
 
     def GetProgress(self, request, context):
-        if not request.job_id:
-            raise errors.InvalidArgument("job_id is required")
+        validation.identifier("job_id", request.job_id)
         record = self._store.get(request.job_id)
         if record is None:
             raise errors.NotFound(f"job {request.job_id} is not known to this agent")
         return progress_pb2.GetProgressResponse(progress=job_progress_message(record))
 
     def UpdateProgress(self, request, context):
-        if not request.job_id:
-            raise errors.InvalidArgument("job_id is required")
+        validation.identifier("job_id", request.job_id)
+        if request.disk_id:
+            validation.identifier("disk_id", request.disk_id)
+        validation.text("sync_type", request.sync_type, 32)
+        validation.text("change_id", request.change_id, 1_024)
+        if self._runs_job(request.job_id):
+            raise errors.FailedPrecondition(
+                f"job {request.job_id} is run by this agent's data mover; only it reports the job's progress")
         if request.percent < 0 or request.percent > 100:
             raise errors.InvalidArgument("percent must be between 0 and 100")
         if request.bytes_transferred < 0 or request.total_bytes < 0:
@@ -89,8 +96,7 @@ class ProgressServicer(progress_pb2_grpc.ProgressServiceServicer):
         return progress_pb2.UpdateProgressResponse(job_id=request.job_id, auto_initialized=created)
 
     def WatchProgress(self, request, context):
-        if not request.job_id:
-            raise errors.InvalidArgument("job_id is required")
+        validation.identifier("job_id", request.job_id)
         if self._store.get(request.job_id) is None:
             raise errors.NotFound(f"job {request.job_id} is not known to this agent")
         for record in self._store.watch(request.job_id, is_active=context.is_active):

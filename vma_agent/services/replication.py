@@ -3,7 +3,7 @@ from __future__ import annotations
 from vma.v1 import replication_pb2 as pb
 from vma.v1 import replication_pb2_grpc
 
-from vma_agent import errors
+from vma_agent import errors, validation
 from vma_agent.integrations import vsphere
 from vma_agent.replication import SNAPSHOT_PREFIX, DiskRequest, JobRequest, ReplicationJobs
 from vma_agent.services import timestamp
@@ -41,17 +41,21 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
                                            snapshot_name=SNAPSHOT_PREFIX + request.job_id)
 
     def GetReplicationStatus(self, request, context):
+        validation.identifier("job_id", request.job_id)
         job = self._jobs.get(request.job_id)
         return pb.GetReplicationStatusResponse(
             job_id=request.job_id, status=job.status.value, running=bool(job.thread and job.thread.is_alive()),
             last_error=job.last_error, started_at=timestamp(job.started_at), finished_at=timestamp(job.finished_at))
 
     def CancelReplication(self, request, context):
+        validation.identifier("job_id", request.job_id)
         cancelled = self._jobs.cancel(request.job_id, request.reason)
         return pb.CancelReplicationResponse(job_id=request.job_id, cancelled=cancelled,
                                             status=self._jobs.get(request.job_id).status.value)
 
     def CleanupSnapshots(self, request, context):
+        if request.job_id:
+            validation.identifier("job_id", request.job_id)
         removed = self._jobs.cleanup_snapshots(vcenter_params(request.connection, self._timeout),
                                                request.connection.datacenter, vm_ref(request.vm), request.job_id)
         return pb.CleanupSnapshotsResponse(removed_snapshots=removed)
