@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import json
 import logging
 import pkgutil
 import time
@@ -411,3 +412,48 @@ def test_the_admin_password_setting_only_seeds_the_first_start(db, tmp_path):
         root2.users.DeleteUser(users_pb2.DeleteUserRequest(username="admin"), timeout=10)
     with start_oma(tmp_path / "oma", db):  # a deleted admin is not brought back
         assert [u.username for u in ApiUser.select()] == ["root2"]
+
+
+# ------------------------------------------------------------------------------------------------ omactl
+
+
+def test_omactl_users_passwd_and_logout(run_omactl, oma_server, tmp_path, monkeypatch):
+    target = f"127.0.0.1:{oma_server.port}"
+    config = tmp_path / "omactl" / "config.json"
+    assert run_omactl("--target", target, "login", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").code == 0
+
+    created = run_omactl("users", "create", "ops", "--password-stdin", stdin=OPERATOR_PASSWORD + "\n")
+    assert (created.code, created.out.strip()) == (0, "created user ops (operator)")
+    assert run_omactl("users", "create", "ops", "--password-stdin", stdin=OPERATOR_PASSWORD + "\n").code == 106
+    listed = run_omactl("users", "list")
+    rows = [line.split()[:3] for line in listed.out.strip().splitlines()]
+    assert rows == [["USERNAME", "ROLE", "ACTIVE"], ["admin", "admin", "yes"], ["ops", "operator", "yes"]]
+    assert json.loads(run_omactl("--json", "users", "list").out)["count"] == 2
+    assert run_omactl("users", "disable", "admin").code == 109  # the last active admin
+    assert run_omactl("users", "disable", "ops").out.strip() == "disabled user ops; its tokens have ended"
+    assert run_omactl("users", "enable", "ops").code == 0
+    assert run_omactl("users", "revoke-tokens", "ops").out.startswith("ended every token of ops issued before")
+
+    # passwd: both secrets from stdin (current, then new); the saved login carries on with the fresh token.
+    old_token = json.loads(config.read_text())["token"]
+    changed = run_omactl("passwd", "--current-password-stdin", "--new-password-stdin",
+                         stdin=f"{ADMIN_PASSWORD}\nthe-new-admin-password\n")
+    assert changed.code == 0 and "the saved login uses the new token" in changed.out, changed.err
+    assert "the-new-admin-password" not in changed.out + changed.err + config.read_text()
+    assert _code(lambda: _client(oma_server, old_token).contexts.ListVMContexts(LIST, timeout=10)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert run_omactl("users", "delete", "ops").out.strip() == "deleted user ops; its tokens have ended"
+
+    # logout ends the token on the server, so a copy of it stops working too.
+    token = json.loads(config.read_text())["token"]
+    logout = run_omactl("logout")
+    assert logout.code == 0 and "the server ended the token; removed the saved token" in logout.out
+    assert _code(lambda: _client(oma_server, token).contexts.ListVMContexts(LIST, timeout=10)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+
+    # An operator is refused user management with 107 PERMISSION_DENIED and a hint.
+    assert run_omactl("login", "--password-stdin", stdin="the-new-admin-password\n").code == 0
+    run_omactl("users", "create", "ops2", "--password-stdin", stdin=OPERATOR_PASSWORD + "\n")
+    assert run_omactl("login", "--username", "ops2", "--password-stdin", stdin=OPERATOR_PASSWORD + "\n").code == 0
+    denied = run_omactl("users", "list")
+    assert denied.code == 107 and "needs the admin role" in denied.err
