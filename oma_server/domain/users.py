@@ -43,7 +43,13 @@ def check_new_password(password: str, min_length: int) -> None:
         raise InvalidArgument(f"the new password must have at most {MAX_PASSWORD_LENGTH} characters")
 
 
+def _require_name(username: str) -> None:
+    if not username:
+        raise InvalidArgument("username is required")
+
+
 def get_user(username: str) -> ApiUser:
+    _require_name(username)
     user = ApiUser.get_or_none(ApiUser.username == username)
     if user is None:
         raise NotFound(f"no user named {username!r}")
@@ -84,6 +90,7 @@ def _keep_an_active_admin(user: ApiUser, action: str) -> None:
 
 
 def set_disabled(username: str, disabled: bool, tokens: TokenAuthority, *, actor: str) -> ApiUser:
+    _require_name(username)
     with db.atomic():
         user = db_for_update(ApiUser.select().where(ApiUser.username == username)).first()
         if user is None:
@@ -100,6 +107,7 @@ def set_disabled(username: str, disabled: bool, tokens: TokenAuthority, *, actor
 
 
 def delete_user(username: str, tokens: TokenAuthority, *, actor: str) -> None:
+    _require_name(username)
     with db.atomic():
         user = db_for_update(ApiUser.select().where(ApiUser.username == username)).first()
         if user is None:
@@ -112,6 +120,7 @@ def delete_user(username: str, tokens: TokenAuthority, *, actor: str) -> None:
 
 def revoke_tokens(username: str, tokens: TokenAuthority, *, actor: str) -> ApiUser:
     """End every token issued to ``username`` so far."""
+    _require_name(username)
     updated = ApiUser.update(tokens_valid_after=utcnow()).where(ApiUser.username == username).execute()
     if not updated:
         raise NotFound(f"no user named {username!r}")
