@@ -262,6 +262,37 @@ def test_the_last_active_admin_cannot_be_disabled_or_deleted(oma, oma_server):
         grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_two_admins_removing_each_other_at_once_leave_one_active_admin(oma, oma_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    survivor, survivor_name = oma, "admin"
+    for round_ in range(4):
+        # Exactly two active admins: the survivor of the last round and a new one; each removes the other.
+        name = f"admin{round_}"
+        _create_user(survivor, name, role="admin", password=f"{name}-password")
+        other = _client(oma_server)
+        other.login(name, f"{name}-password")
+        calls = {survivor_name: lambda: survivor.users.DeleteUser(users_pb2.DeleteUserRequest(username=name),
+                                                                  timeout=20),
+                 name: lambda: other.users.SetUserDisabled(
+                     users_pb2.SetUserDisabledRequest(username=survivor_name, disabled=True), timeout=20)}
+        with ThreadPoolExecutor(2) as pool:
+            futures = {caller: pool.submit(call) for caller, call in calls.items()}
+        outcomes = {}
+        for caller, future in futures.items():
+            try:
+                future.result()
+                outcomes[caller] = "OK"
+            except grpc.RpcError as err:
+                outcomes[caller] = err.code().name
+        # One wins; the other is refused as the last admin, or finds its caller already gone (never INTERNAL).
+        assert sorted(outcomes.values()) in (["FAILED_PRECONDITION", "OK"], ["OK", "UNAUTHENTICATED"]), outcomes
+        active_admins = ApiUser.select().where(ApiUser.role == "admin", ApiUser.is_active == True)  # noqa: E712
+        assert active_admins.count() == 1
+        if active_admins.get().username == name:
+            survivor, survivor_name = other, name
+
+
 def _raise(call):
     call()
 

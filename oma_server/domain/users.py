@@ -78,13 +78,20 @@ def list_users() -> list[ApiUser]:
     return list(ApiUser.select().order_by(ApiUser.username))
 
 
-def _keep_an_active_admin(user: ApiUser, action: str) -> None:
-    """FailedPrecondition when ``user`` is the last active admin (call inside the transaction that changes it)."""
-    if user.role != UserRole.ADMIN or not user.is_active:
-        return
-    admins = list(db_for_update(ApiUser.select(ApiUser.id).where(
-        ApiUser.role == UserRole.ADMIN, ApiUser.is_active == True)))  # noqa: E712 - SQL comparison
-    if all(a.id == user.id for a in admins):
+def _locked_target(username: str) -> tuple[ApiUser, list[int]]:
+    """The user row and the ids of the active admins, all locked for this transaction. The admins are locked first
+    and in id order, then the target, so concurrent changes take their locks in one order (no deadlock on MariaDB)."""
+    admin_ids = [a.id for a in db_for_update(ApiUser.select(ApiUser.id).where(
+        ApiUser.role == UserRole.ADMIN, ApiUser.is_active == True).order_by(ApiUser.id))]  # noqa: E712 - SQL
+    user = db_for_update(ApiUser.select().where(ApiUser.username == username)).first()
+    if user is None:
+        raise NotFound(f"no user named {username!r}")
+    return user, admin_ids
+
+
+def _keep_an_active_admin(user: ApiUser, active_admin_ids: list[int], action: str) -> None:
+    """FailedPrecondition when ``user`` is the last active admin."""
+    if user.id in active_admin_ids and len(active_admin_ids) == 1:
         raise FailedPrecondition(f"cannot {action} {user.username!r}: it is the last active admin; create or "
                                  "enable another admin first")
 
@@ -92,11 +99,9 @@ def _keep_an_active_admin(user: ApiUser, action: str) -> None:
 def set_disabled(username: str, disabled: bool, tokens: TokenAuthority, *, actor: str) -> ApiUser:
     _require_name(username)
     with db.atomic():
-        user = db_for_update(ApiUser.select().where(ApiUser.username == username)).first()
-        if user is None:
-            raise NotFound(f"no user named {username!r}")
+        user, admin_ids = _locked_target(username)
         if disabled:
-            _keep_an_active_admin(user, "disable")
+            _keep_an_active_admin(user, admin_ids, "disable")
             ApiUser.update(is_active=False, tokens_valid_after=utcnow()).where(ApiUser.id == user.id).execute()
         else:
             # Tokens issued before the user was disabled stay refused (tokens_valid_after is not moved back).
@@ -109,10 +114,8 @@ def set_disabled(username: str, disabled: bool, tokens: TokenAuthority, *, actor
 def delete_user(username: str, tokens: TokenAuthority, *, actor: str) -> None:
     _require_name(username)
     with db.atomic():
-        user = db_for_update(ApiUser.select().where(ApiUser.username == username)).first()
-        if user is None:
-            raise NotFound(f"no user named {username!r}")
-        _keep_an_active_admin(user, "delete")
+        user, admin_ids = _locked_target(username)
+        _keep_an_active_admin(user, admin_ids, "delete")
         user.delete_instance()  # its revoked-token rows go with it (ON DELETE CASCADE)
     tokens.invalidate()
     log.info("user %r deleted by %r", username, actor)
