@@ -399,6 +399,24 @@ def _count_selects_of_users(server, client) -> int:
     return sum("api_users" in s or "api_revoked_tokens" in s for s in seen)
 
 
+def test_an_unreachable_database_makes_token_checks_unavailable_not_internal(tmp_path):
+    from peewee import SqliteDatabase
+
+    from oma_server.db.database import database_proxy
+    from oma_server.errors import Unavailable
+
+    authority = auth.TokenAuthority(b"s" * 32, 60)
+    token = authority.issue("admin", 1).token
+    previous = database_proxy.obj
+    database_proxy.initialize(SqliteDatabase(str(tmp_path / "missing-dir" / "oma.db")))
+    try:
+        with pytest.raises(Unavailable) as err:
+            authority.verify(token)
+    finally:
+        database_proxy.initialize(previous)
+    assert "database is unreachable" in err.value.message
+
+
 # ------------------------------------------------------------------------------------------------ secrets, seeding
 
 

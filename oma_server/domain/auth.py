@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import jwt
+import peewee
 
 from oma_server import metrics
 from oma_server.db import models
@@ -34,7 +35,13 @@ from oma_server.db.database import db
 from oma_server.db.fields import utcnow
 from oma_server.db.models import UserRole
 from oma_server.domain.login_throttle import LoginThrottle, ThrottlePolicy
-from oma_server.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from oma_server.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger("oma_server.auth")
 
@@ -294,15 +301,25 @@ class TokenAuthority:
             if not force and snapshot is not None and time.monotonic() - snapshot.loaded_at < self._cache_seconds:
                 return snapshot
             loaded_at_epoch = time.time()
-            with _connection():
-                rows = list(models.ApiUser.select(
-                    models.ApiUser.id, models.ApiUser.username, models.ApiUser.role, models.ApiUser.is_active,
-                    models.ApiUser.tokens_valid_after))
-                revoked = frozenset(jti for (jti,) in models.ApiRevokedToken.select(models.ApiRevokedToken.jti)
-                                    .where(models.ApiRevokedToken.expires_at >= utcnow()).tuples())
-            users = [_UserState(r.id, r.username, UserRole(r.role), bool(r.is_active), _epoch(r.tokens_valid_after))
-                     for r in rows]
+            try:
+                users, revoked = self._read_users_and_revocations()
+            except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                # Fail closed, with an answer a client can retry: no token is accepted unchecked.
+                log.warning("cannot check tokens: the database is unreachable: %s", exc)
+                raise Unavailable("cannot check the token: the database is unreachable; try again") from None
             snapshot = _Snapshot({u.id: u for u in users}, {u.username: u for u in users}, revoked,
                                  time.monotonic(), loaded_at_epoch)
             self._snapshot = snapshot
             return snapshot
+
+    @staticmethod
+    def _read_users_and_revocations() -> tuple[list[_UserState], frozenset[str]]:
+        with _connection():
+            rows = list(models.ApiUser.select(
+                models.ApiUser.id, models.ApiUser.username, models.ApiUser.role, models.ApiUser.is_active,
+                models.ApiUser.tokens_valid_after))
+            revoked = frozenset(jti for (jti,) in models.ApiRevokedToken.select(models.ApiRevokedToken.jti)
+                                .where(models.ApiRevokedToken.expires_at >= utcnow()).tuples())
+        users = [_UserState(r.id, r.username, UserRole(r.role), bool(r.is_active), _epoch(r.tokens_valid_after))
+                 for r in rows]
+        return users, revoked
