@@ -54,11 +54,28 @@ class Settings:
     # --- security --------------------------------------------------------------------------
     # Production refuses to start without explicitly configured keys (no generated key files).
     production: bool = False
-    # Password of the "admin" user created on first start; generated and printed once if unset.
+    # Password of the "admin" user created on the FIRST start only (when api_users is empty); generated and
+    # printed once if unset. Ignored once any user exists: change it with `omactl passwd` (ChangePassword).
     admin_password: str = ""
-    # HMAC secret for bearer tokens; unset → a random secret kept in <data_dir>/token.secret.
+    # HMAC secret for bearer tokens (production: at least 32 bytes); unset → a random secret kept in
+    # <data_dir>/token.secret. token_secret_previous: the secret being rotated out, still accepted (never used to
+    # sign) so live tokens survive a rotation until they expire (docs/security/auth.md).
     token_secret: str = ""
+    token_secret_previous: str = ""
     token_ttl_seconds: int = 8 * 3600
+    # How stale this process's view of users and revoked tokens may be (a revocation made by another OMA
+    # process on the same database takes effect here within this time; through this process, at once).
+    token_revocation_cache_seconds: float = 5.0
+    # Login throttling (per process, in memory; docs/security/auth.md): failed password checks allowed per user
+    # name and per client address before each further attempt waits backoff_base * 2^n seconds (at most
+    # backoff_max); counters are forgotten login_failure_window_seconds after the last attempt.
+    login_free_failures_per_user: int = 5
+    login_free_failures_per_peer: int = 20
+    login_backoff_base_seconds: float = 1.0
+    login_backoff_max_seconds: float = 900.0
+    login_failure_window_seconds: float = 900.0
+    # New passwords (CreateUser, ChangePassword) must be at least this long.
+    password_min_length: int = 12
     # Base64 of 32 bytes (AES-256-GCM) for secrets at rest; unset → <data_dir>/encryption.key
     # (development only). MIGRATEKIT_CRED_ENCRYPTION_KEY is accepted as the original's name.
     encryption_key: str = ""

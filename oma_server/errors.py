@@ -48,6 +48,17 @@ class PermissionDenied(DomainError):
     code = "PERMISSION_DENIED"
 
 
+class ResourceExhausted(DomainError):
+    """Too many attempts: ``retry_after_seconds`` tells the caller when to try again (the RPC layer sends it as
+    a ``google.rpc.RetryInfo`` detail as well as in the message)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_seconds: float):
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class NotBuiltYet(DomainError):
     """An RPC of the contract whose behaviour is planned but not built yet."""
 

@@ -1,5 +1,5 @@
 """Prometheus metrics of the OMA server, served on a configurable port: RPCs (count and latency by
-method and status code), replication jobs by status (read from the database at scrape time, so
+method and status code), refused logins, replication jobs by status (read from the database at scrape time, so
 every OMA sharing the database reports the same truth), bytes replicated and the copy rate."""
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ REPLICATION_JOBS = Counter(
 )
 REPLICATION_BYTES = Counter(
     "oma_replication_bytes_total", "Bytes the VMA reported written into replica volumes"
+)
+# One label value for every wrong credential (unknown user, wrong password, disabled user): the metrics endpoint
+# is not authenticated, so it must not tell which user names exist.
+LOGIN_FAILURES = Counter(
+    "oma_auth_login_failures_total",
+    "Refused password checks (Login, ChangePassword): invalid_credentials, or throttled (refused unchecked "
+    "during a backoff)", ["reason"]
 )
 REPLICATION_RATE = Gauge(
     "oma_replication_throughput_bytes_per_second", "Latest reported copy rate of running jobs", ["job_id"]

@@ -1,9 +1,11 @@
 """The cross-cutting part of every RPC, in one server interceptor.
 
-For each call: authenticate the bearer token (except public methods), open one database connection
+For each call: authenticate the bearer token (except public methods) and check the caller's role against the
+method → role table (``oma_server.domain.auth.ADMIN_ONLY_METHODS``), open one database connection
 for unary calls (returned at the end of the call; streams open one per unit of work themselves),
 map domain errors to gRPC status codes, and log one access line. An exception that is not a domain
-error is a bug: it is logged with its traceback and answered INTERNAL without internals.
+error is a bug: it is logged with its traceback and answered INTERNAL without internals. RESOURCE_EXHAUSTED
+carries a ``google.rpc.RetryInfo`` detail with the delay.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import time
 from typing import Any, Callable, Iterable
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from oma_server import errors, metrics
 from oma_server.db.database import db
-from oma_server.domain.auth import Identity, TokenAuthority
+from oma_server.domain.auth import Identity, TokenAuthority, check_role
 
 log = logging.getLogger("oma_server.rpc")
 
@@ -42,6 +47,15 @@ def caller_name(default: str = "system") -> str:
 
 def _status_code(error: errors.DomainError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)
+
+
+def _with_retry_info(code: grpc.StatusCode, message: str, retry_after_seconds: float) -> grpc.Status:
+    """The status with a ``google.rpc.RetryInfo`` detail (grpc-status-details-bin), so clients see the delay."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(retry_after_seconds * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
 def _bearer_token(context: grpc.ServicerContext) -> str | None:
@@ -70,18 +84,21 @@ class RpcInterceptor(grpc.ServerInterceptor):
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method, public))
         return handler  # no client-streaming RPCs in the contract
 
-    def _authenticate(self, context: grpc.ServicerContext, public: bool) -> Identity | None:
+    def _authenticate(self, context: grpc.ServicerContext, method: str, public: bool) -> Identity | None:
         token = _bearer_token(context)
         if token is None:
             if public:
                 return None
             raise errors.Unauthenticated("missing bearer token: log in with AuthService.Login")
         try:
-            return self._authority.verify(token)
+            identity = self._authority.verify(token)
         except errors.Unauthenticated:
             if public:
                 return None
             raise
+        if not public:
+            check_role(identity, method)
+        return identity
 
     def _abort(self, context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
         if context.code() is not None and not isinstance(exc, (errors.DomainError, NotImplementedError)):
@@ -95,6 +112,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
             log.exception("bug: unhandled exception in %s", method)
             code, message = grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
         metrics.record_rpc(method, code.name, None)
+        if isinstance(exc, errors.ResourceExhausted):
+            context.abort_with_status(_with_retry_info(code, message, exc.retry_after_seconds))
         if code == grpc.StatusCode.UNAVAILABLE:
             # This UNAVAILABLE is an answer (a dependency is down), not a transport failure: tell
             # clients with a retry policy not to repeat the call (gRPC server pushback).
@@ -106,7 +125,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
             started = time.monotonic()
             token = None
             try:
-                token = current_identity.set(self._authenticate(context, public))
+                token = current_identity.set(self._authenticate(context, method, public))
                 with db.connection_context():
                     response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status, bugs logged
@@ -124,7 +143,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
             started = time.monotonic()
             try:
-                identity = self._authenticate(context, public)
+                identity = self._authenticate(context, method, public)
             except errors.DomainError as exc:
                 self._abort(context, method, exc)
             token = current_identity.set(identity)

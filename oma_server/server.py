@@ -26,6 +26,7 @@ from oma_server.db import database
 from oma_server.db.migrate import migrate
 from oma_server.domain import auth
 from oma_server.domain.crypto import SecretBox, decode_key, load_or_create_key_file
+from oma_server.domain.login_throttle import LoginThrottle, ThrottlePolicy
 from oma_server.rpc import RpcInterceptor
 
 log = logging.getLogger("oma_server")
@@ -44,11 +45,23 @@ class Runtime:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
 
+MIN_TOKEN_SECRET_BYTES = 32
+
+
 def _load_keys(settings: Settings) -> tuple[bytes, bytes]:
     if settings.production and not (settings.token_secret and settings.encryption_key):
         raise SystemExit(
             "production mode needs OMA_TOKEN_SECRET and OMA_ENCRYPTION_KEY (base64 of 32 bytes)"
         )
+    for name, value in (("OMA_TOKEN_SECRET", settings.token_secret),
+                        ("OMA_TOKEN_SECRET_PREVIOUS", settings.token_secret_previous)):
+        if value and len(value.encode()) < MIN_TOKEN_SECRET_BYTES:
+            if settings.production:
+                raise SystemExit(f"production mode refuses {name} shorter than {MIN_TOKEN_SECRET_BYTES} bytes "
+                                 f"(it has {len(value.encode())}): anyone could guess it and sign tokens; "
+                                 "generate one with: openssl rand -base64 48")
+            log.warning("%s is shorter than %d bytes: production mode would refuse it", name,
+                        MIN_TOKEN_SECRET_BYTES)
     token_secret = (
         settings.token_secret.encode()
         if settings.token_secret
@@ -95,7 +108,7 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
 
 
 def prepare_database(settings: Settings, existing: Any = None) -> str | None:
-    """Connect (or bind an already connected database), migrate, create the admin user.
+    """Connect (or bind an already connected database), migrate, seed the admin user on the first start.
     Returns a generated admin password (to print once)."""
     if existing is not None:
         database.database_proxy.initialize(existing)
@@ -185,7 +198,16 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
 
     runtime = Runtime(
         settings=settings,
-        tokens=auth.TokenAuthority(token_secret, settings.token_ttl_seconds),
+        tokens=auth.TokenAuthority(
+            token_secret, settings.token_ttl_seconds,
+            previous_secrets=(settings.token_secret_previous.encode(),) if settings.token_secret_previous else (),
+            throttle=LoginThrottle(ThrottlePolicy(
+                free_failures_per_user=settings.login_free_failures_per_user,
+                free_failures_per_peer=settings.login_free_failures_per_peer,
+                backoff_base_seconds=settings.login_backoff_base_seconds,
+                backoff_max_seconds=settings.login_backoff_max_seconds,
+                window_seconds=settings.login_failure_window_seconds)),
+            cache_seconds=settings.token_revocation_cache_seconds),
         secrets=SecretBox(enc_key),
         tls_fingerprint=identity.fingerprint if identity is not None else "",
     )

@@ -125,8 +125,8 @@ def test_migration_from_empty_creates_schema_and_is_idempotent(db_url, request):
         try:
             assert database.get_tables() == []
             assert migrate(database) == ALL_MIGRATIONS
-            assert set(database.get_tables()) == SPEC_TABLES | {"api_users", HISTORY_TABLE}
-            assert TABLE_NAMES == SPEC_TABLES | {"api_users"}
+            assert set(database.get_tables()) == SPEC_TABLES | {"api_users", "api_revoked_tokens", HISTORY_TABLE}
+            assert TABLE_NAMES == SPEC_TABLES | {"api_users", "api_revoked_tokens"}
             assert {v.name for v in database.get_views()} == set(views.VIEW_NAMES)
             assert migrate(database) == []
             assert [(m.name, m.applied is not None) for m in status(database)] == [(m, True) for m in ALL_MIGRATIONS]
@@ -677,4 +677,4 @@ def test_mysql_url_builds_a_strict_utc_pool():
 
 
 def test_every_table_model_is_listed_once():
-    assert len(ALL_MODELS) == len(TABLE_NAMES) == 25
+    assert len(ALL_MODELS) == len(TABLE_NAMES) == 26

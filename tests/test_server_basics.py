@@ -25,8 +25,8 @@ def test_reflection_lists_every_service(anonymous, oma_server):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"oma.v1.AuthService", "oma.v1.ReplicationService", "oma.v1.FailoverService",
-            "oma.v1.EnrollmentService", "grpc.health.v1.Health"} <= names
-    assert len([n for n in names if n.startswith("oma.v1.")]) == 17
+            "oma.v1.EnrollmentService", "oma.v1.UserService", "grpc.health.v1.Health"} <= names
+    assert len([n for n in names if n.startswith("oma.v1.")]) == 18
 
 
 def test_login_issues_a_token_and_wrong_password_is_unauthenticated(anonymous, db):

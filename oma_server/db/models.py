@@ -1,4 +1,5 @@
-"""Peewee models for the OMA database: the 24 tables of the replication/discovery spec §1.2 plus ``api_users``.
+"""Peewee models for the OMA database: the 24 tables of the replication/discovery spec §1.2 plus
+``api_users`` and ``api_revoked_tokens``.
 
 The models are the runtime view of the schema; the schema itself is created by the versioned migrations in
 ``migrations/`` and ``migrate.schema_drift()`` checks that the two agree (CI fails on a model change without a
@@ -413,16 +414,41 @@ class LinstorConfig(BaseModel):
         table_name = "linstor_configs"
 
 
+class UserRole(StrEnum):
+    """``api_users.role``: ``admin`` may do everything; ``operator`` everything but managing users and VMA
+    enrollments (the method → role table is ``oma_server.domain.auth.ADMIN_ONLY_METHODS``)."""
+    ADMIN = "admin"
+    OPERATOR = "operator"
+
+
 class ApiUser(BaseModel):
-    """Logins of the OMA's own API (AuthService); ``password_hash`` is a salted hash, never the password."""
+    """Logins of the OMA's own API (AuthService); ``password_hash`` is a salted hash, never the password.
+
+    ``tokens_valid_after``: bearer tokens issued before this instant are refused (set by ChangePassword,
+    RevokeUserTokens, disabling; a new user's starts at its creation, so a re-created name never inherits the
+    old user's tokens)."""
     id = AutoField()
     username = CharField(255, unique=True)
     password_hash = CharField(255)
     created_at = UtcDateTimeField(default=utcnow)
     is_active = BooleanField(default=True)
+    role = EnumField(UserRole, check=False, max_length=16, default=UserRole.ADMIN)
+    tokens_valid_after = UtcDateTimeField(null=True)
 
     class Meta:
         table_name = "api_users"
+
+
+class ApiRevokedToken(BaseModel):
+    """Bearer tokens ended one by one (AuthService.Logout) before they expire: the token id (``jti``) and the
+    token's own expiry, after which the row is pointless and is pruned."""
+    jti = CharField(64, primary_key=True)
+    user = ForeignKeyField(ApiUser, on_delete="CASCADE", backref="revoked_tokens")
+    expires_at = UtcDateTimeField(index=True)
+    revoked_at = UtcDateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "api_revoked_tokens"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -967,9 +993,9 @@ class VmaConnectionAudit(BaseModel):
 
 #: Every table model in dependency order (parents first; the contexts → jobs back-references are deferred).
 ALL_MODELS: tuple[type[BaseModel], ...] = tuple(sort_models([
-    VmwareCredential, OsseaConfig, LinstorConfig, ApiUser, ReplicationSchedule, VmMachineGroup, ScheduleExecution,
-    VmReplicationContext, ReplicationJob, VmDisk, CbtHistory, OsseaVolume, DeviceMapping, NbdExport, NetworkMapping,
-    FailoverJob, VmGroupMembership, JobTracking, JobStep, JobExecutionLog, LogEvent, VmaEnrollment, VmaPairingCode,
+    VmwareCredential, OsseaConfig, LinstorConfig, ApiUser, ApiRevokedToken, ReplicationSchedule, VmMachineGroup,
+    ScheduleExecution, VmReplicationContext, ReplicationJob, VmDisk, CbtHistory, OsseaVolume, DeviceMapping, NbdExport,
+    NetworkMapping, FailoverJob, VmGroupMembership, JobTracking, JobStep, JobExecutionLog, LogEvent, VmaEnrollment, VmaPairingCode,
     VmaActiveConnection, VmaConnectionAudit,
 ]))
 TABLE_NAMES = frozenset(model._meta.table_name for model in ALL_MODELS)

@@ -13,7 +13,11 @@ certificate itself (``<data_dir>/oma-tls.crt``); ``--tls-server-name`` when the 
 a name in the certificate.
 The global options are accepted before or after the command.
 
-Secrets (vCenter passwords, CloudStack secret keys) are never flag values, which would show in
+Users: ``login`` saves a token; ``logout`` ends it on the server and forgets it; ``passwd`` changes your own
+password (every earlier token ends, the saved login gets the fresh one); ``users`` (admin only) creates, lists,
+disables, enables and deletes users and ends all of a user's tokens.
+
+Secrets (vCenter passwords, CloudStack secret keys, passwords) are never flag values, which would show in
 ``ps`` and in shell history: ``--password-stdin`` reads one line from stdin, ``--password-env VAR``
 reads an environment variable, otherwise omactl prompts without echo.
 
@@ -39,7 +43,9 @@ with the generic failure and argparse's usage error; so ``exit - 100`` is the st
     2      usage error: bad options or arguments, a secret that cannot be read, a live failover or
            live rollback without --yes and no terminal to confirm on
     100+N  an RPC failed with gRPC status N: 103 INVALID_ARGUMENT, 105 NOT_FOUND, 106 ALREADY_EXISTS,
-           109 FAILED_PRECONDITION, 112 UNIMPLEMENTED, 114 UNAVAILABLE, 116 UNAUTHENTICATED, ...
+           107 PERMISSION_DENIED (an operator managing users or enrollments), 108 RESOURCE_EXHAUSTED
+           (too many failed logins: the message says when to try again), 109 FAILED_PRECONDITION,
+           112 UNIMPLEMENTED, 114 UNAVAILABLE, 116 UNAUTHENTICATED, ...
            (a VM or group name omactl cannot resolve is 105 as well)
     130    interrupted (Ctrl-C); a job being watched keeps running
 """
@@ -58,6 +64,7 @@ from typing import Any, Callable, Sequence
 
 import grpc
 from google.protobuf.message import Message
+from oma.v1 import auth_pb2 as auth_pb
 from oma.v1 import cloudstack_settings_pb2 as cloudstack_pb
 from oma.v1 import discovery_pb2 as discovery_pb
 from oma.v1 import enrollment_admin_pb2 as enrollment_pb
@@ -68,6 +75,7 @@ from oma.v1 import network_mappings_pb2 as mappings_pb
 from oma.v1 import ossea_config_pb2 as ossea_pb
 from oma.v1 import replications_pb2 as replications_pb
 from oma.v1 import schedules_pb2 as schedules_pb
+from oma.v1 import users_pb2 as users_pb
 from oma.v1 import vm_contexts_pb2 as contexts_pb
 from oma.v1 import vmware_credentials_pb2 as credentials_pb
 
@@ -88,6 +96,7 @@ LIST_LIMIT = 50
 _HINTS = {
     grpc.StatusCode.UNAUTHENTICATED: "log in with: omactl login --target {target}",
     grpc.StatusCode.UNAVAILABLE: "is the OMA server running at {target}? (set it with --target or $OMA_TARGET)",
+    grpc.StatusCode.PERMISSION_DENIED: "ask an admin: users and VMA enrollment need the admin role",
 }
 
 
@@ -237,22 +246,109 @@ def _login(s: Session, args: argparse.Namespace) -> None:
                                f"token saved in {path}")
 
 
-def _logout(s: Session, args: argparse.Namespace) -> None:
+def _logout(s: Session, args: argparse.Namespace) -> int:
     settings = saved_settings()
     if not settings.get("token"):
         print("not logged in")
-        return
+        return EXIT_OK
+    target = settings.get("target") or s.target
+    failure: grpc.RpcError | None = None
+    try:  # end the token on the server first: a copy of it elsewhere must stop working too
+        s.token = settings["token"]
+        s.target = target
+        s.call(s.client.auth.Logout, auth_pb.LogoutRequest())
+    except grpc.RpcError as err:
+        failure = err
     _write_private(config_path(), {key: settings[key] for key in ("target", "tls_ca", "tls_server_name")
                                    if key in settings} or {"target": s.target})
-    print(f"removed the saved token for {settings.get('target')} (the server does not revoke tokens; "
-          f"it stays valid until {settings.get('expires_at', 'it expires')})")
+    if failure is None or failure.code() == grpc.StatusCode.UNAUTHENTICATED:  # ended, expired or revoked already
+        print(f"logged out of {target}: the server ended the token; removed the saved token")
+        return EXIT_OK
+    print(f"removed the saved token for {target}, but the server could not end it "
+          f"({failure.code().name}: {failure.details()}); it stays valid until "
+          f"{settings.get('expires_at', 'it expires')}", file=sys.stderr)
+    return exit_code_for(failure.code())
+
+
+def _passwd(s: Session, args: argparse.Namespace) -> None:
+    current = read_secret(args, "current_password", f"Current password on {s.target}: ")
+    new = read_secret(args, "new_password", "New password: ")
+    if not (args.new_password_stdin or args.new_password_env):
+        if getpass.getpass("New password again: ") != new:
+            raise UsageError("the two new passwords differ")
+    response = s.call(s.client.auth.ChangePassword,
+                      auth_pb.ChangePasswordRequest(current_password=current or "", new_password=new or ""))
+    saved = saved_settings()
+    kept = saved.get("target") == s.target and saved.get("token")
+    if kept:  # every earlier token has ended: keep the session going with the fresh one
+        _write_private(config_path(), {**saved, "token": response.login.token, "username": response.login.username,
+                                       "expires_at": output.when(response.login.expires_at)})
+    s.show(response, lambda r: f"changed the password of {r.login.username}; every earlier token has ended"
+                               + ("; the saved login uses the new token" if kept else ""))
 
 
 def _register_session(commands: Any) -> None:
     p = _command(commands, "login", _login, "log in and save the target and token for later commands")
     p.add_argument("--username", default="admin")
     add_secret_options(p, "password", "password")
-    _command(commands, "logout", _logout, "forget the saved token")
+    _command(commands, "logout", _logout, "end the saved token on the server and forget it")
+    p = _command(commands, "passwd", _passwd,
+                 "change your own password (ends all your tokens; the saved login gets a fresh one)")
+    add_secret_options(p, "current-password", "current password (with --new-password-stdin: the first line)")
+    add_secret_options(p, "new-password", "new password (with --current-password-stdin: the second line)")
+
+
+# --- users ----------------------------------------------------------------------------------------
+def _users_list(s: Session, args: argparse.Namespace) -> None:
+    found = list(s.client.pages(s.client.users.ListUsers, users_pb.ListUsersRequest(), "users"))
+    s.show(users_pb.ListUsersResponse(users=found, count=len(found)),
+           lambda r: output.table(r.users, output.USER_COLUMNS, empty="no users"))
+
+
+def _users_create(s: Session, args: argparse.Namespace) -> None:
+    password = read_secret(args, "password", f"Password for the new user {args.username}: ")
+    request = users_pb.CreateUserRequest(username=args.username, password=password or "", role=args.role)
+    response = s.call(s.client.users.CreateUser, request)
+    s.show(response, lambda r: f"created user {r.user.username} ({r.user.role})")
+
+
+def _users_set_disabled(disabled: bool) -> Callable[[Session, argparse.Namespace], None]:
+    def handler(s: Session, args: argparse.Namespace) -> None:
+        request = users_pb.SetUserDisabledRequest(username=args.username, disabled=disabled)
+        response = s.call(s.client.users.SetUserDisabled, request)
+        s.show(response, lambda r: f"disabled user {r.user.username}; its tokens have ended" if disabled
+               else f"enabled user {r.user.username}; it can log in again")
+
+    return handler
+
+
+def _users_delete(s: Session, args: argparse.Namespace) -> None:
+    response = s.call(s.client.users.DeleteUser, users_pb.DeleteUserRequest(username=args.username))
+    s.show(response, lambda r: f"deleted user {r.username}; its tokens have ended")
+
+
+def _users_revoke_tokens(s: Session, args: argparse.Namespace) -> None:
+    response = s.call(s.client.auth.RevokeUserTokens, auth_pb.RevokeUserTokensRequest(username=args.username))
+    s.show(response, lambda r: f"ended every token of {r.username} issued before "
+                               f"{output.when(r.tokens_valid_after)}")
+
+
+def _register_users(commands: Any) -> None:
+    actions = _family(commands, "users", "users of the OMA API and their roles (admin only)")
+    _command(actions, "list", _users_list, "list users")
+    p = _command(actions, "create", _users_create, "create a user")
+    p.add_argument("username")
+    p.add_argument("--role", choices=["operator", "admin"], default="operator",
+                   help="operator: everything but users and VMA enrollment (default); admin: everything")
+    add_secret_options(p, "password", "password of the new user")
+    for name, disabled, help_text in (("disable", True, "disable a user and end its tokens"),
+                                      ("enable", False, "let a disabled user log in again")):
+        p = _command(actions, name, _users_set_disabled(disabled), help_text)
+        p.add_argument("username")
+    p = _command(actions, "delete", _users_delete, "delete a user and end its tokens")
+    p.add_argument("username")
+    p = _command(actions, "revoke-tokens", _users_revoke_tokens, "end every token of a user (it may log in again)")
+    p.add_argument("username")
 
 
 # --- vCenter credentials --------------------------------------------------------------------------
@@ -1432,7 +1528,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (_register_session, _register_credentials, _register_cloudstack, _register_discovery,
                      _register_vms, _register_replication, _register_failover, _register_jobs, _register_mappings,
-                     _register_groups, _register_schedules, _register_vma):
+                     _register_groups, _register_schedules, _register_vma, _register_users):
         register(commands)
     return parser
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from oma.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -31,6 +33,7 @@ from oma.v1 import (
     progress_pb2_grpc,
     replications_pb2_grpc,
     schedules_pb2_grpc,
+    users_pb2_grpc,
     validation_pb2_grpc,
     vm_contexts_pb2_grpc,
     vmware_credentials_pb2_grpc,
@@ -103,6 +106,17 @@ def _pem(ca: bytes | str | os.PathLike[str]) -> bytes:
     return pem
 
 
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Seconds the server asks to wait before trying again (its ``google.rpc.RetryInfo`` detail, sent e.g. with
+    RESOURCE_EXHAUSTED by a throttled login), or None when it sent none."""
+    status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    for detail in status.details if status else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
 def saved_settings() -> dict[str, Any]:
     """Target and token saved by ``omactl login`` (empty when none)."""
     try:
@@ -162,6 +176,7 @@ class OmaClient:
             "enrollment_admin": enrollment_admin_pb2_grpc.EnrollmentAdminServiceStub,
             "enrollment": enrollment_pb2_grpc.EnrollmentServiceStub,
             "jobs": job_log_pb2_grpc.JobLogServiceStub,
+            "users": users_pb2_grpc.UserServiceStub,
         }
         for name, stub in stubs.items():
             setattr(self, name, stub(self.channel))
@@ -172,6 +187,12 @@ class OmaClient:
             auth_pb2.LoginRequest(username=username, password=password), timeout=self.timeout
         )
         self.token = response.token
+        return response
+
+    def logout(self) -> auth_pb2.LogoutResponse:
+        """End this client's token on the server (it is refused from now on) and forget it."""
+        response = self.auth.Logout(auth_pb2.LogoutRequest(), timeout=self.timeout)
+        self.token = None
         return response
 
     def wait_ready(self, timeout: float = 10.0) -> None:

@@ -549,6 +549,15 @@ ENROLLMENT_COLUMNS: list[Column] = [
     ("EXPIRES", lambda e: e.expires_at),
 ]
 
+USER_COLUMNS: list[Column] = [
+    ("USERNAME", lambda u: u.username),
+    ("ROLE", lambda u: u.role),
+    ("ACTIVE", lambda u: u.is_active),
+    ("CREATED", lambda u: u.created_at),
+    ("TOKENS VALID AFTER", lambda u: u.tokens_valid_after),
+]
+
+
 VMA_CONNECTION_COLUMNS: list[Column] = [
     ("ENROLLMENT ID", lambda c: c.enrollment_id),
     ("VMA", lambda c: c.vma_name),

@@ -17,9 +17,19 @@ const _ = grpc.SupportPackageIsVersion7
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type AuthServiceClient interface {
-	// Checks the password against api_users and issues a signed, expiring bearer token.
-	// A wrong username or password is UNAUTHENTICATED.
+	// Checks the password against api_users and issues a signed, expiring bearer token; writes nothing.
+	// A wrong username or password (or a disabled user) is UNAUTHENTICATED, after the same work either way.
 	Login(ctx context.Context, in *LoginRequest, opts ...grpc.CallOption) (*LoginResponse, error)
+	// Changes the caller's own password (current_password is checked, under the same throttle as Login),
+	// ends every token issued to the caller so far (`api_users.tokens_valid_after`) and returns a fresh
+	// token. A new password shorter than the server's minimum is INVALID_ARGUMENT; a wrong current one is
+	// UNAUTHENTICATED.
+	ChangePassword(ctx context.Context, in *ChangePasswordRequest, opts ...grpc.CallOption) (*ChangePasswordResponse, error)
+	// Ends the token of this call (its id goes to `api_revoked_tokens` until it would have expired).
+	Logout(ctx context.Context, in *LogoutRequest, opts ...grpc.CallOption) (*LogoutResponse, error)
+	// Admin only: ends every token issued so far to a user (`api_users.tokens_valid_after`); the user can
+	// log in again. Unknown user → NOT_FOUND.
+	RevokeUserTokens(ctx context.Context, in *RevokeUserTokensRequest, opts ...grpc.CallOption) (*RevokeUserTokensResponse, error)
 }
 
 type authServiceClient struct {
@@ -39,13 +49,50 @@ func (c *authServiceClient) Login(ctx context.Context, in *LoginRequest, opts ..
 	return out, nil
 }
 
+func (c *authServiceClient) ChangePassword(ctx context.Context, in *ChangePasswordRequest, opts ...grpc.CallOption) (*ChangePasswordResponse, error) {
+	out := new(ChangePasswordResponse)
+	err := c.cc.Invoke(ctx, "/oma.v1.AuthService/ChangePassword", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) Logout(ctx context.Context, in *LogoutRequest, opts ...grpc.CallOption) (*LogoutResponse, error) {
+	out := new(LogoutResponse)
+	err := c.cc.Invoke(ctx, "/oma.v1.AuthService/Logout", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) RevokeUserTokens(ctx context.Context, in *RevokeUserTokensRequest, opts ...grpc.CallOption) (*RevokeUserTokensResponse, error) {
+	out := new(RevokeUserTokensResponse)
+	err := c.cc.Invoke(ctx, "/oma.v1.AuthService/RevokeUserTokens", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility
 type AuthServiceServer interface {
-	// Checks the password against api_users and issues a signed, expiring bearer token.
-	// A wrong username or password is UNAUTHENTICATED.
+	// Checks the password against api_users and issues a signed, expiring bearer token; writes nothing.
+	// A wrong username or password (or a disabled user) is UNAUTHENTICATED, after the same work either way.
 	Login(context.Context, *LoginRequest) (*LoginResponse, error)
+	// Changes the caller's own password (current_password is checked, under the same throttle as Login),
+	// ends every token issued to the caller so far (`api_users.tokens_valid_after`) and returns a fresh
+	// token. A new password shorter than the server's minimum is INVALID_ARGUMENT; a wrong current one is
+	// UNAUTHENTICATED.
+	ChangePassword(context.Context, *ChangePasswordRequest) (*ChangePasswordResponse, error)
+	// Ends the token of this call (its id goes to `api_revoked_tokens` until it would have expired).
+	Logout(context.Context, *LogoutRequest) (*LogoutResponse, error)
+	// Admin only: ends every token issued so far to a user (`api_users.tokens_valid_after`); the user can
+	// log in again. Unknown user → NOT_FOUND.
+	RevokeUserTokens(context.Context, *RevokeUserTokensRequest) (*RevokeUserTokensResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -55,6 +102,15 @@ type UnimplementedAuthServiceServer struct {
 
 func (UnimplementedAuthServiceServer) Login(context.Context, *LoginRequest) (*LoginResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Login not implemented")
+}
+func (UnimplementedAuthServiceServer) ChangePassword(context.Context, *ChangePasswordRequest) (*ChangePasswordResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ChangePassword not implemented")
+}
+func (UnimplementedAuthServiceServer) Logout(context.Context, *LogoutRequest) (*LogoutResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Logout not implemented")
+}
+func (UnimplementedAuthServiceServer) RevokeUserTokens(context.Context, *RevokeUserTokensRequest) (*RevokeUserTokensResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RevokeUserTokens not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 
@@ -87,6 +143,60 @@ func _AuthService_Login_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_ChangePassword_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ChangePasswordRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).ChangePassword(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/oma.v1.AuthService/ChangePassword",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).ChangePassword(ctx, req.(*ChangePasswordRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_Logout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LogoutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).Logout(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/oma.v1.AuthService/Logout",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).Logout(ctx, req.(*LogoutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_RevokeUserTokens_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeUserTokensRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).RevokeUserTokens(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/oma.v1.AuthService/RevokeUserTokens",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).RevokeUserTokens(ctx, req.(*RevokeUserTokensRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _AuthService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "oma.v1.AuthService",
 	HandlerType: (*AuthServiceServer)(nil),
@@ -94,6 +204,18 @@ var _AuthService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Login",
 			Handler:    _AuthService_Login_Handler,
+		},
+		{
+			MethodName: "ChangePassword",
+			Handler:    _AuthService_ChangePassword_Handler,
+		},
+		{
+			MethodName: "Logout",
+			Handler:    _AuthService_Logout_Handler,
+		},
+		{
+			MethodName: "RevokeUserTokens",
+			Handler:    _AuthService_RevokeUserTokens_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

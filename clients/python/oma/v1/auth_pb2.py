@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from migration.v1 import options_pb2 as migration_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11oma/v1/auth.proto\x12\x06oma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"t\n\rLoginResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08username\x18\x04 \x01(\t2Y\n\x0b\x41uthService\x12J\n\x05Login\x12\x14.oma.v1.LoginRequest\x1a\x15.oma.v1.LoginResponse\"\x14\x8a\xb5\x18\x10POST /auth/loginB4Z2github.com/oma-vma/migrate/clients/go/oma/v1;omav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11oma/v1/auth.proto\x12\x06oma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"t\n\rLoginResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08username\x18\x04 \x01(\t\"G\n\x15\x43hangePasswordRequest\x12\x18\n\x10\x63urrent_password\x18\x01 \x01(\t\x12\x14\n\x0cnew_password\x18\x02 \x01(\t\">\n\x16\x43hangePasswordResponse\x12$\n\x05login\x18\x01 \x01(\x0b\x32\x15.oma.v1.LoginResponse\"\x0f\n\rLogoutRequest\"\"\n\x0eLogoutResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"+\n\x17RevokeUserTokensRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"d\n\x18RevokeUserTokensResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x36\n\x12tokens_valid_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x94\x03\n\x0b\x41uthService\x12J\n\x05Login\x12\x14.oma.v1.LoginRequest\x1a\x15.oma.v1.LoginResponse\"\x14\x8a\xb5\x18\x10POST /auth/login\x12h\n\x0e\x43hangePassword\x12\x1d.oma.v1.ChangePasswordRequest\x1a\x1e.oma.v1.ChangePasswordResponse\"\x17\x8a\xb5\x18\x13POST /auth/password\x12N\n\x06Logout\x12\x15.oma.v1.LogoutRequest\x1a\x16.oma.v1.LogoutResponse\"\x15\x8a\xb5\x18\x11POST /auth/logout\x12\x7f\n\x10RevokeUserTokens\x12\x1f.oma.v1.RevokeUserTokensRequest\x1a .oma.v1.RevokeUserTokensResponse\"(\x8a\xb5\x18$POST /users/{username}/revoke-tokensB4Z2github.com/oma-vma/migrate/clients/go/oma/v1;omav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z2github.com/oma-vma/migrate/clients/go/oma/v1;omav1'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\212\265\030\020POST /auth/login'
+  _globals['_AUTHSERVICE'].methods_by_name['ChangePassword']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['ChangePassword']._serialized_options = b'\212\265\030\023POST /auth/password'
+  _globals['_AUTHSERVICE'].methods_by_name['Logout']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\212\265\030\021POST /auth/logout'
+  _globals['_AUTHSERVICE'].methods_by_name['RevokeUserTokens']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['RevokeUserTokens']._serialized_options = b'\212\265\030$POST /users/{username}/revoke-tokens'
   _globals['_LOGINREQUEST']._serialized_start=90
   _globals['_LOGINREQUEST']._serialized_end=140
   _globals['_LOGINRESPONSE']._serialized_start=142
   _globals['_LOGINRESPONSE']._serialized_end=258
-  _globals['_AUTHSERVICE']._serialized_start=260
-  _globals['_AUTHSERVICE']._serialized_end=349
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=260
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=331
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=333
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=395
+  _globals['_LOGOUTREQUEST']._serialized_start=397
+  _globals['_LOGOUTREQUEST']._serialized_end=412
+  _globals['_LOGOUTRESPONSE']._serialized_start=414
+  _globals['_LOGOUTRESPONSE']._serialized_end=448
+  _globals['_REVOKEUSERTOKENSREQUEST']._serialized_start=450
+  _globals['_REVOKEUSERTOKENSREQUEST']._serialized_end=493
+  _globals['_REVOKEUSERTOKENSRESPONSE']._serialized_start=495
+  _globals['_REVOKEUSERTOKENSRESPONSE']._serialized_end=595
+  _globals['_AUTHSERVICE']._serialized_start=598
+  _globals['_AUTHSERVICE']._serialized_end=1002
 # @@protoc_insertion_point(module_scope)

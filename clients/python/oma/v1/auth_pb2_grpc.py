@@ -26,8 +26,10 @@ if _version_not_supported:
 
 
 class AuthServiceStub:
-    """Operator login. Every other OMA RPC (except health, reflection and the public enrollment RPCs)
-    needs the returned token as "authorization: Bearer <token>" metadata.
+    """Operator login and the end of tokens. Every other OMA RPC (except health, reflection and the public
+    enrollment RPCs) needs the returned token as "authorization: Bearer <token>" metadata. Repeated failed
+    password checks of one user name or from one address are answered RESOURCE_EXHAUSTED, with a
+    google.rpc.RetryInfo detail saying when to try again (docs/security/auth.md).
     """
 
     def __init__(self, channel):
@@ -41,16 +43,58 @@ class AuthServiceStub:
                 request_serializer=oma_dot_v1_dot_auth__pb2.LoginRequest.SerializeToString,
                 response_deserializer=oma_dot_v1_dot_auth__pb2.LoginResponse.FromString,
                 _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/oma.v1.AuthService/ChangePassword',
+                request_serializer=oma_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=oma_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/oma.v1.AuthService/Logout',
+                request_serializer=oma_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=oma_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
+                _registered_method=True)
+        self.RevokeUserTokens = channel.unary_unary(
+                '/oma.v1.AuthService/RevokeUserTokens',
+                request_serializer=oma_dot_v1_dot_auth__pb2.RevokeUserTokensRequest.SerializeToString,
+                response_deserializer=oma_dot_v1_dot_auth__pb2.RevokeUserTokensResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
-    """Operator login. Every other OMA RPC (except health, reflection and the public enrollment RPCs)
-    needs the returned token as "authorization: Bearer <token>" metadata.
+    """Operator login and the end of tokens. Every other OMA RPC (except health, reflection and the public
+    enrollment RPCs) needs the returned token as "authorization: Bearer <token>" metadata. Repeated failed
+    password checks of one user name or from one address are answered RESOURCE_EXHAUSTED, with a
+    google.rpc.RetryInfo detail saying when to try again (docs/security/auth.md).
     """
 
     def Login(self, request, context):
-        """Checks the password against api_users and issues a signed, expiring bearer token.
-        A wrong username or password is UNAUTHENTICATED.
+        """Checks the password against api_users and issues a signed, expiring bearer token; writes nothing.
+        A wrong username or password (or a disabled user) is UNAUTHENTICATED, after the same work either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePassword(self, request, context):
+        """Changes the caller's own password (current_password is checked, under the same throttle as Login),
+        ends every token issued to the caller so far (`api_users.tokens_valid_after`) and returns a fresh
+        token. A new password shorter than the server's minimum is INVALID_ARGUMENT; a wrong current one is
+        UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logout(self, request, context):
+        """Ends the token of this call (its id goes to `api_revoked_tokens` until it would have expired).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeUserTokens(self, request, context):
+        """Admin only: ends every token issued so far to a user (`api_users.tokens_valid_after`); the user can
+        log in again. Unknown user → NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,6 +108,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=oma_dot_v1_dot_auth__pb2.LoginRequest.FromString,
                     response_serializer=oma_dot_v1_dot_auth__pb2.LoginResponse.SerializeToString,
             ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=oma_dot_v1_dot_auth__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=oma_dot_v1_dot_auth__pb2.ChangePasswordResponse.SerializeToString,
+            ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=oma_dot_v1_dot_auth__pb2.LogoutRequest.FromString,
+                    response_serializer=oma_dot_v1_dot_auth__pb2.LogoutResponse.SerializeToString,
+            ),
+            'RevokeUserTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeUserTokens,
+                    request_deserializer=oma_dot_v1_dot_auth__pb2.RevokeUserTokensRequest.FromString,
+                    response_serializer=oma_dot_v1_dot_auth__pb2.RevokeUserTokensResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'oma.v1.AuthService', rpc_method_handlers)
@@ -73,8 +132,10 @@ def add_AuthServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuthService:
-    """Operator login. Every other OMA RPC (except health, reflection and the public enrollment RPCs)
-    needs the returned token as "authorization: Bearer <token>" metadata.
+    """Operator login and the end of tokens. Every other OMA RPC (except health, reflection and the public
+    enrollment RPCs) needs the returned token as "authorization: Bearer <token>" metadata. Repeated failed
+    password checks of one user name or from one address are answered RESOURCE_EXHAUSTED, with a
+    google.rpc.RetryInfo detail saying when to try again (docs/security/auth.md).
     """
 
     @staticmethod
@@ -94,6 +155,87 @@ class AuthService:
             '/oma.v1.AuthService/Login',
             oma_dot_v1_dot_auth__pb2.LoginRequest.SerializeToString,
             oma_dot_v1_dot_auth__pb2.LoginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oma.v1.AuthService/ChangePassword',
+            oma_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
+            oma_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oma.v1.AuthService/Logout',
+            oma_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
+            oma_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeUserTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oma.v1.AuthService/RevokeUserTokens',
+            oma_dot_v1_dot_auth__pb2.RevokeUserTokensRequest.SerializeToString,
+            oma_dot_v1_dot_auth__pb2.RevokeUserTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

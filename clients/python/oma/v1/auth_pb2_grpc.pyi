@@ -27,8 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuthServiceStub:
-    """Operator login. Every other OMA RPC (except health, reflection and the public enrollment RPCs)
-    needs the returned token as "authorization: Bearer <token>" metadata.
+    """Operator login and the end of tokens. Every other OMA RPC (except health, reflection and the public
+    enrollment RPCs) needs the returned token as "authorization: Bearer <token>" metadata. Repeated failed
+    password checks of one user name or from one address are answered RESOURCE_EXHAUSTED, with a
+    google.rpc.RetryInfo detail saying when to try again (docs/security/auth.md).
     """
 
     @_typing.overload
@@ -36,25 +38,53 @@ class AuthServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     Login: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]
-    """Checks the password against api_users and issues a signed, expiring bearer token.
-    A wrong username or password is UNAUTHENTICATED.
+    """Checks the password against api_users and issues a signed, expiring bearer token; writes nothing.
+    A wrong username or password (or a disabled user) is UNAUTHENTICATED, after the same work either way.
+    """
+    ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]
+    """Changes the caller's own password (current_password is checked, under the same throttle as Login),
+    ends every token issued to the caller so far (`api_users.tokens_valid_after`) and returns a fresh
+    token. A new password shorter than the server's minimum is INVALID_ARGUMENT; a wrong current one is
+    UNAUTHENTICATED.
+    """
+    Logout: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]
+    """Ends the token of this call (its id goes to `api_revoked_tokens` until it would have expired)."""
+    RevokeUserTokens: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeUserTokensRequest, _auth_pb2.RevokeUserTokensResponse]
+    """Admin only: ends every token issued so far to a user (`api_users.tokens_valid_after`); the user can
+    log in again. Unknown user → NOT_FOUND.
     """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
-    """Operator login. Every other OMA RPC (except health, reflection and the public enrollment RPCs)
-    needs the returned token as "authorization: Bearer <token>" metadata.
+    """Operator login and the end of tokens. Every other OMA RPC (except health, reflection and the public
+    enrollment RPCs) needs the returned token as "authorization: Bearer <token>" metadata. Repeated failed
+    password checks of one user name or from one address are answered RESOURCE_EXHAUSTED, with a
+    google.rpc.RetryInfo detail saying when to try again (docs/security/auth.md).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Login: _aio.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]  # type: ignore[assignment]
-    """Checks the password against api_users and issues a signed, expiring bearer token.
-    A wrong username or password is UNAUTHENTICATED.
+    """Checks the password against api_users and issues a signed, expiring bearer token; writes nothing.
+    A wrong username or password (or a disabled user) is UNAUTHENTICATED, after the same work either way.
+    """
+    ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]  # type: ignore[assignment]
+    """Changes the caller's own password (current_password is checked, under the same throttle as Login),
+    ends every token issued to the caller so far (`api_users.tokens_valid_after`) and returns a fresh
+    token. A new password shorter than the server's minimum is INVALID_ARGUMENT; a wrong current one is
+    UNAUTHENTICATED.
+    """
+    Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _auth_pb2.LogoutResponse]  # type: ignore[assignment]
+    """Ends the token of this call (its id goes to `api_revoked_tokens` until it would have expired)."""
+    RevokeUserTokens: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeUserTokensRequest, _auth_pb2.RevokeUserTokensResponse]  # type: ignore[assignment]
+    """Admin only: ends every token issued so far to a user (`api_users.tokens_valid_after`); the user can
+    log in again. Unknown user → NOT_FOUND.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator login. Every other OMA RPC (except health, reflection and the public enrollment RPCs)
-    needs the returned token as "authorization: Bearer <token>" metadata.
+    """Operator login and the end of tokens. Every other OMA RPC (except health, reflection and the public
+    enrollment RPCs) needs the returned token as "authorization: Bearer <token>" metadata. Repeated failed
+    password checks of one user name or from one address are answered RESOURCE_EXHAUSTED, with a
+    google.rpc.RetryInfo detail saying when to try again (docs/security/auth.md).
     """
 
     @_abc_1.abstractmethod
@@ -63,8 +93,38 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.LoginRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.LoginResponse, _abc.Awaitable[_auth_pb2.LoginResponse]]:
-        """Checks the password against api_users and issues a signed, expiring bearer token.
-        A wrong username or password is UNAUTHENTICATED.
+        """Checks the password against api_users and issues a signed, expiring bearer token; writes nothing.
+        A wrong username or password (or a disabled user) is UNAUTHENTICATED, after the same work either way.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangePassword(
+        self,
+        request: _auth_pb2.ChangePasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ChangePasswordResponse, _abc.Awaitable[_auth_pb2.ChangePasswordResponse]]:
+        """Changes the caller's own password (current_password is checked, under the same throttle as Login),
+        ends every token issued to the caller so far (`api_users.tokens_valid_after`) and returns a fresh
+        token. A new password shorter than the server's minimum is INVALID_ARGUMENT; a wrong current one is
+        UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def Logout(
+        self,
+        request: _auth_pb2.LogoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.LogoutResponse, _abc.Awaitable[_auth_pb2.LogoutResponse]]:
+        """Ends the token of this call (its id goes to `api_revoked_tokens` until it would have expired)."""
+
+    @_abc_1.abstractmethod
+    def RevokeUserTokens(
+        self,
+        request: _auth_pb2.RevokeUserTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeUserTokensResponse, _abc.Awaitable[_auth_pb2.RevokeUserTokensResponse]]:
+        """Admin only: ends every token issued so far to a user (`api_users.tokens_valid_after`); the user can
+        log in again. Unknown user → NOT_FOUND.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
