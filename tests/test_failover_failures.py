@@ -17,7 +17,7 @@ from oma.v1 import replications_pb2 as rpb
 
 from oma_server.db import models
 from tests import factories
-from tests.test_failover import (
+from tests.helpers.failover import (
     add_vm,
     assert_back_on_oma,
     configure_cloudstack,
@@ -29,6 +29,7 @@ from tests.test_failover import (
     steps,
     watch,
 )
+from tests.helpers.faults import datastore_gone
 
 COMPENSATION_STEPS = ["destination-vm-shutdown", "volume-detachment", "destination-vm-deletion",
                       "cloudstack-snapshot-rollback", "volume-reattachment-to-oma", "cloudstack-snapshot-deletion",
@@ -54,7 +55,7 @@ def destination_vms(lab):
 def lab_sweeping(db, tmp_path):
     """A lab whose OMA sweeps for expired test failovers twice a second and has a driver injection
     command (a script that records its arguments in ``<tmp>/injections``)."""
-    from tests.lab import start_lab
+    from omalab.lab import start_lab
 
     script = tmp_path / "inject-drivers"
     script.write_text(f'#!/bin/sh\necho "$1 $2" >> {tmp_path / "injections"}\n')
@@ -206,8 +207,6 @@ def test_a_failed_final_sync_leaves_the_vm_ready_for_failover_and_a_retry_syncs_
     snapshot it): the failover fails at final-sync with nothing else touched, the message says the
     source is off, the VM is ready for failover again and free; once the datastore is back the retried
     live failover final-syncs and completes."""
-    from tests.test_replication_failures import datastore_gone
-
     lab = lab_private
     ctx = prepared_vm(lab)
     volumes_before = [(m.volume_uuid, m.vm_id, m.operation_mode) for m in models.DeviceMapping.select()

@@ -16,7 +16,7 @@ from oma.v1 import enrollment_admin_pb2 as apb
 from oma_server.db import models
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD, start_vma
-from tests.test_enrollment import approve, audit_events, awaiting
+from tests.helpers.oma_enrollment import approve, audit_events, awaiting
 
 DISCONNECT_AFTER = 2.0  # well above the probe interval (0.2 s) and timeout (1 s), even on a busy machine
 

@@ -26,7 +26,7 @@ from oma_server.integrations.ssh_keys import parse_public_key
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD
 from tests.fixtures.sshd import check_config, start_sshd
-from tests.test_vma_enrollment import agent_runner, enroll, new_code, status, wait_for
+from tests.helpers.vma_enrollment import agent_runner, enroll, new_code, status, wait_for
 
 USER = getpass.getuser()  # the tunnel account: sshd here runs as this user, so it can only log in as it
 REPO = Path(__file__).resolve().parents[1]
