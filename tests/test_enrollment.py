@@ -326,7 +326,7 @@ def test_transitions_from_the_wrong_state_are_refused_without_writes(admin, publ
                      pb.GetEnrollmentResultRequest(enrollment_id="nope"), timeout=10)):
         assert _error(call)[0] == grpc.StatusCode.NOT_FOUND
     assert factories.db_snapshot() == before
-    # An unverified enrollment may be rejected (spec: from pending_verification or awaiting_approval).
+    # An unverified enrollment may be rejected (allowed from pending_verification or awaiting_approval).
     assert api.RejectEnrollment(apb.RejectEnrollmentRequest(enrollment_id=unverified.enrollment_id),
                                 timeout=10).enrollment.status == "rejected"
     reasons = [json_format.MessageToDict(e.event_details).get("reason")

@@ -125,7 +125,7 @@ def test_faults_at_creation_attachment_and_startup_are_compensated_and_a_retry_s
         vm_id=ctx.vmware_vm_id, failover_type="test", status="failed"), timeout=10)
     assert listed.total_count == 3
 
-    # Auto-cleanup (§2.9): the deadline is stored with the record; once it passes, the sweep ends the test.
+    # Auto-cleanup (docs/design/failover.md#auto-cleanup): the deadline is stored with the record; once it passes, the sweep ends the test.
     record = models.FailoverJob.get(models.FailoverJob.job_id == retry.job_id)
     spec = json.loads(record.source_vm_spec)
     deadline = datetime.fromisoformat(spec["cleanup_deadline"])
@@ -203,7 +203,7 @@ def test_an_incomplete_compensation_needs_cleanup_failed_execution(lab_private):
 
 
 def test_a_failed_final_sync_leaves_the_vm_ready_for_failover_and_a_retry_syncs_again(lab_private):
-    """§2.4 row 4: the source is off, the final sync fails (its datastore is gone, so vCenter cannot
+    """docs/design/failover.md#compensation, final sync failed: the source is off, the final sync fails (its datastore is gone, so vCenter cannot
     snapshot it): the failover fails at final-sync with nothing else touched, the message says the
     source is off, the VM is ready for failover again and free; once the datastore is back the retried
     live failover final-syncs and completes."""
@@ -320,7 +320,7 @@ def test_preflight_agrees_with_start_and_an_unready_vm_fails_validation_untouche
 
 
 def test_a_restart_fails_interrupted_failover_work(db, oma_factory):
-    """§2.14: jobs this process left running fail "interrupted by restart"; a context whose volumes may be
+    """docs/design/failover.md#one-operation-per-vm-and-restarts: jobs this process left running fail "interrupted by restart"; a context whose volumes may be
     mid-move needs cleanup, one that had not got that far is left alone; another process's live job is kept."""
     def running_failover(status, context_status, worker):
         ctx = factories.context(current_status=context_status)

@@ -1,4 +1,4 @@
-"""The VMA connection monitor (spec failover-scheduler-enrollment §5.8) on both databases: liveness from
+"""The VMA connection monitor (docs/design/enrollment.md#connection-monitor) on both databases: liveness from
 the tunnel itself. Each approved VMA's reverse-forward port on the OMA is probed with the standard health
 call; here a real VMA agent listens on that port (in production sshd does, forwarding to the VMA). A VMA
 that does not answer for the disconnect threshold is marked ``disconnected`` with an audit row, one that

@@ -1,4 +1,4 @@
-"""The VMA tunnel end to end through a real OpenSSH server (spec failover-scheduler-enrollment §5.6–5.8):
+"""The VMA tunnel end to end through a real OpenSSH server (docs/design/enrollment.md#tunnel):
 sshd configured with exactly what ``oma-server tunnel-sshd-config`` prints, the tunnel account's keys as
 the OMA's approvals write them, and a real VMA agent that enrolled, was approved, pinned the OMA's host
 key and keeps its ssh tunnel up. Through the tunnel the OMA's connection monitor reaches the VMA's API,

@@ -1,6 +1,6 @@
 """Machine groups (vm_machine_groups) and VM membership (vm_group_memberships).
 
-A VM belongs to at most one group, so two schedules never replicate it (spec §3.10): AssignVM refuses
+A VM belongs to at most one group, so two schedules never replicate it (docs/design/scheduler.md#machine-groups): AssignVM refuses
 a VM that is in another group and SetVMGroup moves it. Both check and write under a lock on the VM's
 context row (``_lock_context``), so two concurrent calls for the same VM run one after the other. ``max_concurrent_vms`` limits scheduling
 concurrency, not membership. Every mutation is a group-management job recorded in the same

@@ -21,7 +21,7 @@ Inventory
     deserializer costs ~4 ms per VM, seconds for 1,000 VMs. pyVmomi still builds and sends every
     request, owns the session cookie and turns SOAP faults into its exception classes.
 
-Data mover API (one process per job, all disks of one VM; see spec 12.1)::
+Data mover API (one process per job, all disks of one VM; see docs/design/replication.md#data-mover-run)::
 
     session = vsphere.connect(params)             # or SessionCache().get(params)
     session.start_keepalive()
