@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Discovery benchmark: the VMA's Discover against plain pyVmomi on a simulated vCenter.
 
-Starts the simulated vCenter (tests/vcsim) with --vms VMs (2 disks each; the simulator gives every
+Starts the simulated vCenter (omalab/vcsim) with --vms VMs (2 disks each; the simulator gives every
 third VM 2 NICs and the others 1) and a per-SOAP-call latency (default 1 ms, a network hop), starts
 a VMA agent in this process, and measures in the same run:
 
@@ -35,7 +35,7 @@ from pyVim.connect import Disconnect  # noqa: E402
 from pyVmomi import vim, vmodl  # noqa: E402
 from vma.v1 import discovery_pb2, discovery_pb2_grpc, vcenter_pb2  # noqa: E402
 
-from tests.fixtures.vcsim import VCSim  # noqa: E402
+from omalab.vcsim import VCSim  # noqa: E402
 from vma_agent.config import Settings  # noqa: E402
 from vma_agent.integrations.vsphere import VM_PROPERTIES  # noqa: E402
 from vma_agent.server import build_server  # noqa: E402

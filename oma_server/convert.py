@@ -1,6 +1,6 @@
 """Rows ↔ protobuf messages, once for every service.
 
-Message fields are named after the spec's columns, so one generic converter fills a message from a
+Message fields are named after the database's columns, so one generic converter fills a message from a
 row (a Peewee model, read by column name) or a dict; callers pass ``overrides`` only for what differs
 (renamed columns, nested messages, computed values).
 """

@@ -4,7 +4,7 @@ Configured files (``tls_cert_file``/``tls_key_file``, PEM; the certificate file 
 the server certificate) are checked before the server starts: readable, parseable, unencrypted key, key
 matching the certificate. Without them the OMA generates a self-signed certificate once into the data
 dir (``oma-tls.crt``, and ``oma-tls.key`` with mode 0600) and reuses it on every start, so the SHA-256
-an operator pinned on the VMAs (spec failover-scheduler-enrollment §5.1, E-8) stays valid. The generated
+an operator pinned on the VMAs (docs/design/enrollment.md#transport) stays valid. The generated
 certificate names this host, ``localhost``, 127.0.0.1, ::1 and the TLS listen host in its SANs, so clients
 that verify it as their root (``OmaClient(tls_ca=…)``) also check the name they connect to.
 

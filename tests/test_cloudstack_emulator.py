@@ -14,7 +14,7 @@ import pytest
 import requests
 from cs import CloudStackApiException
 
-from tests.cloudstack_emulator import (
+from omalab.cloudstack_emulator import (
     AUTH_ERROR_TEXT,
     UNKNOWN_COMMAND_TEXT,
     CloudStackEmulator,
@@ -574,7 +574,7 @@ def test_byid_name():
 
 def test_runs_as_a_script(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.cloudstack_emulator", "--port", "0", "--state-dir",
+        [sys.executable, "-m", "omalab.cloudstack_emulator", "--port", "0", "--state-dir",
          str(tmp_path / "cs"), "--job-delay", "0.05"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

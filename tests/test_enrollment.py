@@ -17,7 +17,7 @@ from datetime import timedelta
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import json_format
 from oma.v1 import enrollment_admin_pb2 as apb
 from oma.v1 import enrollment_pb2 as pb
@@ -27,26 +27,10 @@ from oma_server.domain import enrollment as domain
 from omaclient.client import OmaClient
 from tests import factories
 from tests.fixtures.servers import ADMIN_PASSWORD
+from tests.helpers.oma_enrollment import Vma, approve, audit_events, awaiting, enroll, new_code, verify
 
 CODE_FORMAT = re.compile(r"^[ABCDEFGHJKMNPQRSTVWXYZ23456789]{4}(-[ABCDEFGHJKMNPQRSTVWXYZ23456789]{4}){2}$")
 NBD_PORTS = range(10809, 10812)
-
-
-class Vma:
-    """A VMA as the OMA sees it: an Ed25519 key pair and an enrollment."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.private = ed25519.Ed25519PrivateKey.generate()
-        public = self.private.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                        serialization.PublicFormat.OpenSSH).decode()
-        self.public_key = f"{public} vma-{name}"
-        self.blob_b64 = public.split()[1]
-        self.enrollment_id = ""
-        self.challenge = ""
-
-    def sign(self, challenge: str | None = None) -> str:
-        return base64.b64encode(self.private.sign(base64.b64decode(challenge or self.challenge))).decode()
 
 
 def _error(call):
@@ -79,42 +63,9 @@ def public(server):
         yield client
 
 
-def new_code(admin, **kw) -> str:
-    return admin.enrollment_admin.GeneratePairingCode(apb.GeneratePairingCodeRequest(**kw), timeout=10).pairing_code
-
-
-def enroll(public, vma: Vma, code: str) -> pb.EnrollResponse:
-    response = public.enrollment.Enroll(pb.EnrollRequest(
-        pairing_code=code, vma_public_key=vma.public_key, vma_name=vma.name, vma_version="1.0",
-        vma_fingerprint="SHA256:placeholder-fingerprint"), timeout=10)
-    vma.enrollment_id, vma.challenge = response.enrollment_id, response.challenge
-    return response
-
-
-def verify(public, vma: Vma, signature: str | None = None) -> pb.VerifyChallengeResponse:
-    return public.enrollment.VerifyChallenge(pb.VerifyChallengeRequest(
-        enrollment_id=vma.enrollment_id, signature=vma.sign() if signature is None else signature), timeout=10)
-
-
 def result(public, vma: Vma) -> pb.GetEnrollmentResultResponse:
     return public.enrollment.GetEnrollmentResult(pb.GetEnrollmentResultRequest(enrollment_id=vma.enrollment_id),
                                                  timeout=10)
-
-
-def approve(admin, vma: Vma, notes: str = "") -> apb.ApproveEnrollmentResponse:
-    return admin.enrollment_admin.ApproveEnrollment(apb.ApproveEnrollmentRequest(
-        enrollment_id=vma.enrollment_id, notes=notes), timeout=10)
-
-
-def awaiting(admin, public, name: str) -> Vma:
-    vma = Vma(name)
-    enroll(public, vma, new_code(admin))
-    assert verify(public, vma).status == "awaiting_approval"
-    return vma
-
-
-def audit_events(admin, **kw) -> list[apb.VMAAuditEvent]:
-    return list(admin.enrollment_admin.GetAuditLog(apb.GetAuditLogRequest(page_size=200, **kw), timeout=10).events)
 
 
 def fingerprint_of(path) -> list[str]:
@@ -375,7 +326,7 @@ def test_transitions_from_the_wrong_state_are_refused_without_writes(admin, publ
                      pb.GetEnrollmentResultRequest(enrollment_id="nope"), timeout=10)):
         assert _error(call)[0] == grpc.StatusCode.NOT_FOUND
     assert factories.db_snapshot() == before
-    # An unverified enrollment may be rejected (spec: from pending_verification or awaiting_approval).
+    # An unverified enrollment may be rejected (allowed from pending_verification or awaiting_approval).
     assert api.RejectEnrollment(apb.RejectEnrollmentRequest(enrollment_id=unverified.enrollment_id),
                                 timeout=10).enrollment.status == "rejected"
     reasons = [json_format.MessageToDict(e.event_details).get("reason")

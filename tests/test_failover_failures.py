@@ -17,7 +17,7 @@ from oma.v1 import replications_pb2 as rpb
 
 from oma_server.db import models
 from tests import factories
-from tests.test_failover import (
+from tests.helpers.failover import (
     add_vm,
     assert_back_on_oma,
     configure_cloudstack,
@@ -29,6 +29,7 @@ from tests.test_failover import (
     steps,
     watch,
 )
+from tests.helpers.faults import datastore_gone
 
 COMPENSATION_STEPS = ["destination-vm-shutdown", "volume-detachment", "destination-vm-deletion",
                       "cloudstack-snapshot-rollback", "volume-reattachment-to-oma", "cloudstack-snapshot-deletion",
@@ -54,7 +55,7 @@ def destination_vms(lab):
 def lab_sweeping(db, tmp_path):
     """A lab whose OMA sweeps for expired test failovers twice a second and has a driver injection
     command (a script that records its arguments in ``<tmp>/injections``)."""
-    from tests.lab import start_lab
+    from omalab.lab import start_lab
 
     script = tmp_path / "inject-drivers"
     script.write_text(f'#!/bin/sh\necho "$1 $2" >> {tmp_path / "injections"}\n')
@@ -124,7 +125,7 @@ def test_faults_at_creation_attachment_and_startup_are_compensated_and_a_retry_s
         vm_id=ctx.vmware_vm_id, failover_type="test", status="failed"), timeout=10)
     assert listed.total_count == 3
 
-    # Auto-cleanup (§2.9): the deadline is stored with the record; once it passes, the sweep ends the test.
+    # Auto-cleanup (docs/design/failover.md#auto-cleanup): the deadline is stored with the record; once it passes, the sweep ends the test.
     record = models.FailoverJob.get(models.FailoverJob.job_id == retry.job_id)
     spec = json.loads(record.source_vm_spec)
     deadline = datetime.fromisoformat(spec["cleanup_deadline"])
@@ -202,12 +203,10 @@ def test_an_incomplete_compensation_needs_cleanup_failed_execution(lab_private):
 
 
 def test_a_failed_final_sync_leaves_the_vm_ready_for_failover_and_a_retry_syncs_again(lab_private):
-    """§2.4 row 4: the source is off, the final sync fails (its datastore is gone, so vCenter cannot
+    """docs/design/failover.md#compensation, final sync failed: the source is off, the final sync fails (its datastore is gone, so vCenter cannot
     snapshot it): the failover fails at final-sync with nothing else touched, the message says the
     source is off, the VM is ready for failover again and free; once the datastore is back the retried
     live failover final-syncs and completes."""
-    from tests.test_replication_failures import datastore_gone
-
     lab = lab_private
     ctx = prepared_vm(lab)
     volumes_before = [(m.volume_uuid, m.vm_id, m.operation_mode) for m in models.DeviceMapping.select()
@@ -321,7 +320,7 @@ def test_preflight_agrees_with_start_and_an_unready_vm_fails_validation_untouche
 
 
 def test_a_restart_fails_interrupted_failover_work(db, oma_factory):
-    """§2.14: jobs this process left running fail "interrupted by restart"; a context whose volumes may be
+    """docs/design/failover.md#one-operation-per-vm-and-restarts: jobs this process left running fail "interrupted by restart"; a context whose volumes may be
     mid-move needs cleanup, one that had not got that far is left alone; another process's live job is kept."""
     def running_failover(status, context_status, worker):
         ctx = factories.context(current_status=context_status)

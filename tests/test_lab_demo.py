@@ -153,7 +153,7 @@ def test_lab_demo_migrates_a_vm_and_leaves_nothing_running(tmp_path):
 
     # The whole cast was running under the demo (so the checks below are about real processes) ...
     commands = "\n".join(seen.values())
-    for part in ("tests.cloudstack_emulator", "vcsim", "vma-agent", "oma-server", "nbdkit", "omactl"):
+    for part in ("omalab.cloudstack_emulator", "vcsim", "vma-agent", "oma-server", "nbdkit", "omactl"):
         assert part in commands, f"{part} never seen under the demo:\n{commands}"
     # ... and none of it outlives the demo.
     survivors = {pid: cmd for (pid, started), cmd in seen.items() if _running(pid, started)}

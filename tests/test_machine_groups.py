@@ -3,6 +3,8 @@ vm_group_memberships insert/delete/update) and ungrouped VMs (vm_replication_con
 vm_group_memberships)."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 from oma.v1 import discovery_pb2
@@ -136,3 +138,72 @@ def test_ungrouped_vms(oma):
     response = oma.discovery.ListUngroupedVMs(discovery_pb2.ListUngroupedVMsRequest(), timeout=5)
     assert [v.vm_name for v in response.vms] == ["loner"] and response.count == 1
     assert response.vms[0].auto_added and response.HasField("retrieved_at")
+
+
+def test_concurrent_assigns_of_one_vm_to_different_groups_leave_it_in_exactly_one(oma):
+    """Several AssignVM calls for the same VM, each to another group, released at the same moment:
+    one wins, every other is refused with FAILED_PRECONDITION, and the VM ends in exactly one group
+    with one recorded assignment (rounds repeat the race; before the check was locked, several won)."""
+    callers = 4
+    groups = [_group(oma, f"wave-{i}") for i in range(callers)]
+    for round_ in range(8):
+        ctx = factories.context(vm_name=f"racer-{round_}")
+        barrier = threading.Barrier(callers)
+        outcomes: list[tuple[str, grpc.StatusCode, str]] = []
+
+        def assign(group):
+            barrier.wait()
+            try:
+                oma.groups.AssignVM(pb.AssignVMRequest(group_id=group.id, vm_context_id=ctx.context_id), timeout=30)
+                outcomes.append((group.id, grpc.StatusCode.OK, ""))
+            except grpc.RpcError as exc:
+                outcomes.append((group.id, exc.code(), exc.details()))
+
+        threads = [threading.Thread(target=assign, args=(g,)) for g in groups]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        winners = [o for o in outcomes if o[1] == grpc.StatusCode.OK]
+        losers = [o for o in outcomes if o[1] != grpc.StatusCode.OK]
+        assert len(outcomes) == callers and len(winners) == 1, outcomes
+        assert all(code == grpc.StatusCode.FAILED_PRECONDITION and "already belongs to another group" in msg
+                   for _, code, msg in losers), losers
+        rows = list(models.VmGroupMembership.select().where(models.VmGroupMembership.vm_context == ctx.context_id))
+        assert [r.group_id for r in rows] == [winners[0][0]]
+        recorded = models.JobTracking.select().where(models.JobTracking.context_id == ctx.context_id,
+                                                     models.JobTracking.operation == "add-vm-membership")
+        assert recorded.count() == 1
+
+
+def test_concurrent_moves_and_assigns_of_one_vm_leave_it_in_exactly_one_group(oma):
+    """SetVMGroup (move) racing AssignVM for the same VM: moves may all succeed one after the other,
+    an assign succeeds only when it comes first, and the VM always ends in exactly one group."""
+    groups = [_group(oma, f"wave-{i}") for i in range(4)]
+    for round_ in range(6):
+        ctx = factories.context(vm_name=f"mover-{round_}")
+        barrier = threading.Barrier(len(groups))
+        codes: list[grpc.StatusCode] = []
+
+        def change(index, group):
+            barrier.wait()
+            try:
+                if index % 2:
+                    oma.groups.SetVMGroup(pb.SetVMGroupRequest(vm_context_id=ctx.context_id, group_id=group.id),
+                                          timeout=30)
+                else:
+                    oma.groups.AssignVM(pb.AssignVMRequest(group_id=group.id, vm_context_id=ctx.context_id),
+                                        timeout=30)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+        threads = [threading.Thread(target=change, args=(i, g)) for i, g in enumerate(groups)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(codes) == len(groups)
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}, codes
+        assert models.VmGroupMembership.select().where(
+            models.VmGroupMembership.vm_context == ctx.context_id).count() == 1

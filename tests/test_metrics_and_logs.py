@@ -13,7 +13,7 @@ from oma.v1 import discovery_pb2, vm_contexts_pb2
 from oma.v1 import replications_pb2 as pb
 
 from oma_server import logs
-from tests.lab import start_lab
+from omalab.lab import start_lab
 from vma_agent.integrations.nbdkit import free_tcp_port
 
 

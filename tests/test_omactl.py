@@ -22,21 +22,23 @@ from oma_server.db.models import (
     JobTrackingStatus,
     JobType,
     StepStatus,
-    VmDisk,
-    VmReplicationContext,
 )
 from oma_server.services import IMPLEMENTED
 from omaclient import cli, progress
 from tests.fixtures.servers import ADMIN_PASSWORD
+from tests.helpers.omactl import (
+    EXIT_ALREADY_EXISTS,
+    EXIT_FAILED_PRECONDITION,
+    EXIT_NOT_FOUND,
+    EXIT_UNAUTHENTICATED,
+    EXIT_UNIMPLEMENTED,
+    add_disk,
+    add_vm,
+    table_rows,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VC_PASSWORD = "vc-Secret-0451"  # must never be printed
-
-EXIT_NOT_FOUND = 105
-EXIT_ALREADY_EXISTS = 106
-EXIT_FAILED_PRECONDITION = 109
-EXIT_UNIMPLEMENTED = 112
-EXIT_UNAUTHENTICATED = 116
 
 
 @pytest.fixture
@@ -50,27 +52,6 @@ def omactl(run_omactl, target):
     result = run_omactl("--target", target, "login", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
     assert result.code == 0, result.err
     return run_omactl
-
-
-def add_vm(name: str, **values) -> VmReplicationContext:
-    defaults = {"vmware_vm_id": f"4210-{name}", "vm_path": f"/DC1/vm/{name}", "vcenter_host": "vc.lab",
-                "datacenter": "DC1", "cpu_count": 2, "memory_mb": 4096, "os_type": "linux",
-                "power_state": "poweredOn"}
-    return VmReplicationContext.create(vm_name=name, **{**defaults, **values})
-
-
-def add_disk(ctx: VmReplicationContext, key: int, size_gb: int, networks: tuple[str, ...] = ()) -> VmDisk:
-    return VmDisk.create(
-        vm_context=ctx, disk_id=f"disk-{key}", vmdk_path=f"[ds1] {ctx.vm_name}/{ctx.vm_name}_{key}.vmdk",
-        size_gb=size_gb, capacity_bytes=size_gb * 1024**3, datastore="ds1", unit_number=key - 2000,
-        label=f"Hard disk {key - 1999}", provisioning_type="thin",
-        network_config=[{"network_name": n} for n in networks],
-    )
-
-
-def table_rows(text: str) -> list[list[str]]:
-    """Rows of an omactl table (header included) split on the two-space column gap."""
-    return [[cell.strip() for cell in line.split("  ") if cell.strip()] for line in text.strip().splitlines()]
 
 
 # --- session --------------------------------------------------------------------------------------

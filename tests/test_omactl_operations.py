@@ -20,11 +20,11 @@ from oma_server.services import IMPLEMENTED
 from omaclient import cli, progress
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD
-from tests.test_enrollment import Vma
-from tests.test_enrollment import enroll as vma_enroll
-from tests.test_enrollment import verify as vma_verify
-from tests.test_failover import CLEANUP_STEPS, FAILOVER_STEPS, prepared_vm
-from tests.test_omactl import (
+from tests.helpers.failover import CLEANUP_STEPS, FAILOVER_STEPS, prepared_vm
+from tests.helpers.oma_enrollment import Vma
+from tests.helpers.oma_enrollment import enroll as vma_enroll
+from tests.helpers.oma_enrollment import verify as vma_verify
+from tests.helpers.omactl import (
     EXIT_ALREADY_EXISTS,
     EXIT_FAILED_PRECONDITION,
     EXIT_NOT_FOUND,

@@ -14,7 +14,7 @@ from oma.v1 import discovery_pb2
 from oma.v1 import replications_pb2 as pb
 
 from oma_server.db import models
-from tests.lab import sha256_prefix
+from omalab.lab import sha256_prefix
 
 BLOCK = 64 * 1024  # the simulator's CBT block size
 

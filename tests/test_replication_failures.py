@@ -5,7 +5,6 @@ datastore, change tracking turned off for one disk), not a mock."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import time
 
@@ -19,8 +18,9 @@ from vma.v1 import replication_pb2_grpc as vma_grpc
 from vma.v1 import vcenter_pb2
 
 from oma_server.db import models
+from omalab.lab import start_lab
 from tests.fixtures.servers import VMA_TOKEN
-from tests.lab import start_lab
+from tests.helpers.faults import datastore_gone
 from vma_agent.integrations.nbdkit import NbdkitServer, file_plugin_args
 
 
@@ -96,16 +96,6 @@ def vm_busy_with_another_job(lab, vm_name, tmp_path):
         time.sleep(0.2)
     channel.close()
     slow.stop()
-
-
-@contextlib.contextmanager
-def datastore_gone(lab):
-    """The VM's datastore folder disappears: vCenter cannot create the snapshot the copy reads from."""
-    folder = next(iter(lab.vcenter.datastores.values()))
-    moved = folder.with_name(folder.name + "-away")
-    os.rename(folder, moved)
-    yield
-    os.rename(moved, folder)
 
 
 @contextlib.contextmanager

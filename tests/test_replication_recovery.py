@@ -10,8 +10,8 @@ from oma.v1 import replications_pb2 as pb
 
 from oma_server.db import models
 from omaclient.client import OmaClient
+from omalab.lab import sha256_prefix, start_lab
 from tests.fixtures.servers import ADMIN_PASSWORD, start_oma
-from tests.lab import sha256_prefix, start_lab
 
 # Source reads throttled (the agent's rate limit) so a copy of the 64 MiB data disks lasts seconds.
 THROTTLED = {"source_rate_limit_mbps": 16}

@@ -1,4 +1,4 @@
-"""The OMA server's TLS listener (spec failover-scheduler-enrollment §5.1: enrollment RPCs over TLS, the
+"""The OMA server's TLS listener (docs/design/enrollment.md#transport: enrollment RPCs over TLS, the
 certificate pinned by the VMAs): the same services, health and reflection as the plaintext port; a
 self-signed certificate generated once into the data dir (key 0600) and reused across restarts, naming
 127.0.0.1 and localhost; configured certificate files; its fingerprint logged, never the key; clear startup

@@ -1,4 +1,4 @@
-"""The simulated vCenter (tests/vcsim) seen through pyVmomi, like the VMA sees a real vCenter."""
+"""The simulated vCenter (omalab/vcsim) seen through pyVmomi, like the VMA sees a real vCenter."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The VMA connection monitor (spec failover-scheduler-enrollment §5.8) on both databases: liveness from
+"""The VMA connection monitor (docs/design/enrollment.md#connection-monitor) on both databases: liveness from
 the tunnel itself. Each approved VMA's reverse-forward port on the OMA is probed with the standard health
 call; here a real VMA agent listens on that port (in production sshd does, forwarding to the VMA). A VMA
 that does not answer for the disconnect threshold is marked ``disconnected`` with an audit row, one that
@@ -16,7 +16,7 @@ from oma.v1 import enrollment_admin_pb2 as apb
 from oma_server.db import models
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD, start_vma
-from tests.test_enrollment import approve, audit_events, awaiting
+from tests.helpers.oma_enrollment import approve, audit_events, awaiting
 
 DISCONNECT_AFTER = 2.0  # well above the probe interval (0.2 s) and timeout (1 s), even on a busy machine
 

@@ -4,10 +4,8 @@ operator, the key in the tunnel account's authorized_keys, private files, resumi
 rejection, and TLS pinned to the SHA-256 of the certificate the OMA's TLS listener serves."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import socket
 import stat
 import subprocess
 import time
@@ -18,18 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from oma.v1 import enrollment_admin_pb2 as apb
 from vma.v1 import enrollment_pb2 as pb
-from vma.v1 import enrollment_pb2_grpc
 
 from omaclient.client import OmaClient
-from tests.fixtures.servers import ADMIN_PASSWORD, VMA_TOKEN, start_vma
-
-META = (("authorization", f"Bearer {VMA_TOKEN}"),)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from omalab.processes import free_port
+from tests.fixtures.servers import ADMIN_PASSWORD
+from tests.helpers.vma_enrollment import META, agent_runner, enroll, new_code, status, wait_for
 
 
 @pytest.fixture
@@ -50,52 +41,9 @@ def admin(oma):
         yield client
 
 
-def agent_runner(tmp_path, **settings):
-    """``with run() as stub``: start (and restart) an agent on one fixed port (its tunnel forwards to it)
-    with one enrollment directory; ``run.port``, ``run.dir``."""
-    port = _free_port()
-
-    @contextlib.contextmanager
-    def run():
-        with start_vma(listen=f"127.0.0.1:{port}", work_dir=tmp_path / "vma-work",
-                       enrollment_dir=tmp_path / "enrollment", enrollment_poll_interval_seconds=0.05,
-                       **settings) as running:
-            channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-            try:
-                yield enrollment_pb2_grpc.EnrollmentServiceStub(channel)
-            finally:
-                channel.close()
-
-    run.port = port
-    run.dir = tmp_path / "enrollment"
-    return run
-
-
 @pytest.fixture
 def agent(tmp_path):
     return agent_runner(tmp_path)
-
-
-def new_code(admin) -> str:
-    return admin.enrollment_admin.GeneratePairingCode(apb.GeneratePairingCodeRequest(), timeout=10).pairing_code
-
-
-def status(stub) -> pb.GetEnrollmentStatusResponse:
-    return stub.GetEnrollmentStatus(pb.GetEnrollmentStatusRequest(), metadata=META, timeout=10)
-
-
-def wait_for(stub, state: str, timeout: float = 20) -> pb.GetEnrollmentStatusResponse:
-    deadline = time.monotonic() + timeout
-    while (current := status(stub)).state != state:
-        assert time.monotonic() < deadline, f"still {current.state}: {current.message}"
-        time.sleep(0.05)
-    return current
-
-
-def enroll(stub, oma_port: int, code: str, **kw) -> pb.EnrollResponse:
-    return stub.Enroll(pb.EnrollRequest(oma_host="127.0.0.1", oma_port=oma_port, pairing_code=code,
-                                        vma_name=kw.pop("vma_name", "site-a"), vma_version="1.2.3", **kw),
-                       metadata=META, timeout=30)
 
 
 def _error(call):
@@ -177,7 +125,7 @@ def test_agent_enrolls_is_approved_and_keeps_its_state_across_restarts(oma, admi
 
 def test_unreachable_oma_wrong_code_then_rejection(oma, admin, agent):
     with agent() as vma:
-        code, details = _error(lambda: enroll(vma, _free_port(), "ABCD-EFGH-JKMN"))  # nobody listens there
+        code, details = _error(lambda: enroll(vma, free_port(), "ABCD-EFGH-JKMN"))  # nobody listens there
         assert code == grpc.StatusCode.UNAVAILABLE and "could not be reached" in details
         assert status(vma).state == "failed"
         code, details = _error(lambda: enroll(vma, oma.port, "ABCD-EFGH-JKMN"))

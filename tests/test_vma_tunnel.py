@@ -1,4 +1,4 @@
-"""The VMA tunnel end to end through a real OpenSSH server (spec failover-scheduler-enrollment §5.6–5.8):
+"""The VMA tunnel end to end through a real OpenSSH server (docs/design/enrollment.md#tunnel):
 sshd configured with exactly what ``oma-server tunnel-sshd-config`` prints, the tunnel account's keys as
 the OMA's approvals write them, and a real VMA agent that enrolled, was approved, pinned the OMA's host
 key and keeps its ssh tunnel up. Through the tunnel the OMA's connection monitor reaches the VMA's API,
@@ -26,7 +26,7 @@ from oma_server.integrations.ssh_keys import parse_public_key
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD
 from tests.fixtures.sshd import check_config, start_sshd
-from tests.test_vma_enrollment import agent_runner, enroll, new_code, status, wait_for
+from tests.helpers.vma_enrollment import agent_runner, enroll, new_code, status, wait_for
 
 USER = getpass.getuser()  # the tunnel account: sshd here runs as this user, so it can only log in as it
 REPO = Path(__file__).resolve().parents[1]

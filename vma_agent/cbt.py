@@ -1,4 +1,4 @@
-"""Changed Block Tracking per VM (spec 11.5): status and enabling. No gRPC, no pyVmomi.
+"""Changed Block Tracking per VM (docs/design/replication.md#vma-agent-operations): status and enabling. No gRPC, no pyVmomi.
 
 Enabling: nothing to do when ``config.changeTrackingEnabled`` is already on. Refused while the VM has
 snapshots (CBT would not be reliable on their delta disks). Otherwise reconfigure with

@@ -1,4 +1,4 @@
-"""Pairing this agent with an OMA (spec failover-scheduler-enrollment §5.7, replication-discovery §11.6).
+"""Pairing this agent with an OMA (docs/design/enrollment.md#agent-side).
 
 The original held one HTTP request open for up to ten minutes, stored the private key as raw bytes, sent a
 placeholder fingerprint (its script even a fake signature) and left the tunnel as placeholders (E-2, E-9).

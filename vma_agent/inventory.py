@@ -1,4 +1,4 @@
-"""Discovery: the vSphere inventory of a datacenter normalised into plain VM descriptions (spec 11.2).
+"""Discovery: the vSphere inventory of a datacenter normalised into plain VM descriptions (docs/design/replication.md#vma-agent-operations).
 
 No gRPC and no pyVmomi here: the vCenter session (``vma_agent.integrations.vsphere.Session``)
 is passed in and hands back plain records. What this module decides:

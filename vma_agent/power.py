@@ -1,4 +1,4 @@
-"""Power operations of the failover engines (spec 11.4): no gRPC, no pyVmomi.
+"""Power operations of the failover engines (docs/design/replication.md#vma-agent-operations): no gRPC, no pyVmomi.
 
 PowerOff: already off -> "already-off". Otherwise a guest shutdown when VMware Tools run and the
 caller did not force it, then wait for poweredOff up to the timeout; still on -> hard power-off when

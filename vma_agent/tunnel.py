@@ -1,4 +1,4 @@
-"""Keeping the approved agent's SSH tunnel to the OMA up (spec failover-scheduler-enrollment §5.7).
+"""Keeping the approved agent's SSH tunnel to the OMA up (docs/design/enrollment.md#agent-side).
 
 The original left the tunnel's configuration, known hosts, restart and test as placeholders and disabled
 host-key checking (E-8, E-9). Once the enrollment is approved, this keeper:

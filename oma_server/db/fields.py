@@ -2,13 +2,13 @@
 
 Why these exist instead of plain Peewee fields:
 
-* ``UtcDateTimeField`` — the spec stores every timestamp in UTC (§0.3).  The convention here is **naive UTC
+* ``UtcDateTimeField`` — every timestamp is stored in UTC (docs/design/data-model.md#timestamps).  The convention here is **naive UTC
   datetimes** with microsecond precision: columns are ``DATETIME(6)`` on both backends (at least the precision
   of the original ``timestamp``/``datetime(3)``/``datetime(6)`` columns, and identical round-trips on SQLite and
   MariaDB); timezone-aware values are converted to UTC and stored naive, so callers may pass either.
   Use :func:`utcnow` for "now".
-* ``EnumField`` — the original ENUM columns (and the closed vocabularies the spec requires for some varchar
-  columns) become a ``VARCHAR`` whose writes are validated in Python: any write path (``save()``, ``create()``,
+* ``EnumField`` — the original ENUM columns (and the closed vocabularies of some varchar columns,
+  docs/design/data-model.md#tables-and-constraints) become a ``VARCHAR`` whose writes are validated in Python: any write path (``save()``, ``create()``,
   ``insert()``, bulk ``update()``) and any comparison with a literal raises ``ValueError`` naming the column and
   the allowed values.  Columns that were ENUMs in the original schema additionally get a ``CHECK (col IN …)``
   constraint so raw SQL cannot bypass the vocabulary either.  (Pattern matching, e.g. ``.contains()``, is not

@@ -1,34 +1,34 @@
-"""Peewee models for the OMA database: the 24 tables of the replication/discovery spec §1.2 plus
-``api_users`` and ``api_revoked_tokens``.
+"""Peewee models for the OMA database: the 24 tables of docs/design/data-model.md plus ``api_users`` and
+``api_revoked_tokens``.
 
 The models are the runtime view of the schema; the schema itself is created by the versioned migrations in
 ``migrations/`` and ``migrate.schema_drift()`` checks that the two agree (CI fails on a model change without a
 migration).  Conventions, so domain code never has to rediscover them:
 
-* Table and column names are the spec's.  A foreign key field is named after the column without ``_id``
+* Table and column names are the original schema's.  A foreign key field is named after the column without ``_id``
   (``ReplicationJob.vm_context``), so ``job.vm_context_id`` is the raw id and ``job.vm_context`` the related row;
   queries and ``create()/update()`` accept either name.  Two columns get API-style attribute names:
   ``ReplicationJob.vcenter_host`` (column ``v_center_host``) and ``VmDisk.vmdk_path`` (column ``vm_dk_path``).
-* **Required** changes from the spec are applied: ``vm_disks.job_id`` is nullable with ON DELETE SET NULL (deleting a
+* The fixes of docs/design/data-model.md#tables-and-constraints are applied: ``vm_disks.job_id`` is nullable with ON DELETE SET NULL (deleting a
   job keeps disk rows and change ids), ``vm_replication_contexts.ossea_config_id`` is NULL (never 0) when no
   config applies, the long-text unique keys are varchars, and ``replication_jobs.nbd_export_name`` is varchar(191)
-  so the spec's (status, nbd_export_name) index needs no prefix length.
-* Every foreign key is a real constraint with the spec's ON DELETE (cascades are behaviour the code relies on),
+  so the original (status, nbd_export_name) index needs no prefix length.
+* Every foreign key is a real constraint with the original ON DELETE (cascades are behaviour the code relies on),
   including the contexts ↔ jobs cycle (``current_job_id`` / ``last_successful_job_id``, ``DeferredForeignKey``
   here; the migration creates the constraints once both tables exist).
-* Nullability: ``NULL`` in the spec → nullable; ``NN`` or a default without ``NULL`` → NOT NULL (a NULL counter or
+* Nullability: ``NULL`` in the original schema → nullable; ``NN`` or a default without ``NULL`` → NOT NULL (a NULL counter or
   flag is a bug, not a state).
-* Types: the spec's ``timestamp`` columns are ``DATETIME(6)`` too (no 2038 limit, no session-time-zone
+* Types: the original ``timestamp`` columns are ``DATETIME(6)`` too (no 2038 limit, no session-time-zone
   conversion), ``tinyint unsigned`` is SMALLINT and ``bigint unsigned`` is BIGINT.
 * Timestamps are naive UTC ``DATETIME(6)`` (see ``fields.UtcDateTimeField``); ``updated_at`` is set by ``save()`` and
   by every bulk ``Model.update(...)`` (``BaseModel.update`` adds it unless the caller sets it).  Upserts
   (``insert().on_conflict(update=...)``) must list ``updated_at`` themselves.
-* UUID primary keys (the spec's ``DEFAULT uuid()``) are generated in Python so the caller knows the id.
+* UUID primary keys (the original ``DEFAULT uuid()``) are generated in Python so the caller knows the id.
 * Decimals are rounded half-up in Python before they are written, so SQLite stores what MariaDB would.
 * Status vocabularies are ``StrEnum`` classes (members *are* strings, usable directly in queries) with tuple
   constants for the groupings domain code needs; enum columns reject anything else (``fields.EnumField``).
-  Columns that were ENUMs in the original also carry a CHECK; varchar columns whose vocabulary the spec closes
-  (``replication_jobs.status`` = the Required state machine, ``replication_type``, ``vm_disks.sync_status``,
+  Columns that were ENUMs in the original also carry a CHECK; varchar columns whose vocabulary is closed
+  (``replication_jobs.status``, docs/design/data-model.md#replication-job-status, ``replication_type``, ``vm_disks.sync_status``,
   ``cbt_history.sync_type``, the Volume Daemon's status columns, ``job_execution_log.log_level``) are validated in
   Python only, so an external writer such as the Volume Daemon is not broken by a new constraint.
 """
@@ -71,7 +71,7 @@ from oma_server.db.fields import (
 
 
 class ContextStatus(StrEnum):
-    """``vm_replication_contexts.current_status`` (spec §2.2)."""
+    """``vm_replication_contexts.current_status`` (docs/design/data-model.md#vm-context-status)."""
     DISCOVERED = "discovered"
     REPLICATING = "replicating"
     READY_FOR_FAILOVER = "ready_for_failover"
@@ -89,7 +89,7 @@ CONTEXT_REPLICATION_BLOCKED_STATUSES = (
 
 
 class JobStatus(StrEnum):
-    """``replication_jobs.status`` — the Required state machine of spec §2.1."""
+    """``replication_jobs.status`` (docs/design/data-model.md#replication-job-status)."""
     PENDING = "pending"
     PROVISIONING = "provisioning"
     REPLICATING = "replicating"
@@ -100,7 +100,7 @@ class JobStatus(StrEnum):
 
 JOB_STATUSES = tuple(JobStatus)
 JOB_TERMINAL_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-#: "Active" = any non-terminal status (spec §2.2 Required).
+#: "Active" = any non-terminal status (docs/design/data-model.md#replication-job-status).
 REPLICATION_ACTIVE_STATUSES = tuple(s for s in JobStatus if s not in JOB_TERMINAL_STATUSES)
 #: Original status names that are still accepted on read (API filters) and mean the mapped status.
 LEGACY_JOB_STATUS_ALIASES = {"replication_failed": JobStatus.FAILED}
@@ -113,7 +113,7 @@ class ReplicationType(StrEnum):
 
 
 class CbtSyncType(StrEnum):
-    """``cbt_history.sync_type`` (spec §5.6)."""
+    """``cbt_history.sync_type`` (docs/design/replication.md#change-ids)."""
     FULL = "full"
     INCREMENTAL = "incremental"
 
@@ -128,7 +128,7 @@ class VmaErrorClassification(StrEnum):
 
 
 class DiskSyncStatus(StrEnum):
-    """``vm_disks.sync_status`` (spec §2.3 Required)."""
+    """``vm_disks.sync_status`` (docs/design/data-model.md#disk-sync-status)."""
     PENDING = "pending"
     SYNCING = "syncing"
     COMPLETED = "completed"
@@ -183,7 +183,7 @@ class FailoverJobType(StrEnum):
 
 
 class FailoverJobStatus(StrEnum):
-    """``failover_jobs.status`` (failover spec §1.4)."""
+    """``failover_jobs.status`` (docs/design/failover.md#failover-job-status)."""
     PENDING = "pending"
     VALIDATING = "validating"
     SNAPSHOTTING = "snapshotting"
@@ -214,7 +214,7 @@ class ScheduleReplicationType(StrEnum):
 
 
 class ScheduleExecutionStatus(StrEnum):
-    """``schedule_executions.status`` (failover spec §3.5)."""
+    """``schedule_executions.status`` (docs/design/scheduler.md#execution-status)."""
     SCHEDULED = "scheduled"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -249,7 +249,7 @@ class JobType(StrEnum):
 
 
 class JobTrackingStatus(StrEnum):
-    """``job_tracking.status`` (failover spec §6.2)."""
+    """``job_tracking.status`` (docs/design/jobs.md#job-and-step-lifecycle)."""
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -288,7 +288,7 @@ class LogLevel(StrEnum):
 
 
 class EnrollmentStatus(StrEnum):
-    """``vma_enrollments.status`` (failover spec §5.3)."""
+    """``vma_enrollments.status`` (docs/design/enrollment.md#states)."""
     PENDING_VERIFICATION = "pending_verification"
     AWAITING_APPROVAL = "awaiting_approval"
     APPROVED = "approved"
@@ -557,7 +557,7 @@ class VmReplicationContext(BaseModel):
     scheduler_enabled = BooleanField(default=True, index=True)
     credential = ForeignKeyField(
         VmwareCredential, null=True, on_delete="SET NULL", column_name="credential_id", backref="contexts")
-    ossea_config_id = IntegerField(null=True)  # no FK in the spec; NULL (never 0) when no config is active
+    ossea_config_id = IntegerField(null=True)  # no FK in the original schema; NULL (never 0) when no config is active
     last_operation_summary = ValidatedJSONField(null=True)
 
     class Meta:

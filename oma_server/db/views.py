@@ -1,11 +1,11 @@
-"""Readers for the five SQL views of spec §1.3 (the views themselves are created by the migrations).
+"""Readers for the five SQL views (docs/design/data-model.md#views; the views themselves are created by the migrations).
 
 The SQL lives in the migrations because a view definition is schema: ``0001_initial`` creates them on both backends
 and a later change is a new migration that recreates the view.  Here each view has a read-only model, so rows come
 back with the same Python types on SQLite and MariaDB (datetimes, bools, ints, floats), and one small function per
 view returns them as dicts in the documented order.
 
-Computed columns and the choices made where the spec leaves one open or requires a fix:
+Computed columns and the choices made where the original left one open or was wrong:
 
 * ``active_jobs`` — ``job_tracking`` rows with status ``pending``/``running``, oldest ``started_at`` first.
   ``running_seconds`` = whole seconds from ``started_at`` to now (UTC).  ``error_count`` = number of
@@ -24,7 +24,7 @@ Computed columns and the choices made where the spec leaves one open or requires
   group columns for a VM in no group).  Required fix: the schedule is the membership's override if set, else the
   group's schedule (the original joined both and duplicated rows).  ``has_active_job``/``active_job_id``/
   ``job_status``/``progress_percent`` describe the context's ``current_job_id`` job when it is non-terminal
-  (Required meaning of "active", §2.2), not only when it is ``replicating``/``provisioning``.
+  (the meaning of "active" in docs/design/data-model.md#replication-job-status), not only when it is ``replicating``/``provisioning``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Saved vCenter credentials (vmware_credentials).
 
 Passwords are encrypted with the server's SecretBox before they reach the database and are only
-decrypted by :func:`use` (for a vCenter call), which also records ``last_used``/``usage_count``;
-admin reads have no side effects. At most one active credential is the default, switched in one
+decrypted by :func:`login_for` (for a vCenter call); :func:`record_use` records ``last_used``/``usage_count``
+once that call reached vCenter; admin reads have no side effects. At most one active credential is the default, switched in one
 transaction.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Operator troubleshooting views (spec §4.2): real figures only, read-only, never a secret.
+"""Operator troubleshooting views (docs/design/operations.md#debug-views): real figures only, read-only, never a secret.
 
 The original's debug endpoints returned constants (24 h uptime, 28 endpoints, sample requests);
 here every number is measured: the process (/proc), the database (a ping), the dependencies (a cheap

@@ -103,7 +103,7 @@ def existing_contexts(vcenter_host: str, vms: Iterable[Any]) -> dict[str, str]:
 
 
 def new_context_id(vm_name: str) -> str:
-    """``ctx-<name>-<UTC timestamp>-<random>``: readable like the original, collision-safe (spec §0.2)."""
+    """``ctx-<name>-<UTC timestamp>-<random>``: readable like the original, collision-safe (docs/design/data-model.md#identifiers)."""
     stamp = utcnow().strftime("%Y%m%d-%H%M%S")
     suffix = secrets.token_hex(3)
     room = CONTEXT_ID_MAX - len(f"ctx--{stamp}-{suffix}")
@@ -117,7 +117,7 @@ def _nic_config(vm: Any) -> list[dict[str, Any]]:
 
 
 def disk_rows(context_id: str, vm: Any) -> list[dict[str, Any]]:
-    """vm_disks rows for a discovered VM (the VM spec is copied onto every disk row, as the original)."""
+    """vm_disks rows for a discovered VM (the VM's hardware facts are copied onto every disk row, as the original)."""
     nics = _nic_config(vm)
     return [{
         "vm_context": context_id, "job": None, "disk_id": d.id, "vmdk_path": d.vmdk_path,

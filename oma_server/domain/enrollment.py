@@ -1,5 +1,5 @@
 """VMA enrollment: pairing codes, the enroll → verify → approve state machine, tunnel access and its audit
-trail (spec failover-scheduler-enrollment §5.2–5.6).
+trail (docs/design/enrollment.md).
 
 The shape follows from what the original got wrong (E-1…E-13):
 

@@ -1,17 +1,17 @@
-"""Failover, test cleanup, rollback and failed-execution cleanup requests (spec §2), and their reads.
+"""Failover, test cleanup, rollback and failed-execution cleanup requests (docs/design/failover.md), and their reads.
 
 Every mutating request is answered at once: it is validated, the per-context lock is taken and the
 JobLog job (and, for a failover, its ``failover_jobs`` row, ``job_id`` = the JobLog id) is written in
 ONE transaction — a rejected request writes nothing — then the caller hands the job to the engine
 (:mod:`oma_server.domain.failover_workflow`), which runs the steps.
 
-* **Lock** (§2.14): at most one non-terminal failover, cleanup or rollback per context. The context row
+* **Lock** (docs/design/failover.md#one-operation-per-vm-and-restarts): at most one non-terminal failover, cleanup or rollback per context. The context row
   is locked (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction serialises writers) and the request
   is refused with FAILED_PRECONDITION naming the running job while a failover record of the context is
   non-terminal (a cleanup/rollback moves it to ``reverting``) or a failover/cleanup job of the context
   is running. CleanupFailedExecution ignores jobs whose process is gone (no heartbeat): it exists for them.
 * **Idempotency**: ``request_id`` is stored in the job's metadata; repeating it answers with that job.
-* ``failover_jobs.status`` moves only through :func:`move_failover_job` (§1.4, one guarded helper).
+* ``failover_jobs.status`` moves only through :func:`move_failover_job` (docs/design/failover.md#failover-job-status, one guarded helper).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ ALL_OPERATIONS = (*FAILOVER_OPERATIONS.values(), *CLEANUP_OPERATIONS, COMPENSATI
 #: Steps a failover records (validation … status-update), used as the progress denominator.
 FAILOVER_STEP_COUNT = 10
 
-#: failover_jobs.status transitions (§1.4); "any non-terminal → failed" is spelled out.
+#: failover_jobs.status transitions (docs/design/failover.md#failover-job-status); "any non-terminal → failed" is spelled out.
 TRANSITIONS: dict[FailoverJobStatus, tuple[FailoverJobStatus, ...]] = {
     FailoverJobStatus.PENDING: (FailoverJobStatus.VALIDATING, FailoverJobStatus.FAILED),
     FailoverJobStatus.VALIDATING: (FailoverJobStatus.SNAPSHOTTING, FailoverJobStatus.FAILED),
@@ -69,7 +69,7 @@ TRANSITIONS: dict[FailoverJobStatus, tuple[FailoverJobStatus, ...]] = {
     FailoverJobStatus.REVERTING: (FailoverJobStatus.CLEANUP, FailoverJobStatus.FAILED),
     FailoverJobStatus.CLEANUP: (),
 }
-#: Progress of a failover record without JobLog steps (compatibility mapping of §1.4).
+#: Progress of a failover record without JobLog steps (compatibility mapping, docs/design/failover.md#failover-job-status).
 STATUS_PROGRESS = {"pending": 0, "validating": 10, "snapshotting": 25, "creating_vm": 50, "switching_volume": 75,
                    "powering_on": 90, "completed": 100, "failed": 0, "cleanup": 100}
 FAILOVER_STATES = (ContextStatus.FAILED_OVER_TEST, ContextStatus.FAILED_OVER_LIVE, ContextStatus.CLEANUP_REQUIRED)
@@ -84,7 +84,7 @@ class Worker(Protocol):
 
 
 def move_failover_job(job_id: str, to: FailoverJobStatus | str, **values: Any) -> None:
-    """Move a failover record to ``to`` when §1.4 allows it from its current status (a conditional
+    """Move a failover record to ``to`` when docs/design/failover.md#failover-job-status allows it from its current status (a conditional
     update: compare-and-set on both databases); FAILED_PRECONDITION otherwise."""
     to = FailoverJobStatus(to)
     sources = [s for s, targets in TRANSITIONS.items() if to in targets]

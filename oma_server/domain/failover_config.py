@@ -1,7 +1,7 @@
-"""What a failover request resolves to (spec §2.2), in one place for StartFailover, StartLiveFailover,
+"""What a failover request resolves to (docs/design/failover.md#request-and-configuration), in one place for StartFailover, StartLiveFailover,
 StartTestFailover and ValidatePreflightConfig — so a request that passes pre-flight never fails
-resolution and the other way round — plus the pre-flight descriptors (§2.12) and the rollback
-confirmation question (§2.8).
+resolution and the other way round — plus the pre-flight descriptors and the rollback
+confirmation question (same section).
 
 Resolution rules (Required wins over Original):
 
@@ -292,7 +292,7 @@ def _option(default: Any, description: str, *, required: bool = False, options: 
 
 
 def preflight_options(failover_type: str) -> dict[str, dict[str, Any]]:
-    """Per-option descriptors of a live or test failover (§2.12)."""
+    """Per-option descriptors of a live or test failover (docs/design/failover.md#request-and-configuration)."""
     if failover_type not in set(FailoverJobType):
         raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {failover_type!r})")
     if failover_type == "live":

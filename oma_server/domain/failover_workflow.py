@@ -1,9 +1,9 @@
 """The failover engine: failovers, test cleanups, rollbacks and failed-execution cleanups, each a JobLog
 job of ordered named steps run on a small thread pool (the RPC returned long before).
 
-Failover (live and test, spec §2.3) — ``failover_jobs.status`` in brackets:
+Failover (live and test, docs/design/failover.md#workflow-steps) — ``failover_jobs.status`` in brackets:
 
-    validation                      readiness checks (§2.10), blocking            [pending → validating]
+    validation                      readiness checks, blocking                   [pending → validating]
     source-vm-power-off             live: graceful shutdown, then power-off, verified
     final-sync                      live: an in-process replication, followed to its end
     volume-mode-switch-failover     context → failed_over_*, mappings locked      [→ snapshotting]
@@ -14,18 +14,18 @@ Failover (live and test, spec §2.3) — ``failover_jobs.status`` in brackets:
     vm-startup-and-validation       start, then check the running VM              [→ powering_on]
     status-update                   context status confirmed                      [→ completed]
 
-Any failure after the context changed runs the compensation saga of §2.4 as a child job
+Any failure after the context changed runs the compensation saga (docs/design/failover.md#compensation) as a child job
 (``failover-compensation``): stop and strip the destination VM, destroy it, revert moved volumes from
 their snapshots (test: always; live: when injection ran), put every volume back on the OMA with its NBD
 export, delete the run's snapshots, unlock, context back to ready_for_failover — or, when an action
 failed, leave the snapshots, set ``cleanup_required`` and let CleanupFailedExecution finish.
 
-End test / cleanup / rollback (§2.7): failover-job-retrieval, test-vm-shutdown, volume-detachment,
+End test / cleanup / rollback (docs/design/failover.md#end-test-cleanup-and-rollback): failover-job-retrieval, test-vm-shutdown, volume-detachment,
 multi-volume-snapshot-cleanup (a failed revert is fatal), volume-mode-switch-oma,
 volume-reattachment-to-oma, test-vm-deletion, failover-job-status-update, vm-context-status-update
 (+ source-vm-power-on for a rollback).
 
-Failed-execution cleanup (§2.13): analyze-volume-state, detach-attached-volumes, destroy-destination-vm,
+Failed-execution cleanup (docs/design/failover.md#failed-execution-cleanup): analyze-volume-state, detach-attached-volumes, destroy-destination-vm,
 cleanup-snapshots, reattach-all-volumes, reset-vm-state — reconciled against CloudStack, idempotent.
 
 Every job ends once with its real outcome; the failover record, the context and the operation summary
@@ -98,7 +98,7 @@ _GONE_VM_STATES = ("Destroyed", "Expunging")
 _NON_WINDOWS = ("linux", "ubuntu", "debian", "centos", "rhel", "redhat", "sles", "suse", "rocky", "alma", "oracle",
                 "photon", "coreos", "freebsd", "solaris", "darwin", "other")
 
-# Error sanitising for operation summaries (§6.6): keywords → category, severity, user message, actions.
+# Error sanitising for operation summaries (docs/design/jobs.md#step-names-and-error-categories): keywords → category, severity, user message, actions.
 # First match wins; data, not branches.
 _ERROR_RULES: tuple[tuple[tuple[str, ...], str, str, str, tuple[str, ...]], ...] = (
     (("virt-v2v", "virtio", "injection"), "compatibility", "error", "Preparing drivers for the destination failed",
@@ -158,7 +158,7 @@ def _parse_cs_time(value: str | None) -> datetime | None:
     return parsed.astimezone(timezone.utc).replace(tzinfo=None)
 
 
-# --- where the replica volumes are (spec §1.2) -------------------------------------------------------
+# --- where the replica volumes are (docs/design/failover.md#volume-placement) -------------------------------------------------------
 
 class Placement:
     """Moves a context's replica volumes between the OMA and a destination VM, keeping
@@ -467,7 +467,7 @@ class FailoverEngine:
             _set_context_status(record.vm_context_id, ContextStatus.CLEANUP_REQUIRED)
 
     def auto_cleanup(self) -> None:
-        """End completed test failovers whose auto-cleanup deadline passed (§2.9)."""
+        """End completed test failovers whose auto-cleanup deadline passed (docs/design/failover.md#auto-cleanup)."""
         now = utcnow()
         rows = FailoverJob.select().where(FailoverJob.job_type == "test", FailoverJob.status == FailoverJobStatus.COMPLETED)
         for row in rows:
@@ -663,7 +663,7 @@ class FailoverEngine:
                     f"(cancelled); the source VM {run.ctx.vm_name} is powered off")
             seen = engine.hub.wait(job.id, seen, 1.0)
 
-    # step 4 (+ the context status change of §2.3 item 5)
+    # step 4 (+ the context status change, docs/design/failover.md#workflow-steps)
     def _lock_volumes(self, run: FailoverRun, step: joblog.StepHandle) -> None:
         failover.move_failover_job(run.job_id, FailoverJobStatus.SNAPSHOTTING)
         disks = list(VmDisk.select().where(VmDisk.vm_context == run.ctx.context_id))
@@ -891,7 +891,7 @@ class FailoverEngine:
         error = message
         context_status: ContextStatus | None = None
         if failed_step == "status-update":
-            # The destination VM runs: never tear it down for a bookkeeping error (§2.4 rows 13/14).
+            # The destination VM runs: never tear it down for a bookkeeping error (docs/design/failover.md#compensation).
             error += f"; the destination VM {run.destination_vm_id} is running with the volumes attached"
         elif failed_step == "final-sync":
             if run.final_sync_job:
@@ -899,7 +899,7 @@ class FailoverEngine:
                     job = ReplicationJob.get_by_id(run.final_sync_job)
                     if job.status in REPLICATION_ACTIVE_STATUSES:
                         self.runtime.components["replication"].cancel(job.id, "the failover failed")
-            # §2.4 row 4: the context stays ready for failover (job_lifecycle releases a failed final
+            # docs/design/failover.md#compensation: the context stays ready for failover (job_lifecycle releases a failed final
             # sync that way); the replicas keep the last completed sync's change ids.
             error += "; the next live failover final-syncs again from the last completed sync"
         elif run.status_flipped or run.locked or run.snapshots or run.destination_vm_id or run.name_was_free:
@@ -924,7 +924,7 @@ class FailoverEngine:
         log.warning("%s failover of %s failed: %s", run.kind, run.ctx.vm_name, error)
 
     def _compensate(self, run: FailoverRun) -> tuple[bool, list[str]]:
-        """The saga of §2.4 as a child job; returns (everything restored, problems)."""
+        """The saga of docs/design/failover.md#compensation as a child job; returns (everything restored, problems)."""
         with db.connection_context():
             comp_id = joblog.start_job(JobType.CLEANUP, failover.COMPENSATION_OPERATION, owner="system",
                                        context_id=run.ctx.context_id, parent_job_id=run.job_id,
@@ -1081,7 +1081,7 @@ class FailoverEngine:
             log.warning("snapshot not deleted (it stays tracked): %s", failure)
         return deleted
 
-    # === end test, cleanup, rollback (§2.7) ====================================================================
+    # === end test, cleanup, rollback (docs/design/failover.md#end-test-cleanup-and-rollback) ====================================================================
     def _cleanup_steps(self, run: CleanupRun) -> list[joblog.Step]:
         steps = [
             joblog.Step("failover-job-retrieval", self._retrieve),
@@ -1243,7 +1243,7 @@ class FailoverEngine:
             raise DeadlineExceeded(f"power-on timeout: {run.ctx.vm_name} is {state}")
         credentials.record_use(login.credential_id)
 
-    # === failed-execution cleanup (§2.13) =====================================================================
+    # === failed-execution cleanup (docs/design/failover.md#failed-execution-cleanup) =====================================================================
     def _run_failed_execution(self, job: JobTracking) -> None:
         meta = job.metadata or {}
         try:
@@ -1430,7 +1430,7 @@ _OPERATION_TYPES: dict[str, str] = {
 
 
 def _write_summary(job_id: str, context_id: str) -> None:
-    """§2.3.15: the outcome of the job, for the GUI, in vm_replication_contexts.last_operation_summary."""
+    """docs/design/failover.md#operation-summary: the outcome of the job, for the GUI, in vm_replication_contexts.last_operation_summary."""
     job = JobTracking.get_by_id(job_id)
     steps = joblog.steps_of([job_id])[job_id]
     prog = joblog.progress(job, steps)

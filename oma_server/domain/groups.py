@@ -1,7 +1,8 @@
 """Machine groups (vm_machine_groups) and VM membership (vm_group_memberships).
 
-A VM belongs to at most one group, so two schedules never replicate it (spec §3.10): AssignVM refuses
-a VM that is in another group and SetVMGroup moves it. ``max_concurrent_vms`` limits scheduling
+A VM belongs to at most one group, so two schedules never replicate it (docs/design/scheduler.md#machine-groups): AssignVM refuses
+a VM that is in another group and SetVMGroup moves it. Both check and write under a lock on the VM's
+context row (``_lock_context``), so two concurrent calls for the same VM run one after the other. ``max_concurrent_vms`` limits scheduling
 concurrency, not membership. Every mutation is a group-management job recorded in the same
 transaction as the change.
 """
@@ -12,6 +13,7 @@ from typing import Any
 
 from peewee import fn
 
+from oma_server.db.database import db, db_for_update
 from oma_server.db.models import (
     REPLICATION_ACTIVE_STATUSES,
     JobCategory,
@@ -201,6 +203,16 @@ def delete_group(group_id: str, actor: str) -> None:
         VmMachineGroup.delete().where(VmMachineGroup.id == group_id).execute()
 
 
+def _lock_context(context_id: str) -> None:
+    """Serialise membership changes of one VM: the caller's transaction holds the context row until it
+    commits (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction already serialises writers), so the
+    "one group per VM" check and the insert that relies on it cannot interleave with another assignment.
+    Taken before anything else in the transaction: the joblog insert and the membership's foreign key
+    would otherwise take shared locks that two concurrent callers then deadlock upgrading."""
+    db_for_update(VmReplicationContext.select(VmReplicationContext.context_id).where(
+        VmReplicationContext.context_id == context_id)).first()
+
+
 def _membership(group_id: str, context_id: str) -> VmGroupMembership:
     m = membership_query().where(VmGroupMembership.group == group_id,
                                  VmGroupMembership.vm_context == context_id).first()
@@ -217,20 +229,22 @@ def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: 
     require(prio >= 0, "priority cannot be negative")
     if schedule_override_id:
         _schedule(schedule_override_id)
-    existing = VmGroupMembership.get_or_none(VmGroupMembership.vm_context == context_id)
-    if existing is not None:
-        if existing.group_id == group_id:
-            raise AlreadyExists(f"VM {ctx.vm_name!r} is already a member of group {group.name!r}")
-        raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} already belongs to another group ({existing.group_id}); "
-            "use SetVMGroup to move it"
-        )
-    with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "add-vm-membership", owner=added_by,
-                                   context_id=context_id, metadata={"group_id": group_id}):
-        VmGroupMembership.create(group=group_id, vm_context=context_id, priority=prio,
-                                 enabled=True if enabled is None else enabled,
-                                 schedule_override=schedule_override_id or None, added_by=added_by)
-    return _membership(group_id, context_id)
+    with db.atomic():
+        _lock_context(context_id)
+        existing = db_for_update(VmGroupMembership.select().where(VmGroupMembership.vm_context == context_id)).first()
+        if existing is not None:
+            if existing.group_id == group_id:
+                raise AlreadyExists(f"VM {ctx.vm_name!r} is already a member of group {group.name!r}")
+            raise FailedPrecondition(
+                f"VM {ctx.vm_name!r} already belongs to another group ({existing.group_id}); "
+                "use SetVMGroup to move it"
+            )
+        with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "add-vm-membership", owner=added_by,
+                                       context_id=context_id, metadata={"group_id": group_id}):
+            VmGroupMembership.create(group=group_id, vm_context=context_id, priority=prio,
+                                     enabled=True if enabled is None else enabled,
+                                     schedule_override=schedule_override_id or None, added_by=added_by)
+        return _membership(group_id, context_id)  # read before commit: a concurrent move may follow at once
 
 
 def unassign_vm(group_id: str, context_id: str, actor: str) -> None:
@@ -271,23 +285,25 @@ def set_vm_group(*, context_id: str, group_id: str, priority: int | None, enable
     get(group_id)
     prio = 0 if priority is None else priority
     _check_range("priority", prio, PRIORITY_RANGE)
-    others = [m.group_id for m in VmGroupMembership.select().where(
-        VmGroupMembership.vm_context == context_id, VmGroupMembership.group != group_id)]
-    with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "move-vm-to-group", owner=added_by,
-                                   context_id=context_id,
-                                   metadata={"group_id": group_id, "removed_from": others, "vm_name": ctx.vm_name}):
-        VmGroupMembership.delete().where(VmGroupMembership.vm_context == context_id,
-                                         VmGroupMembership.group != group_id).execute()
-        current = VmGroupMembership.get_or_none(VmGroupMembership.vm_context == context_id)
-        if current is None:
-            VmGroupMembership.create(group=group_id, vm_context=context_id, priority=prio,
-                                     enabled=True if enabled is None else enabled, added_by=added_by)
-        else:
-            values: dict[Any, Any] = {VmGroupMembership.priority: prio}
-            if enabled is not None:
-                values[VmGroupMembership.enabled] = enabled
-            VmGroupMembership.update(values).where(VmGroupMembership.id == current.id).execute()
-    return _membership(group_id, context_id), others
+    with db.atomic():
+        _lock_context(context_id)
+        others = [m.group_id for m in db_for_update(VmGroupMembership.select().where(
+            VmGroupMembership.vm_context == context_id, VmGroupMembership.group != group_id))]
+        with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "move-vm-to-group", owner=added_by,
+                                       context_id=context_id,
+                                       metadata={"group_id": group_id, "removed_from": others, "vm_name": ctx.vm_name}):
+            VmGroupMembership.delete().where(VmGroupMembership.vm_context == context_id,
+                                             VmGroupMembership.group != group_id).execute()
+            current = VmGroupMembership.get_or_none(VmGroupMembership.vm_context == context_id)
+            if current is None:
+                VmGroupMembership.create(group=group_id, vm_context=context_id, priority=prio,
+                                         enabled=True if enabled is None else enabled, added_by=added_by)
+            else:
+                values: dict[Any, Any] = {VmGroupMembership.priority: prio}
+                if enabled is not None:
+                    values[VmGroupMembership.enabled] = enabled
+                VmGroupMembership.update(values).where(VmGroupMembership.id == current.id).execute()
+        return _membership(group_id, context_id), others  # read before commit, as in assign_vm
 
 
 def group_vms(group_id: str, page_size: int = 0, page_token: str = "") -> tuple[VmMachineGroup, paging.Page]:

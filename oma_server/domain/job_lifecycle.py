@@ -93,7 +93,7 @@ def _release_context(job: ReplicationJob, status: JobStatus, now) -> None:
         new_status = ContextStatus.READY_FOR_FAILOVER
     elif status is JobStatus.FAILED:
         values[VmReplicationContext.failed_jobs] = VmReplicationContext.failed_jobs + 1
-        # A failover's final sync that fails leaves the VM ready for failover (spec §2.4 row 4): its last
+        # A failover's final sync that fails leaves the VM ready for failover (docs/design/failover.md#compensation): its last
         # completed sync is intact as far as CBT knows (the change ids were not advanced), so the retried
         # failover's own final sync copies again everything changed since then.
         final_sync = job.scheduled_by == FINAL_SYNC_SCHEDULER and ctx.last_successful_job_id

@@ -1,6 +1,6 @@
 """Failover readiness: can this VM be failed over (live or test) right now?
 
-:func:`failover_readiness` runs every check of spec §2.10 — the original three (a completed
+:func:`failover_readiness` runs every check of docs/design/failover.md#readiness-checks — the original three (a completed
 replication, a usable change id, mapped source networks) and the Required ones (context status, no
 concurrent replication or failover, every replica volume attached to the OMA, an identifiable OS
 disk, a complete CloudStack configuration and, for a live failover, a vCenter credential and a
@@ -44,14 +44,14 @@ FAILOVER_TYPES = ("live", "test")
 HIGH_PROGRESS_PERCENT = 95.0
 #: What a failover needs from the active CloudStack configuration.
 FAILOVER_CONFIG_FIELDS = ("zone", "template_id", "service_offering_id", "oma_vm_id")
-#: The first device on the first controller: the disk the failover boots from (spec §2.3 step 8).
+#: The first device on the first controller: the disk the failover boots from (docs/design/failover.md#workflow-steps).
 OS_DISK_ID = "disk-2000"
 
 # check_type is critical | warning | info: every check here is critical (a failed one blocks the failover).
 CRITICAL = "critical"
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warning", "skip"
 
-# Placement of a replica volume (spec §1.2), as VMVolumeState.placement names it.
+# Placement of a replica volume (docs/design/failover.md#volume-placement), as VMVolumeState.placement names it.
 ON_OMA, ON_OMA_LOCKED, DETACHED, ON_DESTINATION, MISSING = (
     "on_oma", "on_oma_locked", "detached", "on_destination", "missing")
 
@@ -162,7 +162,7 @@ def network_coverage(ctx: VmReplicationContext, failover_type: str) -> dict[str,
 
 
 def volume_states(ctx: VmReplicationContext, config: OsseaConfig | None) -> list[dict[str, Any]]:
-    """Per disk (in disk order): its replica volume and where that volume is (spec §1.2). Ready =
+    """Per disk (in disk order): its replica volume and where that volume is (docs/design/failover.md#volume-placement). Ready =
     attached to the active configuration's OMA VM in operation mode ``oma``."""
     disks = sorted(VmDisk.select().where(VmDisk.vm_context == ctx.context_id), key=contexts.disk_sort_key)
     replicas = volumes.replicas_of(disks)

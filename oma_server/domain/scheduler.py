@@ -1,4 +1,4 @@
-"""The scheduler: fires replication schedules for their machine groups (spec §3.3–3.5).
+"""The scheduler: fires replication schedules for their machine groups (docs/design/scheduler.md).
 
 One background thread does everything that is not a request: it sleeps until the earliest next fire
 time of the enabled cron schedules (a reload — after every schedule write, and every
@@ -16,7 +16,7 @@ A firing is one ``schedule_executions`` row (uuid) and one ``scheduler/schedule-
    fire it once;
 2. dispatch: the groups on the schedule by priority then name, and VMs whose membership overrides
    the schedule to this one; per group a child ``conflict-detection/check-vm-conflicts`` job checks
-   each enabled member (by membership priority, then added_at) against the rules of §3.4 — a VM with
+   each enabled member (by membership priority, then added_at) against the rules of docs/design/scheduler.md#one-firing — a VM with
    an active job is always skipped — reserving capacity for the eligible ones; each eligible VM gets a
    replication through :func:`replications.create` (which claims the VM atomically), linked to the
    execution, the group and, in the JobLog, to the execution's job;
@@ -90,7 +90,7 @@ _REPLICATION_TYPE = {"full": ReplicationType.INITIAL, "incremental": Replication
 
 
 class Conflict(StrEnum):
-    """Why a VM is not dispatched (§3.4 conflict types, plus the retry- and failure-only ones)."""
+    """Why a VM is not dispatched (docs/design/scheduler.md#one-firing, plus the retry- and failure-only ones)."""
     SCHEDULE_DISABLED = "schedule_disabled"
     VM_DISABLED = "vm_disabled"
     VM_IN_FAILOVER = "vm_in_failover"
@@ -147,7 +147,7 @@ def active_jobs() -> list[dict[str, Any]]:
 
 def conflict_of(schedule: ReplicationSchedule, ctx: VmReplicationContext, job: dict[str, Any] | None,
                 capacity: Capacity) -> tuple[Conflict, str] | None:
-    """The first rule a VM breaks (§3.4 table), or None when it can be dispatched."""
+    """The first rule a VM breaks (docs/design/scheduler.md#one-firing), or None when it can be dispatched."""
     if not schedule.enabled:
         return Conflict.SCHEDULE_DISABLED, "the schedule is disabled"
     if not ctx.scheduler_enabled:

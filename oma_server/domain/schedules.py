@@ -1,7 +1,7 @@
 """Replication schedules (replication_schedules): validation, CRUD and fire-time arithmetic.
 
 Everything a schedule says is checked when it is written, so the scheduler never meets a schedule it
-cannot run (the original accepted 5-field expressions its engine then refused silently, S-1):
+cannot run (the original accepted 5-field expressions its engine then refused silently; docs/design/scheduler.md#cron-and-time-zone):
 
 * cron: 5 fields (minute precision) or 6 fields with the seconds FIRST, as the original stores them;
   croniter wants the seconds last, so a 6-field expression is rotated before evaluation (the stored

@@ -1,4 +1,4 @@
-"""User-facing names of workflow steps (spec §6.6), kept as data. Unknown names become Title Case."""
+"""User-facing names of workflow steps (docs/design/jobs.md#step-names-and-error-categories), kept as data. Unknown names become Title Case."""
 from __future__ import annotations
 
 FRIENDLY_STEP_NAMES = {

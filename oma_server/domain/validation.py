@@ -1,4 +1,4 @@
-"""Per-VM validation views (spec §4.1): what the GUI shows before a failover.
+"""Per-VM validation views (docs/design/operations.md#validation-views): what the GUI shows before a failover.
 
 The original's six endpoints were mocks or looked rows up with the wrong key (a VM id used as a
 replication job id). Here the VM is named by its context id (preferred) or its VMware id and
@@ -26,7 +26,7 @@ from oma_server.domain import cloudstack_config, joblog, readiness
 from oma_server.domain.readiness import FAIL, PASS, WARN
 from oma_server.errors import FailedPrecondition, NotFound, require
 
-#: Progress shown for a failover record without a JobLog job (spec §1.4; anything else 50).
+#: Progress shown for a failover record without a JobLog job (docs/design/failover.md#failover-job-status; anything else 50).
 FAILOVER_STATUS_PROGRESS = {
     FailoverJobStatus.PENDING: 0, FailoverJobStatus.VALIDATING: 10, FailoverJobStatus.SNAPSHOTTING: 25,
     FailoverJobStatus.CREATING_VM: 50, FailoverJobStatus.SWITCHING_VOLUME: 75, FailoverJobStatus.POWERING_ON: 90,

@@ -1,4 +1,4 @@
-"""Liveness of the approved VMAs' tunnels (spec failover-scheduler-enrollment §5.8).
+"""Liveness of the approved VMAs' tunnels (docs/design/enrollment.md#connection-monitor).
 
 The original matched the system's login table against key fingerprints, which never matched, and was
 never started (E-12). Here liveness comes from the tunnel itself: each pass calls the VMA's health

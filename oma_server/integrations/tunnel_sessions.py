@@ -1,5 +1,5 @@
-"""Ending a VMA's live tunnel session when its access is revoked (spec failover-scheduler-enrollment §5.5:
-"also terminate live tunnel sessions of that key").
+"""Ending a VMA's live tunnel session when its access is revoked
+(docs/design/enrollment.md#approval-and-revocation).
 
 Removing the key stops new logins, but sshd does not re-check the keys of sessions already open, so the
 revoked VMA would keep its tunnel until it reconnects. Each VMA's session is exactly the sshd process that

@@ -1,4 +1,5 @@
-"""v1 schema: the 24 tables of the replication/discovery spec §1.2, ``api_users`` and the five views of §1.3.
+"""v1 schema: the 24 tables (docs/design/data-model.md#tables-and-constraints), ``api_users`` and the five views
+(docs/design/data-model.md#views).
 
 Generated with ``python -m playhouse.migrations … initial oma_server.db.models:ALL_MODELS`` and then frozen by hand:
 this file must keep creating exactly the v1 schema whatever happens to ``oma_server.db.models`` later, so it imports

@@ -32,7 +32,7 @@ Inventory
     request, owns the session cookie and turns SOAP faults into its exception classes; the answers
     of property retrievals are parsed by ``properties`` (pyVmomi's deserializer costs ~4 ms per VM).
 
-Data mover API (one process per job, all disks of one VM; see spec 12.1)::
+Data mover API (one process per job, all disks of one VM; see docs/design/replication.md#data-mover-run)::
 
     session = vsphere.connect(params)             # or SessionCache().get(params)
     session.start_keepalive()

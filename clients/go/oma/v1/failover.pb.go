@@ -760,7 +760,7 @@ func (x *FailoverJobTracking) GetSteps() []*FailoverJobStep {
 	return nil
 }
 
-// The configuration a failover request resolves to (§2.2).
+// The configuration a failover request resolves to (docs/design/failover.md#request-and-configuration).
 type FailoverConfiguration struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -938,7 +938,7 @@ func (x *FailoverConfiguration) GetNetworkMappings() map[string]string {
 	return nil
 }
 
-// One readiness check (§2.10).
+// One readiness check (docs/design/failover.md#readiness-checks).
 type FailoverReadinessCheck struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -243,7 +243,7 @@ func (x *ReplicationSchedule) GetVmCount() int32 {
 	return 0
 }
 
-// A row of `schedule_executions` plus derived values (§3.8).
+// A row of `schedule_executions` plus derived values (docs/design/scheduler.md#schedules-api).
 type ScheduleExecution struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

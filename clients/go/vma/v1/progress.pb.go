@@ -22,7 +22,7 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
-// Closed stage vocabulary shared by VMA and OMA (spec §2.4).
+// Closed stage vocabulary shared by VMA and OMA (docs/design/replication.md#progress-vocabulary).
 type Stage int32
 
 const (

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class CloudStackSettingsServiceStub:
     """CloudStack settings: ad-hoc checks against a CloudStack endpoint before (or while) it is stored as an
-    `ossea_configs` row (spec replication-discovery §9.1–9.5). Apart from DetectOMAVM with `persist=true`
+    `ossea_configs` row (docs/design/replication.md#cloudstack-settings). Apart from DetectOMAVM with `persist=true`
     these RPCs do not touch the database; stored configurations are managed by OSSEAConfigService.
     Connection failures of the checked endpoint are normal responses with `success=false` and a sanitised
     `error`; gRPC errors are reserved for bad requests and server faults.
@@ -68,7 +68,7 @@ class CloudStackSettingsServiceStub:
 
 class CloudStackSettingsServiceServicer:
     """CloudStack settings: ad-hoc checks against a CloudStack endpoint before (or while) it is stored as an
-    `ossea_configs` row (spec replication-discovery §9.1–9.5). Apart from DetectOMAVM with `persist=true`
+    `ossea_configs` row (docs/design/replication.md#cloudstack-settings). Apart from DetectOMAVM with `persist=true`
     these RPCs do not touch the database; stored configurations are managed by OSSEAConfigService.
     Connection failures of the checked endpoint are normal responses with `success=false` and a sanitised
     `error`; gRPC errors are reserved for bad requests and server faults.
@@ -147,7 +147,7 @@ def add_CloudStackSettingsServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CloudStackSettingsService:
     """CloudStack settings: ad-hoc checks against a CloudStack endpoint before (or while) it is stored as an
-    `ossea_configs` row (spec replication-discovery §9.1–9.5). Apart from DetectOMAVM with `persist=true`
+    `ossea_configs` row (docs/design/replication.md#cloudstack-settings). Apart from DetectOMAVM with `persist=true`
     these RPCs do not touch the database; stored configurations are managed by OSSEAConfigService.
     Connection failures of the checked endpoint are normal responses with `success=false` and a sanitised
     `error`; gRPC errors are reserved for bad requests and server faults.

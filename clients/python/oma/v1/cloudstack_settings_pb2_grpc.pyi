@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class CloudStackSettingsServiceStub:
     """CloudStack settings: ad-hoc checks against a CloudStack endpoint before (or while) it is stored as an
-    `ossea_configs` row (spec replication-discovery §9.1–9.5). Apart from DetectOMAVM with `persist=true`
+    `ossea_configs` row (docs/design/replication.md#cloudstack-settings). Apart from DetectOMAVM with `persist=true`
     these RPCs do not touch the database; stored configurations are managed by OSSEAConfigService.
     Connection failures of the checked endpoint are normal responses with `success=false` and a sanitised
     `error`; gRPC errors are reserved for bad requests and server faults.
@@ -52,7 +52,7 @@ class CloudStackSettingsServiceStub:
 @_typing.type_check_only
 class CloudStackSettingsServiceAsyncStub(CloudStackSettingsServiceStub):
     """CloudStack settings: ad-hoc checks against a CloudStack endpoint before (or while) it is stored as an
-    `ossea_configs` row (spec replication-discovery §9.1–9.5). Apart from DetectOMAVM with `persist=true`
+    `ossea_configs` row (docs/design/replication.md#cloudstack-settings). Apart from DetectOMAVM with `persist=true`
     these RPCs do not touch the database; stored configurations are managed by OSSEAConfigService.
     Connection failures of the checked endpoint are normal responses with `success=false` and a sanitised
     `error`; gRPC errors are reserved for bad requests and server faults.
@@ -72,7 +72,7 @@ class CloudStackSettingsServiceAsyncStub(CloudStackSettingsServiceStub):
 
 class CloudStackSettingsServiceServicer(metaclass=_abc_1.ABCMeta):
     """CloudStack settings: ad-hoc checks against a CloudStack endpoint before (or while) it is stored as an
-    `ossea_configs` row (spec replication-discovery §9.1–9.5). Apart from DetectOMAVM with `persist=true`
+    `ossea_configs` row (docs/design/replication.md#cloudstack-settings). Apart from DetectOMAVM with `persist=true`
     these RPCs do not touch the database; stored configurations are managed by OSSEAConfigService.
     Connection failures of the checked endpoint are normal responses with `success=false` and a sanitised
     `error`; gRPC errors are reserved for bad requests and server faults.

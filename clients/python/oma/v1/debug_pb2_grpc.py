@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class DebugServiceStub:
-    """Operator troubleshooting views (spec failover-scheduler-enrollment §4.2). Read-only; never returns
+    """Operator troubleshooting views (docs/design/operations.md#debug-views). Read-only; never returns
     secrets (API keys, passwords, private keys). All RPCs are authenticated, except that an unauthenticated
     GetSystemHealth call gets only the liveness subset (`system_health`, `version`, `checked_at`).
     """
@@ -60,7 +60,7 @@ class DebugServiceStub:
 
 
 class DebugServiceServicer:
-    """Operator troubleshooting views (spec failover-scheduler-enrollment §4.2). Read-only; never returns
+    """Operator troubleshooting views (docs/design/operations.md#debug-views). Read-only; never returns
     secrets (API keys, passwords, private keys). All RPCs are authenticated, except that an unauthenticated
     GetSystemHealth call gets only the liveness subset (`system_health`, `version`, `checked_at`).
     """
@@ -125,7 +125,7 @@ def add_DebugServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DebugService:
-    """Operator troubleshooting views (spec failover-scheduler-enrollment §4.2). Read-only; never returns
+    """Operator troubleshooting views (docs/design/operations.md#debug-views). Read-only; never returns
     secrets (API keys, passwords, private keys). All RPCs are authenticated, except that an unauthenticated
     GetSystemHealth call gets only the liveness subset (`system_health`, `version`, `checked_at`).
     """

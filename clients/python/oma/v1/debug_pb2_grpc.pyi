@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DebugServiceStub:
-    """Operator troubleshooting views (spec failover-scheduler-enrollment §4.2). Read-only; never returns
+    """Operator troubleshooting views (docs/design/operations.md#debug-views). Read-only; never returns
     secrets (API keys, passwords, private keys). All RPCs are authenticated, except that an unauthenticated
     GetSystemHealth call gets only the liveness subset (`system_health`, `version`, `checked_at`).
     """
@@ -47,7 +47,7 @@ class DebugServiceStub:
 
 @_typing.type_check_only
 class DebugServiceAsyncStub(DebugServiceStub):
-    """Operator troubleshooting views (spec failover-scheduler-enrollment §4.2). Read-only; never returns
+    """Operator troubleshooting views (docs/design/operations.md#debug-views). Read-only; never returns
     secrets (API keys, passwords, private keys). All RPCs are authenticated, except that an unauthenticated
     GetSystemHealth call gets only the liveness subset (`system_health`, `version`, `checked_at`).
     """
@@ -63,7 +63,7 @@ class DebugServiceAsyncStub(DebugServiceStub):
     """Returns recent structured log records from `log_events`, newest first, filterable by level, job, external job and time."""
 
 class DebugServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator troubleshooting views (spec failover-scheduler-enrollment §4.2). Read-only; never returns
+    """Operator troubleshooting views (docs/design/operations.md#debug-views). Read-only; never returns
     secrets (API keys, passwords, private keys). All RPCs are authenticated, except that an unauthenticated
     GetSystemHealth call gets only the liveness subset (`system_health`, `version`, `checked_at`).
     """

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class EnrollmentAdminServiceStub:
-    """Operator side of VMA enrollment (spec failover-scheduler-enrollment §5.2–5.4, §5.6, §5.8): pairing
+    """Operator side of VMA enrollment (docs/design/enrollment.md): pairing
     codes, approval of enrolled VMAs, tunnel access and the audit trail. Authenticated. Every state
     change writes a `vma_connection_audit` row with the actor and source address. Pairing codes, challenge
     nonces and private keys never appear in responses, except the new code returned once by
@@ -77,7 +77,7 @@ class EnrollmentAdminServiceStub:
 
 
 class EnrollmentAdminServiceServicer:
-    """Operator side of VMA enrollment (spec failover-scheduler-enrollment §5.2–5.4, §5.6, §5.8): pairing
+    """Operator side of VMA enrollment (docs/design/enrollment.md): pairing
     codes, approval of enrolled VMAs, tunnel access and the audit trail. Authenticated. Every state
     change writes a `vma_connection_audit` row with the actor and source address. Pairing codes, challenge
     nonces and private keys never appear in responses, except the new code returned once by
@@ -180,7 +180,7 @@ def add_EnrollmentAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EnrollmentAdminService:
-    """Operator side of VMA enrollment (spec failover-scheduler-enrollment §5.2–5.4, §5.6, §5.8): pairing
+    """Operator side of VMA enrollment (docs/design/enrollment.md): pairing
     codes, approval of enrolled VMAs, tunnel access and the audit trail. Authenticated. Every state
     change writes a `vma_connection_audit` row with the actor and source address. Pairing codes, challenge
     nonces and private keys never appear in responses, except the new code returned once by

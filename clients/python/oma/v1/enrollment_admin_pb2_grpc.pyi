@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EnrollmentAdminServiceStub:
-    """Operator side of VMA enrollment (spec failover-scheduler-enrollment §5.2–5.4, §5.6, §5.8): pairing
+    """Operator side of VMA enrollment (docs/design/enrollment.md): pairing
     codes, approval of enrolled VMAs, tunnel access and the audit trail. Authenticated. Every state
     change writes a `vma_connection_audit` row with the actor and source address. Pairing codes, challenge
     nonces and private keys never appear in responses, except the new code returned once by
@@ -55,7 +55,7 @@ class EnrollmentAdminServiceStub:
 
 @_typing.type_check_only
 class EnrollmentAdminServiceAsyncStub(EnrollmentAdminServiceStub):
-    """Operator side of VMA enrollment (spec failover-scheduler-enrollment §5.2–5.4, §5.6, §5.8): pairing
+    """Operator side of VMA enrollment (docs/design/enrollment.md): pairing
     codes, approval of enrolled VMAs, tunnel access and the audit trail. Authenticated. Every state
     change writes a `vma_connection_audit` row with the actor and source address. Pairing codes, challenge
     nonces and private keys never appear in responses, except the new code returned once by
@@ -79,7 +79,7 @@ class EnrollmentAdminServiceAsyncStub(EnrollmentAdminServiceStub):
     """Lists `vma_connection_audit` events, newest first, filterable by event type, enrollment and time range."""
 
 class EnrollmentAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator side of VMA enrollment (spec failover-scheduler-enrollment §5.2–5.4, §5.6, §5.8): pairing
+    """Operator side of VMA enrollment (docs/design/enrollment.md): pairing
     codes, approval of enrolled VMAs, tunnel access and the audit trail. Authenticated. Every state
     change writes a `vma_connection_audit` row with the actor and source address. Pairing codes, challenge
     nonces and private keys never appear in responses, except the new code returned once by

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class EnrollmentServiceStub:
-    """Public VMA enrollment, called by a new VMA before it has a tunnel (spec failover-scheduler-enrollment
-    §5.1, §5.3, §5.5). Served on a TLS listener without bearer auth, rate-limited per source address;
+    """Public VMA enrollment, called by a new VMA before it has a tunnel (docs/design/enrollment.md).
+    Served on a TLS listener without bearer auth, rate-limited per source address;
     every transition writes a `vma_connection_audit` row. Flow: Enroll (pairing code + Ed25519 public key)
     → VerifyChallenge (signature of the challenge) → operator approval (EnrollmentAdminService) →
     GetEnrollmentResult returns the tunnel parameters.
@@ -57,8 +57,8 @@ class EnrollmentServiceStub:
 
 
 class EnrollmentServiceServicer:
-    """Public VMA enrollment, called by a new VMA before it has a tunnel (spec failover-scheduler-enrollment
-    §5.1, §5.3, §5.5). Served on a TLS listener without bearer auth, rate-limited per source address;
+    """Public VMA enrollment, called by a new VMA before it has a tunnel (docs/design/enrollment.md).
+    Served on a TLS listener without bearer auth, rate-limited per source address;
     every transition writes a `vma_connection_audit` row. Flow: Enroll (pairing code + Ed25519 public key)
     → VerifyChallenge (signature of the challenge) → operator approval (EnrollmentAdminService) →
     GetEnrollmentResult returns the tunnel parameters.
@@ -112,8 +112,8 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EnrollmentService:
-    """Public VMA enrollment, called by a new VMA before it has a tunnel (spec failover-scheduler-enrollment
-    §5.1, §5.3, §5.5). Served on a TLS listener without bearer auth, rate-limited per source address;
+    """Public VMA enrollment, called by a new VMA before it has a tunnel (docs/design/enrollment.md).
+    Served on a TLS listener without bearer auth, rate-limited per source address;
     every transition writes a `vma_connection_audit` row. Flow: Enroll (pairing code + Ed25519 public key)
     → VerifyChallenge (signature of the challenge) → operator approval (EnrollmentAdminService) →
     GetEnrollmentResult returns the tunnel parameters.

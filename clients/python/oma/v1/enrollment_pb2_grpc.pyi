@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EnrollmentServiceStub:
-    """Public VMA enrollment, called by a new VMA before it has a tunnel (spec failover-scheduler-enrollment
-    §5.1, §5.3, §5.5). Served on a TLS listener without bearer auth, rate-limited per source address;
+    """Public VMA enrollment, called by a new VMA before it has a tunnel (docs/design/enrollment.md).
+    Served on a TLS listener without bearer auth, rate-limited per source address;
     every transition writes a `vma_connection_audit` row. Flow: Enroll (pairing code + Ed25519 public key)
     → VerifyChallenge (signature of the challenge) → operator approval (EnrollmentAdminService) →
     GetEnrollmentResult returns the tunnel parameters.
@@ -47,8 +47,8 @@ class EnrollmentServiceStub:
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
-    """Public VMA enrollment, called by a new VMA before it has a tunnel (spec failover-scheduler-enrollment
-    §5.1, §5.3, §5.5). Served on a TLS listener without bearer auth, rate-limited per source address;
+    """Public VMA enrollment, called by a new VMA before it has a tunnel (docs/design/enrollment.md).
+    Served on a TLS listener without bearer auth, rate-limited per source address;
     every transition writes a `vma_connection_audit` row. Flow: Enroll (pairing code + Ed25519 public key)
     → VerifyChallenge (signature of the challenge) → operator approval (EnrollmentAdminService) →
     GetEnrollmentResult returns the tunnel parameters.
@@ -63,8 +63,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Returns the enrollment status and, once approved, the tunnel parameters; reads `vma_enrollments`, `vma_active_connections`."""
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Public VMA enrollment, called by a new VMA before it has a tunnel (spec failover-scheduler-enrollment
-    §5.1, §5.3, §5.5). Served on a TLS listener without bearer auth, rate-limited per source address;
+    """Public VMA enrollment, called by a new VMA before it has a tunnel (docs/design/enrollment.md).
+    Served on a TLS listener without bearer auth, rate-limited per source address;
     every transition writes a `vma_connection_audit` row. Flow: Enroll (pairing code + Ed25519 public key)
     → VerifyChallenge (signature of the challenge) → operator approval (EnrollmentAdminService) →
     GetEnrollmentResult returns the tunnel parameters.

@@ -364,7 +364,7 @@ Global___FailoverJobTracking: _TypeAlias = FailoverJobTracking  # noqa: Y015
 
 @_typing.final
 class FailoverConfiguration(_message.Message):
-    """The configuration a failover request resolves to (§2.2)."""
+    """The configuration a failover request resolves to (docs/design/failover.md#request-and-configuration)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -463,7 +463,7 @@ Global___FailoverConfiguration: _TypeAlias = FailoverConfiguration  # noqa: Y015
 
 @_typing.final
 class FailoverReadinessCheck(_message.Message):
-    """One readiness check (§2.10)."""
+    """One readiness check (docs/design/failover.md#readiness-checks)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class FailoverServiceStub:
     """Live and test failover of a replicated VM to CloudStack, test cleanup, rollback and failed-execution
-    cleanup (spec failover-scheduler-enrollment §2, Appendix B). Every mutating RPC is asynchronous: it
+    cleanup (docs/design/failover.md). Every mutating RPC is asynchronous: it
     creates the JobLog job (`job_tracking`) and, for failovers, the `failover_jobs` row before returning
     `{job_id, external_job_id, context_id, failover_job_id}`; progress is read with GetFailoverStatus or
     WatchFailoverJob. At most one failover/rollback/cleanup runs per context (FAILED_PRECONDITION with the
@@ -115,7 +115,7 @@ class FailoverServiceStub:
 
 class FailoverServiceServicer:
     """Live and test failover of a replicated VM to CloudStack, test cleanup, rollback and failed-execution
-    cleanup (spec failover-scheduler-enrollment §2, Appendix B). Every mutating RPC is asynchronous: it
+    cleanup (docs/design/failover.md). Every mutating RPC is asynchronous: it
     creates the JobLog job (`job_tracking`) and, for failovers, the `failover_jobs` row before returning
     `{job_id, external_job_id, context_id, failover_job_id}`; progress is read with GetFailoverStatus or
     WatchFailoverJob. At most one failover/rollback/cleanup runs per context (FAILED_PRECONDITION with the
@@ -304,7 +304,7 @@ def add_FailoverServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class FailoverService:
     """Live and test failover of a replicated VM to CloudStack, test cleanup, rollback and failed-execution
-    cleanup (spec failover-scheduler-enrollment §2, Appendix B). Every mutating RPC is asynchronous: it
+    cleanup (docs/design/failover.md). Every mutating RPC is asynchronous: it
     creates the JobLog job (`job_tracking`) and, for failovers, the `failover_jobs` row before returning
     `{job_id, external_job_id, context_id, failover_job_id}`; progress is read with GetFailoverStatus or
     WatchFailoverJob. At most one failover/rollback/cleanup runs per context (FAILED_PRECONDITION with the

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class FailoverServiceStub:
     """Live and test failover of a replicated VM to CloudStack, test cleanup, rollback and failed-execution
-    cleanup (spec failover-scheduler-enrollment §2, Appendix B). Every mutating RPC is asynchronous: it
+    cleanup (docs/design/failover.md). Every mutating RPC is asynchronous: it
     creates the JobLog job (`job_tracking`) and, for failovers, the `failover_jobs` row before returning
     `{job_id, external_job_id, context_id, failover_job_id}`; progress is read with GetFailoverStatus or
     WatchFailoverJob. At most one failover/rollback/cleanup runs per context (FAILED_PRECONDITION with the
@@ -72,7 +72,7 @@ class FailoverServiceStub:
 @_typing.type_check_only
 class FailoverServiceAsyncStub(FailoverServiceStub):
     """Live and test failover of a replicated VM to CloudStack, test cleanup, rollback and failed-execution
-    cleanup (spec failover-scheduler-enrollment §2, Appendix B). Every mutating RPC is asynchronous: it
+    cleanup (docs/design/failover.md). Every mutating RPC is asynchronous: it
     creates the JobLog job (`job_tracking`) and, for failovers, the `failover_jobs` row before returning
     `{job_id, external_job_id, context_id, failover_job_id}`; progress is read with GetFailoverStatus or
     WatchFailoverJob. At most one failover/rollback/cleanup runs per context (FAILED_PRECONDITION with the
@@ -112,7 +112,7 @@ class FailoverServiceAsyncStub(FailoverServiceStub):
 
 class FailoverServiceServicer(metaclass=_abc_1.ABCMeta):
     """Live and test failover of a replicated VM to CloudStack, test cleanup, rollback and failed-execution
-    cleanup (spec failover-scheduler-enrollment §2, Appendix B). Every mutating RPC is asynchronous: it
+    cleanup (docs/design/failover.md). Every mutating RPC is asynchronous: it
     creates the JobLog job (`job_tracking`) and, for failovers, the `failover_jobs` row before returning
     `{job_id, external_job_id, context_id, failover_job_id}`; progress is read with GetFailoverStatus or
     WatchFailoverJob. At most one failover/rollback/cleanup runs per context (FAILED_PRECONDITION with the

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class MachineGroupServiceStub:
     """Machine groups (`vm_machine_groups`) that attach a schedule to a set of VMs, and VM membership
-    (`vm_group_memberships`) (spec failover-scheduler-enrollment §3.9–3.10). `max_concurrent_vms` limits
+    (`vm_group_memberships`) (docs/design/scheduler.md#machine-groups). `max_concurrent_vms` limits
     concurrent scheduled jobs of a group; it is not a membership cap. A VM belongs to at most one group:
     AssignVM refuses a VM that is already in another group (FAILED_PRECONDITION), SetVMGroup moves it.
     """
@@ -97,7 +97,7 @@ class MachineGroupServiceStub:
 
 class MachineGroupServiceServicer:
     """Machine groups (`vm_machine_groups`) that attach a schedule to a set of VMs, and VM membership
-    (`vm_group_memberships`) (spec failover-scheduler-enrollment §3.9–3.10). `max_concurrent_vms` limits
+    (`vm_group_memberships`) (docs/design/scheduler.md#machine-groups). `max_concurrent_vms` limits
     concurrent scheduled jobs of a group; it is not a membership cap. A VM belongs to at most one group:
     AssignVM refuses a VM that is already in another group (FAILED_PRECONDITION), SetVMGroup moves it.
     """
@@ -247,7 +247,7 @@ def add_MachineGroupServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class MachineGroupService:
     """Machine groups (`vm_machine_groups`) that attach a schedule to a set of VMs, and VM membership
-    (`vm_group_memberships`) (spec failover-scheduler-enrollment §3.9–3.10). `max_concurrent_vms` limits
+    (`vm_group_memberships`) (docs/design/scheduler.md#machine-groups). `max_concurrent_vms` limits
     concurrent scheduled jobs of a group; it is not a membership cap. A VM belongs to at most one group:
     AssignVM refuses a VM that is already in another group (FAILED_PRECONDITION), SetVMGroup moves it.
     """

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class MachineGroupServiceStub:
     """Machine groups (`vm_machine_groups`) that attach a schedule to a set of VMs, and VM membership
-    (`vm_group_memberships`) (spec failover-scheduler-enrollment §3.9–3.10). `max_concurrent_vms` limits
+    (`vm_group_memberships`) (docs/design/scheduler.md#machine-groups). `max_concurrent_vms` limits
     concurrent scheduled jobs of a group; it is not a membership cap. A VM belongs to at most one group:
     AssignVM refuses a VM that is already in another group (FAILED_PRECONDITION), SetVMGroup moves it.
     """
@@ -63,7 +63,7 @@ class MachineGroupServiceStub:
 @_typing.type_check_only
 class MachineGroupServiceAsyncStub(MachineGroupServiceStub):
     """Machine groups (`vm_machine_groups`) that attach a schedule to a set of VMs, and VM membership
-    (`vm_group_memberships`) (spec failover-scheduler-enrollment §3.9–3.10). `max_concurrent_vms` limits
+    (`vm_group_memberships`) (docs/design/scheduler.md#machine-groups). `max_concurrent_vms` limits
     concurrent scheduled jobs of a group; it is not a membership cap. A VM belongs to at most one group:
     AssignVM refuses a VM that is already in another group (FAILED_PRECONDITION), SetVMGroup moves it.
     """
@@ -94,7 +94,7 @@ class MachineGroupServiceAsyncStub(MachineGroupServiceStub):
 
 class MachineGroupServiceServicer(metaclass=_abc_1.ABCMeta):
     """Machine groups (`vm_machine_groups`) that attach a schedule to a set of VMs, and VM membership
-    (`vm_group_memberships`) (spec failover-scheduler-enrollment §3.9–3.10). `max_concurrent_vms` limits
+    (`vm_group_memberships`) (docs/design/scheduler.md#machine-groups). `max_concurrent_vms` limits
     concurrent scheduled jobs of a group; it is not a membership cap. A VM belongs to at most one group:
     AssignVM refuses a VM that is already in another group (FAILED_PRECONDITION), SetVMGroup moves it.
     """

@@ -28,7 +28,7 @@ if _version_not_supported:
 class NetworkMappingServiceStub:
     """Source (vSphere port group) → destination (CloudStack network) mappings per VM, table
     `network_mappings`, plus CloudStack network/offering look-ups used when editing them
-    (spec replication-discovery §10, §1.2). CloudStack look-ups use a client built per call from the
+    (docs/design/replication.md#network-mappings). CloudStack look-ups use a client built per call from the
     active `ossea_configs` row (FAILED_PRECONDITION when there is none).
     """
 
@@ -83,7 +83,7 @@ class NetworkMappingServiceStub:
 class NetworkMappingServiceServicer:
     """Source (vSphere port group) → destination (CloudStack network) mappings per VM, table
     `network_mappings`, plus CloudStack network/offering look-ups used when editing them
-    (spec replication-discovery §10, §1.2). CloudStack look-ups use a client built per call from the
+    (docs/design/replication.md#network-mappings). CloudStack look-ups use a client built per call from the
     active `ossea_configs` row (FAILED_PRECONDITION when there is none).
     """
 
@@ -197,7 +197,7 @@ def add_NetworkMappingServiceServicer_to_server(servicer, server):
 class NetworkMappingService:
     """Source (vSphere port group) → destination (CloudStack network) mappings per VM, table
     `network_mappings`, plus CloudStack network/offering look-ups used when editing them
-    (spec replication-discovery §10, §1.2). CloudStack look-ups use a client built per call from the
+    (docs/design/replication.md#network-mappings). CloudStack look-ups use a client built per call from the
     active `ossea_configs` row (FAILED_PRECONDITION when there is none).
     """
 

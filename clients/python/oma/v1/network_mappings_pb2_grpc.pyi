@@ -29,7 +29,7 @@ GRPC_VERSION: str
 class NetworkMappingServiceStub:
     """Source (vSphere port group) → destination (CloudStack network) mappings per VM, table
     `network_mappings`, plus CloudStack network/offering look-ups used when editing them
-    (spec replication-discovery §10, §1.2). CloudStack look-ups use a client built per call from the
+    (docs/design/replication.md#network-mappings). CloudStack look-ups use a client built per call from the
     active `ossea_configs` row (FAILED_PRECONDITION when there is none).
     """
 
@@ -58,7 +58,7 @@ class NetworkMappingServiceStub:
 class NetworkMappingServiceAsyncStub(NetworkMappingServiceStub):
     """Source (vSphere port group) → destination (CloudStack network) mappings per VM, table
     `network_mappings`, plus CloudStack network/offering look-ups used when editing them
-    (spec replication-discovery §10, §1.2). CloudStack look-ups use a client built per call from the
+    (docs/design/replication.md#network-mappings). CloudStack look-ups use a client built per call from the
     active `ossea_configs` row (FAILED_PRECONDITION when there is none).
     """
 
@@ -83,7 +83,7 @@ class NetworkMappingServiceAsyncStub(NetworkMappingServiceStub):
 class NetworkMappingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Source (vSphere port group) → destination (CloudStack network) mappings per VM, table
     `network_mappings`, plus CloudStack network/offering look-ups used when editing them
-    (spec replication-discovery §10, §1.2). CloudStack look-ups use a client built per call from the
+    (docs/design/replication.md#network-mappings). CloudStack look-ups use a client built per call from the
     active `ossea_configs` row (FAILED_PRECONDITION when there is none).
     """
 

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class OSSEAConfigServiceStub:
     """Stored CloudStack ("OSSEA") connection configurations, table `ossea_configs`
-    (spec replication-discovery §9.6–9.8). The original unified action endpoint `POST /ossea/config`
+    (docs/design/replication.md#cloudstack-settings). The original unified action endpoint `POST /ossea/config`
     ({action: get|create|update|delete|test}) is split into typed RPCs; each of them carries that route.
     Exactly one row is active (`is_active=1`); every CloudStack operation uses the active row at call time.
     `api_key` and `secret_key` are encrypted at rest; `secret_key` is never returned, `api_key` only as a hint.
@@ -88,7 +88,7 @@ class OSSEAConfigServiceStub:
 
 class OSSEAConfigServiceServicer:
     """Stored CloudStack ("OSSEA") connection configurations, table `ossea_configs`
-    (spec replication-discovery §9.6–9.8). The original unified action endpoint `POST /ossea/config`
+    (docs/design/replication.md#cloudstack-settings). The original unified action endpoint `POST /ossea/config`
     ({action: get|create|update|delete|test}) is split into typed RPCs; each of them carries that route.
     Exactly one row is active (`is_active=1`); every CloudStack operation uses the active row at call time.
     `api_key` and `secret_key` are encrypted at rest; `secret_key` is never returned, `api_key` only as a hint.
@@ -215,7 +215,7 @@ def add_OSSEAConfigServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class OSSEAConfigService:
     """Stored CloudStack ("OSSEA") connection configurations, table `ossea_configs`
-    (spec replication-discovery §9.6–9.8). The original unified action endpoint `POST /ossea/config`
+    (docs/design/replication.md#cloudstack-settings). The original unified action endpoint `POST /ossea/config`
     ({action: get|create|update|delete|test}) is split into typed RPCs; each of them carries that route.
     Exactly one row is active (`is_active=1`); every CloudStack operation uses the active row at call time.
     `api_key` and `secret_key` are encrypted at rest; `secret_key` is never returned, `api_key` only as a hint.

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class OSSEAConfigServiceStub:
     """Stored CloudStack ("OSSEA") connection configurations, table `ossea_configs`
-    (spec replication-discovery §9.6–9.8). The original unified action endpoint `POST /ossea/config`
+    (docs/design/replication.md#cloudstack-settings). The original unified action endpoint `POST /ossea/config`
     ({action: get|create|update|delete|test}) is split into typed RPCs; each of them carries that route.
     Exactly one row is active (`is_active=1`); every CloudStack operation uses the active row at call time.
     `api_key` and `secret_key` are encrypted at rest; `secret_key` is never returned, `api_key` only as a hint.
@@ -60,7 +60,7 @@ class OSSEAConfigServiceStub:
 @_typing.type_check_only
 class OSSEAConfigServiceAsyncStub(OSSEAConfigServiceStub):
     """Stored CloudStack ("OSSEA") connection configurations, table `ossea_configs`
-    (spec replication-discovery §9.6–9.8). The original unified action endpoint `POST /ossea/config`
+    (docs/design/replication.md#cloudstack-settings). The original unified action endpoint `POST /ossea/config`
     ({action: get|create|update|delete|test}) is split into typed RPCs; each of them carries that route.
     Exactly one row is active (`is_active=1`); every CloudStack operation uses the active row at call time.
     `api_key` and `secret_key` are encrypted at rest; `secret_key` is never returned, `api_key` only as a hint.
@@ -88,7 +88,7 @@ class OSSEAConfigServiceAsyncStub(OSSEAConfigServiceStub):
 
 class OSSEAConfigServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stored CloudStack ("OSSEA") connection configurations, table `ossea_configs`
-    (spec replication-discovery §9.6–9.8). The original unified action endpoint `POST /ossea/config`
+    (docs/design/replication.md#cloudstack-settings). The original unified action endpoint `POST /ossea/config`
     ({action: get|create|update|delete|test}) is split into typed RPCs; each of them carries that route.
     Exactly one row is active (`is_active=1`); every CloudStack operation uses the active row at call time.
     `api_key` and `secret_key` are encrypted at rest; `secret_key` is never returned, `api_key` only as a hint.

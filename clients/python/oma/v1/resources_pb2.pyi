@@ -22,7 +22,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 @_typing.final
 class VMContext(_message.Message):
     """Resource messages shared by several OMA services (one row of a table each; field names are the
-    spec's column/API names).
+    database's column names and the original API's names).
 
     One managed VM: a row of vm_replication_contexts.
     """

@@ -126,7 +126,7 @@ Global___ReplicationSchedule: _TypeAlias = ReplicationSchedule  # noqa: Y015
 
 @_typing.final
 class ScheduleExecution(_message.Message):
-    """A row of `schedule_executions` plus derived values (§3.8)."""
+    """A row of `schedule_executions` plus derived values (docs/design/scheduler.md#schedules-api)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

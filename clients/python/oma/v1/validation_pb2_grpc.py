@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ValidationServiceStub:
-    """Per-VM validation views used by the GUI before a failover (spec failover-scheduler-enrollment §4.1).
+    """Per-VM validation views used by the GUI before a failover (docs/design/operations.md#validation-views).
     `vm_id` is a context id (preferred) or a VMware VM id, resolved to exactly one
     `vm_replication_contexts` row (NOT_FOUND otherwise). All RPCs are read-only.
     """
@@ -70,7 +70,7 @@ class ValidationServiceStub:
 
 
 class ValidationServiceServicer:
-    """Per-VM validation views used by the GUI before a failover (spec failover-scheduler-enrollment §4.1).
+    """Per-VM validation views used by the GUI before a failover (docs/design/operations.md#validation-views).
     `vm_id` is a context id (preferred) or a VMware VM id, resolved to exactly one
     `vm_replication_contexts` row (NOT_FOUND otherwise). All RPCs are read-only.
     """
@@ -159,7 +159,7 @@ def add_ValidationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ValidationService:
-    """Per-VM validation views used by the GUI before a failover (spec failover-scheduler-enrollment §4.1).
+    """Per-VM validation views used by the GUI before a failover (docs/design/operations.md#validation-views).
     `vm_id` is a context id (preferred) or a VMware VM id, resolved to exactly one
     `vm_replication_contexts` row (NOT_FOUND otherwise). All RPCs are read-only.
     """

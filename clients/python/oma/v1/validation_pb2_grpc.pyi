@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ValidationServiceStub:
-    """Per-VM validation views used by the GUI before a failover (spec failover-scheduler-enrollment §4.1).
+    """Per-VM validation views used by the GUI before a failover (docs/design/operations.md#validation-views).
     `vm_id` is a context id (preferred) or a VMware VM id, resolved to exactly one
     `vm_replication_contexts` row (NOT_FOUND otherwise). All RPCs are read-only.
     """
@@ -51,7 +51,7 @@ class ValidationServiceStub:
 
 @_typing.type_check_only
 class ValidationServiceAsyncStub(ValidationServiceStub):
-    """Per-VM validation views used by the GUI before a failover (spec failover-scheduler-enrollment §4.1).
+    """Per-VM validation views used by the GUI before a failover (docs/design/operations.md#validation-views).
     `vm_id` is a context id (preferred) or a VMware VM id, resolved to exactly one
     `vm_replication_contexts` row (NOT_FOUND otherwise). All RPCs are read-only.
     """
@@ -71,7 +71,7 @@ class ValidationServiceAsyncStub(ValidationServiceStub):
     """Checks the VM's configuration (mappings, volumes, completed replication, CloudStack config, credentials); reads `network_mappings`, `vm_disks`, `ossea_volumes`, `replication_jobs`, `ossea_configs`, `vmware_credentials`."""
 
 class ValidationServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Per-VM validation views used by the GUI before a failover (spec failover-scheduler-enrollment §4.1).
+    """Per-VM validation views used by the GUI before a failover (docs/design/operations.md#validation-views).
     `vm_id` is a context id (preferred) or a VMware VM id, resolved to exactly one
     `vm_replication_contexts` row (NOT_FOUND otherwise). All RPCs are read-only.
     """

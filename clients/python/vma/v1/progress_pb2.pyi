@@ -35,7 +35,7 @@ class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType
     STAGE_PERSIST_CHANGE_IDS: _Stage.ValueType  # 6
 
 class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
-    """Closed stage vocabulary shared by VMA and OMA (spec §2.4)."""
+    """Closed stage vocabulary shared by VMA and OMA (docs/design/replication.md#progress-vocabulary)."""
 
 STAGE_UNSPECIFIED: Stage.ValueType  # 0
 STAGE_DISCOVER: Stage.ValueType  # 1

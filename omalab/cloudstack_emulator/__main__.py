@@ -1,4 +1,4 @@
-"""``python -m tests.cloudstack_emulator --port 0 --state-dir DIR``: run the emulator for the lab.
+"""``python -m omalab.cloudstack_emulator --port 0 --state-dir DIR``: run the emulator for the lab.
 
 Prints one JSON line (url, api/secret keys, state and by-id dirs, seeded ids) on stdout once the
 server listens, then serves until SIGINT or SIGTERM.
@@ -15,7 +15,7 @@ from . import CloudStackEmulator
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.cloudstack_emulator",
+    parser = argparse.ArgumentParser(prog="python -m omalab.cloudstack_emulator",
                                      description="CloudStack API emulator for the lab demo")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

@@ -1,10 +1,10 @@
 // Command vcsim is the project's simulated vCenter: govmomi's simulator (Debian
 // golang-github-vmware-govmomi-dev 0.24.2, a VPX model) extended for the test lab.
 //
-// Build (offline, GOPATH mode; tests/fixtures/vcsim.py does this and caches the binary):
+// Build (offline, GOPATH mode; omalab/vcsim/__init__.py does this and caches the binary):
 //
 //	GO111MODULE=off GOPATH=$PWD/.gopath/vcsim:/usr/share/gocode GOFLAGS= GOCACHE=$PWD/.gocache \
-//	    go build -o vcsim ./tests/vcsim
+//	    go build -o vcsim ./omalab/vcsim
 //
 // Inventory (flags -dc, -clusters, -hosts, -standalone-hosts, -datastores, -networks, -dvpg,
 // -vms, -disks, -disk-size, -data-vms; see -h):

@@ -177,7 +177,7 @@ class CloudStackEmulator:
         return self.state.ids["network"]
 
     def info(self) -> dict[str, Any]:
-        """Everything a client of the lab needs, as printed by ``python -m tests.cloudstack_emulator``."""
+        """Everything a client of the lab needs, as printed by ``python -m omalab.cloudstack_emulator``."""
         return {
             "url": self.url, "api_key": self.api_key, "secret_key": self.secret_key,
             "second_api_key": self.second_api_key, "second_secret_key": self.second_secret_key,

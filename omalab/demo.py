@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """The local lab: a real migration of a simulated vSphere VM to an emulated CloudStack, on this machine.
 
 Four real processes, each on a free port, all in one work folder:
 
-    simulated vCenter  python -m tests.fixtures.vcsim       VMs whose disks are raw files, with exact CBT
-    CloudStack         python -m tests.cloudstack_emulator  volumes are files; attached ones show in a by-id folder
+    simulated vCenter  python -m omalab.vcsim               VMs whose disks are raw files, with exact CBT
+    CloudStack         python -m omalab.cloudstack_emulator volumes are files; attached ones show in a by-id folder
     VMA agent          vma-agent (source mode "file")       reads the VM disks and copies them over NBD
     OMA server         oma-server (SQLite)                  the control plane that omactl talks to
 
@@ -24,14 +23,13 @@ equal the source disks.
 
 Exit status: 0 when the migration and every check succeeded, 1 on a failure (the message says which
 step), 130 when interrupted. Everything started is stopped on the way out (process groups, and this
-process adopts any orphan as "child subreaper"), and the work folder is removed unless --keep.
+process adopts any orphan as "child subreaper", ``omalab.processes``), and the work folder is removed
+unless --keep. Run as ``python -m omalab.demo`` (what ``scripts/lab`` does).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import hashlib
 import json
 import os
 import re
@@ -39,17 +37,19 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from omalab.checksums import sha256_prefix
+from omalab.processes import LabError, Processes, become_subreaper, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin folder: vma-agent, oma-server, omactl
@@ -58,10 +58,6 @@ MIB = 1 << 20
 WRITE_SIZE = 4096  # one simulated guest write
 SERVING = r"serving on port (\d+)"  # what oma-server and vma-agent print once they listen
 JSON_LINE = r"^\{.*\}$"  # what the simulator and the emulator print once they listen
-
-
-class LabError(Exception):
-    """A step failed; the message says which and why."""
 
 
 # --- printing -------------------------------------------------------------------------------------
@@ -83,152 +79,6 @@ def say(text: str) -> None:
 
 def size(n: float) -> str:
     return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{int(n)} B"
-
-
-# --- processes ------------------------------------------------------------------------------------
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen
-    out: Path  # stdout: the line that says it is ready
-    log: Path  # stderr: its log
-
-    def tail(self, lines: int = 15) -> str:
-        text = ""
-        for path in (self.out, self.log):
-            with contextlib.suppress(OSError):
-                text += path.read_text(errors="replace")
-        return "\n".join("      | " + line for line in text.splitlines()[-lines:])
-
-
-@dataclass
-class Processes:
-    """Everything the lab starts, each in its own process group; ``stop_all`` ends them newest first."""
-    logs: Path
-    run_env: dict[str, str]
-    services: list[Service] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
-              keep_stdin_open: bool = False) -> Service:
-        out, log = self.logs / f"{name}.out", self.logs / f"{name}.log"
-        shown_env = " ".join(f"{k}={_mask(k, v)}" for k, v in (env or {}).items())
-        say(_style(f"$ {shown_env + ' ' if shown_env else ''}{shlex.join(_short(argv))}", "2"))
-        with open(out, "wb") as stdout, open(log, "wb") as stderr:
-            proc = subprocess.Popen(
-                argv, cwd=REPO, env={**self.run_env, **(env or {})}, stdout=stdout, stderr=stderr,
-                # vcsim exits when its stdin closes, i.e. also when this process dies without cleaning up
-                stdin=subprocess.PIPE if keep_stdin_open else subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: the terminal's Ctrl-C reaches only us
-            )
-        service = Service(name, proc, out, log)
-        self.services.append(service)
-        return service
-
-    def ready_line(self, service: Service, pattern: str, timeout: float) -> re.Match:
-        """Wait for the first stdout line matching ``pattern`` (the service's "I am listening" line)."""
-        started, hinted = time.monotonic(), False
-        while True:
-            with contextlib.suppress(OSError):
-                for line in service.out.read_text(errors="replace").splitlines():
-                    if match := re.search(pattern, line):
-                        return match
-            if service.proc.poll() is not None:
-                raise LabError(f"{service.name} exited with status {service.proc.returncode} while starting")
-            if time.monotonic() > started + timeout:
-                raise LabError(f"{service.name} did not start within {timeout:.0f}s")
-            if not hinted and service.name == "vcsim" and time.monotonic() > started + 5:
-                say("(building the simulated vCenter from Go sources - first run only, may take minutes)")
-                hinted = True
-            time.sleep(0.05)
-
-    def stop_all(self) -> None:
-        for service in reversed(self.services):
-            _stop_group(service.proc)
-            if service.proc.stdin:
-                with contextlib.suppress(OSError):
-                    service.proc.stdin.close()
-        self.services.clear()
-        _reap_orphans()
-
-
-def _stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group, SIGKILL it if the leader does not exit in time."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _become_subreaper() -> None:
-    """Orphaned grandchildren (e.g. nbdkit in its own session) are re-parented to us, not to init."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def _children() -> list[int]:
-    me, found = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                    found.append(int(entry.name))
-    return found
-
-
-def _reap_orphans() -> None:
-    """End any process still parented to us (adopted orphans), by pid, and reap it."""
-    started = time.monotonic()
-    while pids := _children():
-        if time.monotonic() > started + 15:
-            print(f"lab: warning: could not end processes {pids}", file=sys.stderr)
-            return
-        sig = signal.SIGTERM if time.monotonic() < started + 5 else signal.SIGKILL
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                    os.kill(pid, sig)
-        time.sleep(0.1)
-
-
-def _short(argv: list[str]) -> list[str]:
-    """Paths relative to the repository, for reading."""
-    return [os.path.relpath(a, REPO) if a.startswith(str(REPO) + "/") else a for a in argv]
-
-
-def _mask(name: str, value: str) -> str:
-    return "***" if any(word in name for word in ("PASSWORD", "TOKEN", "SECRET")) else value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(service: Service, address: str, timeout: float = 30.0) -> None:
-    """gRPC health check until SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline, serving = time.monotonic() + timeout, health_pb2.HealthCheckResponse.SERVING
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == serving:
-                    return
-            if service.proc.poll() is not None:
-                raise LabError(f"{service.name} exited with status {service.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise LabError(f"{service.name} at {address} is not healthy after {timeout:.0f}s")
-            time.sleep(0.1)
 
 
 # --- omactl ---------------------------------------------------------------------------------------
@@ -264,17 +114,6 @@ class Omactl:
 
 
 # --- checks ---------------------------------------------------------------------------------------
-def sha256_prefix(path: Path, length: int, chunk: int = 4 * MIB) -> str:
-    """sha256 of the first ``length`` bytes (a replica volume may be larger than its source disk)."""
-    digest, remaining = hashlib.sha256(), length
-    with open(path, "rb") as f:
-        while remaining:
-            block = f.read(min(chunk, remaining)) or b"\0" * remaining  # sparse tail reads as zeroes
-            digest.update(block)
-            remaining -= len(block)
-    return digest.hexdigest()
-
-
 def seconds_between(start: str, end: str) -> float:
     if not start or not end:
         return 0.0
@@ -320,7 +159,7 @@ def replication_metrics(text: str) -> list[str]:
 
 # --- the demo -------------------------------------------------------------------------------------
 @dataclass
-class Lab:
+class LabEndpoints:
     """What the started services told us: addresses, keys and the simulator's inventory."""
     work: Path
     vc: dict[str, Any]  # the simulator's JSON line (address, thumbprint, datastores, data VMs, ...)
@@ -352,20 +191,22 @@ class Run:
         return seconds_between(self.job["started_at"], self.job["completed_at"])
 
 
-def start_services(args: argparse.Namespace, work: Path, procs: Processes) -> Lab:
+def start_services(args: argparse.Namespace, work: Path, procs: Processes) -> LabEndpoints:
     token, admin_password = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
     data_vms = max(1, args.vms // 2)
 
     step(f"1. Simulated vCenter: {args.vms} VMs, 2 disks of {args.disk_size} each, {data_vms} with data")
     vcsim = procs.start("vcsim", [
-        PYTHON, "-m", "tests.fixtures.vcsim", f"-dir={work / 'vcenter'}", f"-vms={args.vms}", "-disks=2",
+        PYTHON, "-m", "omalab.vcsim", f"-dir={work / 'vcenter'}", f"-vms={args.vms}", "-disks=2",
         f"-disk-size={args.disk_size}", f"-data-vms={data_vms}", "-exit-on-stdin-eof"], keep_stdin_open=True)
-    vc = json.loads(procs.ready_line(vcsim, JSON_LINE, timeout=900).group(0))
+    vc = json.loads(procs.ready_line(
+        vcsim, JSON_LINE, timeout=900,
+        slow_hint="(building the simulated vCenter from Go sources - first run only, may take minutes)").group(0))
     say(f"vCenter {vc['url']} ({vc['about']}), datacenter {vc['datacenters'][0]}, TLS SHA-1 {vc['thumbprint_sha1']}")
     say(f"datastores: {', '.join(f'{k} = {v}' for k, v in vc['datastores'].items())}")
 
     step("2. CloudStack emulator")
-    cloud = procs.start("cloudstack", [PYTHON, "-m", "tests.cloudstack_emulator", "--port", "0",
+    cloud = procs.start("cloudstack", [PYTHON, "-m", "omalab.cloudstack_emulator", "--port", "0",
                                        "--state-dir", str(work / "cloudstack"), "--job-delay", "0.1"])
     cs = json.loads(procs.ready_line(cloud, JSON_LINE, timeout=60).group(0))
     say(f"API {cs['url']}, zone {cs['zone_id']}, OMA appliance VM {cs['oma_vm_id']} (NIC {cs['oma_mac']})")
@@ -397,10 +238,10 @@ def start_services(args: argparse.Namespace, work: Path, procs: Processes) -> La
     metrics_url = f"http://127.0.0.1:{oma_metrics}/metrics"
     say(f"OMA server serving gRPC on {oma_address} (healthy), metrics on {metrics_url}")
     say(f"logs of all four: {procs.logs}")
-    return Lab(work, vc, cs, oma_address, admin_password, metrics_url, f"http://127.0.0.1:{vma_metrics}/metrics")
+    return LabEndpoints(work, vc, cs, oma_address, admin_password, metrics_url, f"http://127.0.0.1:{vma_metrics}/metrics")
 
 
-def configure(ctl: Omactl, lab: Lab) -> None:
+def configure(ctl: Omactl, lab: LabEndpoints) -> None:
     step("5. Operator: log in, save the vCenter credential, configure CloudStack")
     vc, cs = lab.vc, lab.cs
     ctl.run("login", "--target", lab.oma_address, "--password-stdin", stdin=lab.admin_password)
@@ -457,7 +298,7 @@ def check_jobs(full: Run, incr: Run, changed: dict[str, int], failures: list[str
     return only_changes
 
 
-def check_volumes(ctl: Omactl, lab: Lab, vm: str, failures: list[str]) -> list[bool]:
+def check_volumes(ctl: Omactl, lab: LabEndpoints, vm: str, failures: list[str]) -> list[bool]:
     """sha256 of each source disk == sha256 of the first <capacity> bytes of its CloudStack volume.
 
     omactl shows a disk's replica only as the OMA's numeric volume id, so CloudStack is asked which
@@ -505,7 +346,7 @@ class FailoverRun:
             "completed", "completed", "ready_for_failover") and self.replicas_match
 
 
-def prepare_failover(ctl: Omactl, lab: Lab, vm: str) -> None:
+def prepare_failover(ctl: Omactl, lab: LabEndpoints, vm: str) -> None:
     """What a failover needs besides the replica: a template and a compute offering in the CloudStack
     settings, and a CloudStack network for each source network (production for live, isolated for test)."""
     cs = lab.cs
@@ -517,7 +358,7 @@ def prepare_failover(ctl: Omactl, lab: Lab, vm: str) -> None:
     ctl.run("mappings", "status", vm)
 
 
-def cloudstack_vms(lab: Lab) -> dict[str, dict[str, Any]]:
+def cloudstack_vms(lab: LabEndpoints) -> dict[str, dict[str, Any]]:
     """Every VM CloudStack lists (destroyed ones are not listed), by id."""
     import cs as cloudstack_api
 
@@ -525,7 +366,7 @@ def cloudstack_vms(lab: Lab) -> dict[str, dict[str, Any]]:
     return {v["id"]: v for v in api.listVirtualMachines(listall=True).get("virtualmachine", [])}
 
 
-def show_destination(lab: Lab, vm: str, destination_id: str, failures: list[str]) -> tuple[dict[str, Any], list[str]]:
+def show_destination(lab: LabEndpoints, vm: str, destination_id: str, failures: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The test VM as CloudStack reports it: running, on the test network, booting from the replica volumes."""
     import cs as cloudstack_api
 
@@ -551,7 +392,7 @@ def show_destination(lab: Lab, vm: str, destination_id: str, failures: list[str]
     return found, networks
 
 
-def run_test_failover(ctl: Omactl, lab: Lab, vm: str, failures: list[str]) -> FailoverRun:
+def run_test_failover(ctl: Omactl, lab: LabEndpoints, vm: str, failures: list[str]) -> FailoverRun:
     """``omactl failover test`` with its steps, the destination VM, then ``omactl failover end``."""
     step(f"12. Operator: test failover of {vm} - a copy boots in CloudStack on the test network, the source "
          f"keeps running (live step progress)")
@@ -590,7 +431,7 @@ def run_test_failover(ctl: Omactl, lab: Lab, vm: str, failures: list[str]) -> Fa
                         status_after, bool(matches) and all(matches) and len(failures) == before)
 
 
-def show_metrics(lab: Lab) -> None:
+def show_metrics(lab: LabEndpoints) -> None:
     import urllib.request
 
     with contextlib.suppress(OSError, ValueError):
@@ -600,7 +441,7 @@ def show_metrics(lab: Lab) -> None:
             say(f"  {line}")
 
 
-def summary(lab: Lab, vm: str, disks: int, capacity: int, full: Run, incr: Run, only_changes: bool,
+def summary(lab: LabEndpoints, vm: str, disks: int, capacity: int, full: Run, incr: Run, only_changes: bool,
             matches: list[bool], test: FailoverRun, keep: bool) -> None:
     checksums_ok = bool(matches) and all(matches) and len(matches) == disks
     rows = [("VM", "DISKS", "FULL COPIED", "FULL S", "FULL MiB/s", "INCR COPIED", "INCR S", "CHECKSUMS"),
@@ -717,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     # run id that marks every process of this lab (the test uses it to prove nothing is left behind).
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("OMA_", "VMA_", "OMACTL_"))}
     run_env["LAB_RUN_ID"] = os.environ.get("LAB_RUN_ID") or uuid.uuid4().hex
-    procs = Processes(work / "logs", run_env)
-    _become_subreaper()
+    procs = Processes(work / "logs", run_env, announce=lambda line: say(_style(line, "2")))
+    become_subreaper()
 
     def terminate(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -38,13 +38,13 @@ snapshot contents lives in memory and is re-seeded on start/``reset()``.
 
 Public API::
 
-    from tests.cloudstack_emulator import CloudStackEmulator, local_mac, sign_params
+    from omalab.cloudstack_emulator import CloudStackEmulator, local_mac, sign_params
     with CloudStackEmulator(tmp_path, oma_mac=local_mac()) as emu:
         client = emu.client(fetch_result=True)     # cs.CloudStack bound to emu.url/keys
         emu.fail("attachVolume", times=1, errorcode=530, async_job=True)
         emu.calls["createVolume"]
 
-Run for the lab: ``python -m tests.cloudstack_emulator --port 0 --state-dir DIR`` prints one JSON
+Run for the lab: ``python -m omalab.cloudstack_emulator --port 0 --state-dir DIR`` prints one JSON
 line (url, keys, ids) and serves until SIGINT/SIGTERM.
 """
 from .commands import COMMANDS as _COMMANDS

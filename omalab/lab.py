@@ -4,12 +4,14 @@
     CloudStack emulator (volumes are sparse files, attached ones appear in a by-id folder)
     OMA server (SQLite or MariaDB) with a saved vCenter credential and an active CloudStack config
 
-Used by the end-to-end tests (fixture ``lab``) and by the demo (``scripts/lab``).
+All in this process (the servers on free ports, the simulator and nothing else as child processes), for
+the end-to-end tests (fixtures ``lab``/``lab_private`` in ``tests/fixtures/lab.py``). The demo
+(``scripts/lab``, ``omalab/demo.py``) runs the same parts as separate processes instead, as an operator
+would, and shares the parts themselves and ``sha256_prefix`` with this module.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,13 @@ from oma.v1 import ossea_config_pb2, vmware_credentials_pb2
 
 from oma_server.server import RunningServer
 from omaclient.client import OmaClient
-from tests.cloudstack_emulator import CloudStackEmulator, local_mac
-from tests.fixtures.servers import ADMIN_PASSWORD, start_oma, start_vma
-from tests.fixtures.vcsim import VCSim
+from omalab.checksums import sha256_prefix
+from omalab.cloudstack_emulator import CloudStackEmulator, local_mac
+from omalab.servers import ADMIN_PASSWORD, start_oma, start_vma
+from omalab.vcsim import VCSim
 from vma_agent.server import RunningAgent
+
+__all__ = ["Lab", "nbd_port_range", "sha256_prefix", "start_lab"]
 
 
 @dataclass
@@ -42,20 +47,6 @@ class Lab:
 
     def volume_file(self, volume_uuid: str) -> Path:
         return Path(self.cloudstack.volume_path(volume_uuid))
-
-
-def sha256_prefix(path: Path, length: int, chunk: int = 4 << 20) -> str:
-    """sha256 of the first ``length`` bytes (a replica volume is larger than its source disk)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        remaining = length
-        while remaining:
-            block = f.read(min(chunk, remaining))
-            if not block:
-                block = b"\0" * remaining  # a sparse file shorter than length reads as zeroes
-            digest.update(block)
-            remaining -= len(block)
-    return digest.hexdigest()
 
 
 def nbd_port_range() -> tuple[int, int]:
