@@ -9,8 +9,8 @@ another test module, and nothing outside ``tests/`` imports from it (the lab is 
 from __future__ import annotations
 
 import ast
-import os
 import re
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +26,16 @@ SPEC_CITATION = re.compile(r"§|\bspec(?:ification)?\s+(?:\d+\.\d+|failover-sche
 
 
 def text_files() -> list[Path]:
+    """The repository's own files: what git tracks or would track (build output, egg-info and other ignored
+    files are not the repository's text, and a fresh clone does not have them)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
     found = []
-    for folder, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
-        for name in files:
-            path = Path(folder, name)
-            if path.suffix in TEXT_SUFFIXES and path.stat().st_size < 2_000_000:
-                found.append(path)
+    for name in filter(None, listed):
+        path = REPO / name
+        if (path.suffix in TEXT_SUFFIXES and not SKIPPED_DIRS.intersection(path.parts) and path.is_file()
+                and path.stat().st_size < 2_000_000):
+            found.append(path)
     return found
 
 

@@ -28,7 +28,7 @@ from oma.v1 import enrollment_pb2_grpc as oma_grpc
 from vma.v1 import enrollment_pb2 as pb
 
 from tests.fixtures.sshd import start_sshd
-from tests.test_vma_enrollment import META, agent_runner, status
+from tests.helpers.vma_enrollment import META, agent_runner, status
 
 PROOF = "proof.txt"
 
