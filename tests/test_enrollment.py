@@ -79,6 +79,12 @@ def public(server):
         yield client
 
 
+def code_row(server, code: str) -> models.VmaPairingCode:
+    """The row of a pairing code, found as the OMA finds it: by its keyed hash."""
+    return models.VmaPairingCode.get(
+        models.VmaPairingCode.pairing_code == domain.code_hash(server.runtime.secrets, domain.normalise_code(code)))
+
+
 def new_code(admin, **kw) -> str:
     return admin.enrollment_admin.GeneratePairingCode(apb.GeneratePairingCodeRequest(**kw), timeout=10).pairing_code
 
@@ -123,12 +129,15 @@ def fingerprint_of(path) -> list[str]:
     return [line.split()[1] for line in out.splitlines()]
 
 
-def test_pairing_codes_are_random_formatted_capped_and_audited(admin):
+def test_pairing_codes_are_random_formatted_capped_and_audited(admin, server):
     response = admin.enrollment_admin.GeneratePairingCode(apb.GeneratePairingCodeRequest(), timeout=10)
     assert CODE_FORMAT.match(response.pairing_code) and response.valid_for == 600
     assert response.oma_certificate_sha256 == ""  # this OMA serves no TLS port: nothing to pin
     row = models.VmaPairingCode.get_by_id(response.pairing_code_id)
-    assert (row.pairing_code, row.generated_by, row.used_at) == (response.pairing_code, "admin", None)
+    assert (row.generated_by, row.used_at) == ("admin", None)
+    # Only a keyed hash is stored: the code is nowhere in the row, and the hash needs the OMA's key.
+    assert row.pairing_code == domain.code_hash(server.runtime.secrets, response.pairing_code)
+    assert len(row.pairing_code) == 20 and response.pairing_code.replace("-", "") not in row.pairing_code
     assert abs((row.expires_at - row.created_at).total_seconds() - 600) < 1
     assert response.expires_at.ToDatetime() == row.expires_at
 
@@ -164,7 +173,8 @@ def test_enroll_verify_approve_result_revoke(admin, public, server, keys_file):
     assert (row.status, row.vma_ip_address, row.vma_fingerprint, row.challenge_nonce) == (
         "pending_verification", "127.0.0.1", enrolled.vma_fingerprint, enrolled.challenge)
     assert abs((row.expires_at - row.created_at) - timedelta(minutes=10)) < timedelta(seconds=1)
-    used = models.VmaPairingCode.get(models.VmaPairingCode.pairing_code == code)
+    used = code_row(server, code)
+    assert row.pairing_code == used.pairing_code != code
     assert used.used_at is not None and used.used_by_enrollment_id == vma.enrollment_id
     assert result(public, vma).status == "pending_verification" and not result(public, vma).ssh_user
 
@@ -247,10 +257,10 @@ def test_two_vmas_get_their_own_keys_and_ports_and_revocation_removes_exactly_on
     assert [first.blob_b64 in line for line in keys_file.read_text().splitlines()] == [False, False]
 
 
-def test_expired_used_and_unknown_codes_are_refused_without_writes(admin, public):
+def test_expired_used_and_unknown_codes_are_refused_without_writes(admin, public, server):
     expired = new_code(admin)
     models.VmaPairingCode.update(expires_at=models.utcnow() - timedelta(seconds=1)).where(
-        models.VmaPairingCode.pairing_code == expired).execute()
+        models.VmaPairingCode.id == code_row(server, expired).id).execute()
     used = new_code(admin)
     enroll(public, Vma("first"), used)
     before = factories.db_snapshot()
@@ -263,7 +273,7 @@ def test_expired_used_and_unknown_codes_are_refused_without_writes(admin, public
     assert enroll(public, Vma("typed"), fresh.lower().replace("-", "")).status == "pending_verification"
 
 
-def test_one_code_admits_exactly_one_of_many_concurrent_enrollments(admin, public):
+def test_one_code_admits_exactly_one_of_many_concurrent_enrollments(admin, public, server):
     code = new_code(admin)
     outcomes: list[object] = []
     barrier = threading.Barrier(8)
@@ -283,10 +293,10 @@ def test_one_code_admits_exactly_one_of_many_concurrent_enrollments(admin, publi
     winners = [o for o in outcomes if isinstance(o, str)]
     assert len(winners) == 1 and outcomes.count(grpc.StatusCode.UNAUTHENTICATED) == 7
     assert [e.id for e in models.VmaEnrollment.select()] == winners
-    assert models.VmaPairingCode.get(models.VmaPairingCode.pairing_code == code).used_by_enrollment_id == winners[0]
+    assert code_row(server, code).used_by_enrollment_id == winners[0]
 
 
-def test_keys_must_be_well_formed_ed25519_and_not_in_use(admin, public):
+def test_keys_must_be_well_formed_ed25519_and_not_in_use(admin, public, server):
     code = new_code(admin)
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
@@ -311,7 +321,7 @@ def test_keys_must_be_well_formed_ed25519_and_not_in_use(admin, public):
     again = new_code(admin)
     assert _error(lambda: enroll(public, _same_key(vma), again))[0] == \
         grpc.StatusCode.ALREADY_EXISTS
-    assert models.VmaPairingCode.get(models.VmaPairingCode.pairing_code == again).used_at is None  # not consumed
+    assert code_row(server, again).used_at is None  # not consumed
     admin.enrollment_admin.RejectEnrollment(apb.RejectEnrollmentRequest(enrollment_id=vma.enrollment_id), timeout=10)
     assert enroll(public, _same_key(vma), again).status == "pending_verification"  # a rejected key may come back
 
