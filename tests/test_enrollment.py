@@ -194,7 +194,8 @@ def test_enroll_verify_approve_result_revoke(admin, public, server, keys_file):
     assert (connection.connection_status, connection.ssh_user, connection.reverse_tunnel_port) == (
         "connected", "vma_tunnel", 9081)
     lines = keys_file.read_text().splitlines()
-    permit_open = ",".join(f'permitopen="127.0.0.1:{p}"' for p in NBD_PORTS)
+    # No job runs for it yet: it may open no export (test_nbd_access: the grants follow its jobs).
+    permit_open = 'permitopen="nothing.invalid:1"'
     assert lines == [f'command="/usr/local/sbin/vma-tunnel-wrapper",restrict,port-forwarding,{permit_open},'
                      f'permitlisten="127.0.0.1:9081" ssh-ed25519 {vma.blob_b64} '
                      f'vma-enrollment {enrolled.vma_fingerprint}']
@@ -206,7 +207,10 @@ def test_enroll_verify_approve_result_revoke(admin, public, server, keys_file):
     assert (tunnel.status, tunnel.ssh_user, tunnel.ssh_port, tunnel.reverse_tunnel_port) == (
         "approved", "vma_tunnel", 443, 9081)
     assert tunnel.host_key_hash == fingerprint_of(host_key)[0]
-    assert tunnel.ssh_options == f'restrict,port-forwarding,{permit_open},permitlisten="127.0.0.1:9081"'
+    # The VMA is told every export it may ever be granted (it sets its local forwards up for them); its
+    # key's line grants only the ports of its running jobs.
+    every_export = ",".join(f'permitopen="127.0.0.1:{p}"' for p in NBD_PORTS)
+    assert tunnel.ssh_options == f'restrict,port-forwarding,{every_export},permitlisten="127.0.0.1:9081"'
     active = admin.enrollment_admin.ListActiveVMAs(apb.ListActiveVMAsRequest(), timeout=10)
     assert [(c.id, c.enrollment_id, c.reverse_tunnel_port) for c in active.connections] == [
         (connection.id, vma.enrollment_id, 9081)]
