@@ -23,8 +23,10 @@ from oma_server.integrations import ssh_keys
 from oma_server.integrations.nbd_exports import ExportManager
 from tests import factories
 from tests.fixtures.sshd import start_sshd
+from vma_agent import errors as vma_errors
+from vma_agent.integrations import vsphere
 from vma_agent.integrations.nbd_client import NbdConnection, NbdError
-from vma_agent.replication import TargetTls, tls_target_uri
+from vma_agent.replication import DiskRequest, JobRequest, ReplicationJobs, TargetTls, tls_target_uri
 
 USER = getpass.getuser()
 
@@ -251,3 +253,26 @@ def test_grants_are_not_written_without_approved_vmas_and_a_revoked_key_is_not_p
     tunnel.keys.remove(key)  # revoked while the job runs
     assert permits.sync() == 0 and tunnel.keys.path.read_text() == ""
     assert not os.path.exists(f"{tunnel.keys.path}.tmp")
+
+
+def test_the_agent_takes_the_key_only_in_target_tls_and_keeps_it_out_of_repr():
+    def request(uri: str, tls: TargetTls | None) -> JobRequest:
+        return JobRequest(job_id="job-1", context_id="ctx", connection=vsphere.VCenterParams("vc", "u", "p"),
+                          datacenter="DC0", vm=vsphere.VMRef(uuid="u-1"),
+                          disks=(DiskRequest("disk-2000", 2000, uri),), target_tls=tls)
+
+    key = TargetTls("job-1", secrets.token_bytes(32))
+    ReplicationJobs._validate(request("nbd://127.0.0.1:10809/migration-vol-1", key))
+    assert key.psk.hex() not in repr(request("nbd://127.0.0.1:10809/x", key))
+    refused = {
+        "nbds://job-1@127.0.0.1:10809/x?tls-psk-file=/etc/shadow": None,  # the OMA may not name a local file
+        "nbd+unix:///x?socket=/run/x.sock": key,  # TLS only over TCP
+    }
+    for uri, tls in refused.items():
+        with pytest.raises(vma_errors.InvalidArgument):
+            ReplicationJobs._validate(request(uri, tls))
+    for bad in (TargetTls("a:b", key.psk), TargetTls("", key.psk), TargetTls("job-1", b"short")):
+        with pytest.raises(vma_errors.InvalidArgument, match="target_tls"):
+            ReplicationJobs._validate(request("nbd://127.0.0.1:10809/x", bad))
+    assert tls_target_uri("nbd://127.0.0.1:10809/migration-vol-1", key, "/tmp/d/target.psk") == \
+        "nbds://job-1@127.0.0.1:10809/migration-vol-1?tls-psk-file=/tmp/d/target.psk"
