@@ -46,10 +46,11 @@ def start_components(runtime: Any) -> None:
     settings = runtime.settings
     runtime.components["vma"] = VmaClient(settings.vma_address, settings.vma_token,
                                           timeout=settings.vma_timeout_seconds, retries=settings.vma_retries)
+    tls = {"psk_dir": settings.data_dir / "nbd-tls",
+           "psk_for": lambda job_id: nbd_access.export_psk(runtime.secrets, job_id)} if settings.nbd_tls else {}
     runtime.components["exports"] = ExportManager(
         bind_host=settings.nbd_bind_host, public_host=settings.nbd_public_host,
-        port_min=settings.nbd_port_min, port_max=settings.nbd_port_max,
-        psk_dir=settings.data_dir / "nbd-tls", psk_for=lambda job_id: nbd_access.export_psk(runtime.secrets, job_id))
+        port_min=settings.nbd_port_min, port_max=settings.nbd_port_max, **tls)
     # The enrollment servicers registered the tunnel (built on first use) before components start.
     tunnel = runtime.components.get("enrollment_tunnel")
     if tunnel is not None:
