@@ -107,15 +107,22 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
                          "address in use, not local or malformed") from None
 
 
-def prepare_database(settings: Settings, existing: Any = None) -> str | None:
-    """Connect (or bind an already connected database), migrate, seed the admin user on the first start.
+def load_secret_box(settings: Settings) -> SecretBox:
+    """The box of the configured (or, in development, generated) encryption key."""
+    return SecretBox(_load_keys(settings)[1])
+
+
+def prepare_database(settings: Settings, existing: Any = None, secrets: SecretBox | None = None) -> str | None:
+    """Connect (or bind an already connected database), migrate (``secrets``: the key for migrations that
+    rewrite secrets; default: the configured one), seed the admin user on the first start.
     Returns a generated admin password (to print once)."""
+    secrets = secrets or load_secret_box(settings)
     if existing is not None:
         database.database_proxy.initialize(existing)
     else:
         database.init_database(settings.effective_db_url, pool_size=settings.db_pool_size)
     with database.db.connection_context():
-        applied = migrate(database.db)
+        applied = migrate(database.db, secrets)
         if applied:
             log.info("database migrations applied: %s", ", ".join(applied))
         return auth.ensure_admin_user(settings.admin_password)
@@ -188,11 +195,12 @@ class RunningServer:
 
 def build_server(settings: Settings, existing_database: Any = None) -> RunningServer:
     """Prepare the database, register every service and start listening."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database.secure_data_dir(settings.data_dir)
     token_secret, enc_key = _load_keys(settings)
     _check_listen(settings)
     identity = _load_tls(settings)
-    generated = prepare_database(settings, existing_database)
+    box = SecretBox(enc_key)
+    generated = prepare_database(settings, existing_database, box)
     if generated:
         print(f"oma-server: created user 'admin' with password: {generated}  (shown once)", flush=True)
 
@@ -208,7 +216,7 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
                 backoff_max_seconds=settings.login_backoff_max_seconds,
                 window_seconds=settings.login_failure_window_seconds)),
             cache_seconds=settings.token_revocation_cache_seconds),
-        secrets=SecretBox(enc_key),
+        secrets=box,
         tls_fingerprint=identity.fingerprint if identity is not None else "",
     )
     server = grpc.server(

@@ -13,6 +13,7 @@ from oma.v1 import network_mappings_pb2 as nm_pb
 from oma.v1 import ossea_config_pb2 as pb
 
 from oma_server.db import models
+from oma_server.domain.crypto import slot_of
 from tests import factories
 
 
@@ -32,8 +33,9 @@ def _config(oma, cloudstack, **kw):
 def test_config_crud_encrypts_keys_and_exactly_one_is_active(oma, oma_server, cloudstack):
     first = _config(oma, cloudstack)
     row = models.OsseaConfig.get_by_id(first.id)
-    assert row.api_key.startswith("enc:v1:") and row.secret_key.startswith("enc:v1:")
-    assert oma_server.runtime.secrets.decrypt(row.secret_key) == cloudstack.secret_key
+    assert row.api_key.startswith("enc:v2:") and row.secret_key.startswith("enc:v2:")
+    slot = slot_of(models.OsseaConfig.secret_key, row.id)
+    assert oma_server.runtime.secrets.decrypt(row.secret_key, slot) == cloudstack.secret_key
     text = json_format.MessageToJson(first)
     assert cloudstack.secret_key not in text and cloudstack.api_key not in text
     assert first.api_key_hint == "…" + cloudstack.api_key[-4:] and first.is_active

@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from oma.v1 import vmware_credentials_pb2 as pb
 
 from oma_server.db import models
+from oma_server.domain.crypto import slot_of
 from tests import factories
 
 PASSWORD = "S3cret-vc-password!"
@@ -29,14 +30,15 @@ def _error(call):
 def test_create_encrypts_and_never_returns_the_password(oma, oma_server):
     cred = _create(oma, is_default=True, tls_thumbprint="AA:" * 19 + "AA")
     row = models.VmwareCredential.get_by_id(cred.id)
-    assert row.password_encrypted.startswith("enc:v1:") and PASSWORD not in row.password_encrypted
-    assert oma_server.runtime.secrets.decrypt(row.password_encrypted) == PASSWORD
+    assert row.password_encrypted.startswith("enc:v2:") and PASSWORD not in row.password_encrypted
+    slot = slot_of(models.VmwareCredential.password_encrypted, row.id)
+    assert oma_server.runtime.secrets.decrypt(row.password_encrypted, slot) == PASSWORD
     assert row.created_by == "admin" and row.is_default and row.is_active
     listed = oma.credentials.ListCredentials(pb.ListCredentialsRequest(), timeout=5)
     fetched = oma.credentials.GetCredential(pb.GetCredentialRequest(id=cred.id), timeout=5)
     for message in (cred, listed, fetched):
         text = json_format.MessageToJson(message)
-        assert PASSWORD not in text and "enc:v1" not in text
+        assert PASSWORD not in text and "enc:v" not in text
     assert "password" not in pb.VMwareCredential.DESCRIPTOR.fields_by_name
     # Admin reads have no side effects on the usage counters.
     row = models.VmwareCredential.get_by_id(cred.id)
@@ -81,7 +83,8 @@ def test_update_is_partial_and_reencrypts_a_new_password(oma, oma_server):
     assert row.password_encrypted == old and row.vcenter_host == "vcenter.lab"
     oma.credentials.UpdateCredential(pb.UpdateCredentialRequest(id=cred.id, password="new-one"), timeout=5)
     row = models.VmwareCredential.get_by_id(cred.id)
-    assert row.password_encrypted != old and oma_server.runtime.secrets.decrypt(row.password_encrypted) == "new-one"
+    slot = slot_of(models.VmwareCredential.password_encrypted, row.id)
+    assert row.password_encrypted != old and oma_server.runtime.secrets.decrypt(row.password_encrypted, slot) == "new-one"
     _create(oma, "taken")
     code, _ = _error(lambda: oma.credentials.UpdateCredential(
         pb.UpdateCredentialRequest(id=cred.id, credential_name="taken"), timeout=5))

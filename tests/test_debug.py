@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from oma.v1 import debug_pb2 as pb
 
 from oma_server.db import models
-from oma_server.domain import joblog
+from oma_server.domain import cloudstack_config, joblog
 from omaclient.client import OmaClient
 from tests import factories
 from tests.factories import read_without_writes, refused_without_writes
@@ -71,9 +71,8 @@ def test_system_health_is_measured_for_operators_and_minimal_for_anonymous(oma, 
 def test_unreachable_dependencies_degrade_health_without_showing_secrets(oma_factory):
     server = oma_factory(vma_address="127.0.0.1:9", vma_retries=0, worker_lease_seconds=3600)
     box = server.runtime.secrets
-    models.OsseaConfig.create(name="cs", api_url="http://127.0.0.1:9/client/api",
-                              api_key=box.encrypt("api-key-4711"), secret_key=box.encrypt("secret-key-4711"),
-                              zone="zone-a")
+    cloudstack_config.create(box, {"name": "cs", "api_url": "http://127.0.0.1:9/client/api",
+                                   "api_key": "api-key-4711", "secret_key": "secret-key-4711", "zone": "zone-a"})
     ctx = factories.context()
     factories.replication_job(ctx, status="replicating", worker="gone-oma",
                               worker_heartbeat_at=models.utcnow() - timedelta(hours=2))

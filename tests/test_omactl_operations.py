@@ -21,7 +21,7 @@ from omaclient import cli, progress
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD
 from tests.helpers.failover import CLEANUP_STEPS, FAILOVER_STEPS, prepared_vm
-from tests.helpers.oma_enrollment import Vma
+from tests.helpers.oma_enrollment import Vma, code_row
 from tests.helpers.oma_enrollment import enroll as vma_enroll
 from tests.helpers.oma_enrollment import verify as vma_verify
 from tests.helpers.omactl import (
@@ -302,7 +302,7 @@ def test_vma_pairing_code_approve_list_revoke_and_reject(omactl, oma_server, db)
     assert code.code == 0, code.err
     pairing_code = code.out.split("pairing code: ", 1)[1].split()[0]
     assert "valid for 15m00s" in code.out
-    assert models.VmaPairingCode.get(models.VmaPairingCode.pairing_code == pairing_code).used_at is None
+    assert code_row(oma_server, pairing_code).used_at is None
 
     with OmaClient(f"127.0.0.1:{oma_server.port}", token="") as public:  # the VMA: no token
         site_a = Vma("vma-site-a")

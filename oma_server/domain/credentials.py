@@ -14,7 +14,7 @@ from peewee import IntegrityError, fn
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import VmReplicationContext, VmwareCredential, utcnow
-from oma_server.domain.crypto import SecretBox
+from oma_server.domain.crypto import SecretBox, slot_of
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
 _REQUIRED = ("credential_name", "vcenter_host", "username", "datacenter")
@@ -43,6 +43,10 @@ def _validate_thumbprint(value: str) -> str:
         if len(hex_part) not in (40, 64) or any(c not in "0123456789abcdefABCDEF" for c in hex_part):
             raise InvalidArgument("tls_thumbprint must be a SHA-1 or SHA-256 fingerprint in hex (colons allowed)")
     return value
+
+
+def _seal(box: SecretBox, credential_id: int, password: str) -> str:
+    return box.encrypt(password, slot_of(VmwareCredential.password_encrypted, credential_id))
 
 
 def get(credential_id: int) -> VmwareCredential:
@@ -93,13 +97,16 @@ def create(box: SecretBox, *, credential_name: str, vcenter_host: str, username:
     thumbprint = _validate_thumbprint(tls_thumbprint)
     if VmwareCredential.select().where(VmwareCredential.credential_name == fields["credential_name"]).exists():
         raise AlreadyExists(f"a credential named {fields['credential_name']!r} already exists")
-    encrypted = box.encrypt(password)
     try:
         with db.atomic():
+            # The ciphertext is bound to the row id, known only after the insert: the empty value never
+            # leaves this transaction.
             cred = VmwareCredential.create(
-                **fields, password_encrypted=encrypted, is_active=is_active, is_default=is_default,
+                **fields, password_encrypted="", is_active=is_active, is_default=is_default,
                 tls_thumbprint=thumbprint, tls_insecure=tls_insecure, created_by=created_by,
             )
+            VmwareCredential.update(password_encrypted=_seal(box, cred.id, password)).where(
+                VmwareCredential.id == cred.id).execute()
             if is_default:
                 _clear_default_except(cred.id)
     except IntegrityError:
@@ -121,7 +128,7 @@ def update(box: SecretBox, credential_id: int, changes: dict[str, Any]) -> Vmwar
         if "password" in changes:
             if not changes["password"]:
                 raise InvalidArgument("password cannot be empty")
-            values["password_encrypted"] = box.encrypt(changes["password"])
+            values["password_encrypted"] = _seal(box, credential_id, changes["password"])
         if "tls_thumbprint" in changes:
             values["tls_thumbprint"] = _validate_thumbprint(changes["tls_thumbprint"])
         if "tls_insecure" in changes:
@@ -191,7 +198,7 @@ def login_for(box: SecretBox, credential_id: int) -> VCenterLogin:
     cred = get(credential_id)
     if not cred.is_active:
         raise FailedPrecondition(f"credential {cred.credential_name!r} is inactive")
-    password = box.decrypt(cred.password_encrypted)
+    password = box.decrypt(cred.password_encrypted, slot_of(VmwareCredential.password_encrypted, cred.id))
     return VCenterLogin(cred.id, cred.vcenter_host, cred.username, password, cred.datacenter,
                         cred.tls_thumbprint or "", bool(cred.tls_insecure))
 

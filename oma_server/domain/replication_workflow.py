@@ -48,6 +48,7 @@ from oma_server.domain import (
     credentials,
     discovery,
     joblog,
+    nbd_access,
     replications,
     volumes,
 )
@@ -401,6 +402,7 @@ class ReplicationEngine:
         for target in state.targets:
             target.export = volumes.export(self.exports, target.mapping, target.disk, state.job_id)
             step.details[target.disk.disk_id] = target.export.uri
+        nbd_access.job_started(state.job_id)
         first = state.targets[0].export
         self._set(state, nbd_export_name=first.name, nbd_port=first.port, target_device=state.targets[0].mapping.device_path,
                   setup_progress_percent=80)
@@ -417,7 +419,7 @@ class ReplicationEngine:
         request = replication_pb2.StartReplicationRequest(
             job_id=state.job_id, context_id=state.ctx.context_id, connection=vma_client.connection(state.login),
             vm=vcenter_pb2.VMReference(uuid=state.ctx.vmware_vm_id, path=state.ctx.vm_path), disks=disks,
-            enable_cbt=True,
+            enable_cbt=True, target_tls=vma_client.target_tls(self.exports.tls_for(state.job_id)),
         )
         started = self._vma.start_replication(request)
         self._set(state, status=JobStatus.REPLICATING, started_at=utcnow(), progress_percent=0,
@@ -428,6 +430,7 @@ class ReplicationEngine:
     # after a restart, before following again
     def _restore_exports(self, state: JobState, step: joblog.StepHandle) -> None:
         restored = volumes.restore_exports(self.exports, state.job_id)
+        nbd_access.job_started(state.job_id)
         step.details["exports"] = [e.uri for e in restored]
 
     # step 6

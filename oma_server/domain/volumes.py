@@ -151,9 +151,10 @@ def attach(cs: CloudStack, config: OsseaConfig, volume: OsseaVolume, *, device_d
 
 
 def export(exports: ExportManager, mapping: DeviceMapping, disk: VmDisk, job_id: str) -> Export:
-    """Serve the device over NBD and record it in nbd_exports (one row per volume, reused)."""
+    """Serve the device over NBD for ``job_id`` (with TLS: that job's key) and record it in nbd_exports
+    (one row per volume, reused)."""
     name = export_name(mapping.volume_uuid)
-    served = exports.ensure(name, mapping.device_path)
+    served = exports.ensure(name, mapping.device_path, job_id=job_id)
     values = {
         "vm_context": disk.vm_context_id, "job": job_id, "volume_id": mapping.volume_uuid, "vm_disk": disk.id,
         "device_mapping": mapping.volume_uuid, "port": served.port, "device_path": mapping.device_path,
@@ -172,7 +173,7 @@ def restore_exports(exports: ExportManager, job_id: str) -> list[Export]:
     copying into them and reconnects to the same URIs)."""
     restored = []
     for row in NbdExport.select().where(NbdExport.job == job_id):
-        served = exports.ensure(row.export_name, row.device_path, port=row.port)
+        served = exports.ensure(row.export_name, row.device_path, port=row.port, job_id=job_id)
         if served.port != row.port:
             NbdExport.update(port=served.port).where(NbdExport.id == row.id).execute()
         restored.append(served)

@@ -34,6 +34,7 @@ IMPLEMENTED: dict[str, Any] = _implemented()
 def start_components(runtime: Any) -> None:
     """Start the background components once the services are registered: the job log sink, the VMA
     client, the NBD exports and the replication engine, then those of other service modules."""
+    from oma_server.domain import nbd_access
     from oma_server.domain.joblog import LogEventSink
     from oma_server.domain.replication_workflow import ReplicationEngine
     from oma_server.integrations.nbd_exports import ExportManager
@@ -45,9 +46,17 @@ def start_components(runtime: Any) -> None:
     settings = runtime.settings
     runtime.components["vma"] = VmaClient(settings.vma_address, settings.vma_token,
                                           timeout=settings.vma_timeout_seconds, retries=settings.vma_retries)
+    tls = {"psk_dir": settings.data_dir / "nbd-tls",
+           "psk_for": lambda job_id: nbd_access.export_psk(runtime.secrets, job_id)} if settings.nbd_tls else {}
     runtime.components["exports"] = ExportManager(
         bind_host=settings.nbd_bind_host, public_host=settings.nbd_public_host,
-        port_min=settings.nbd_port_min, port_max=settings.nbd_port_max)
+        port_min=settings.nbd_port_min, port_max=settings.nbd_port_max, **tls)
+    # The enrollment servicers registered the tunnel (built on first use) before components start.
+    tunnel = runtime.components.get("enrollment_tunnel")
+    if tunnel is not None:
+        permits = nbd_access.ExportPermits(tunnel.get, settings.vma_address, settings.tunnel_reverse_host)
+        runtime.components["nbd_permits"] = permits
+        nbd_access.install(permits)
     engine = ReplicationEngine(runtime)
     runtime.components["replication"] = engine
     engine.recover()

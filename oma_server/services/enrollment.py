@@ -115,6 +115,7 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
     def __init__(self, runtime):
         self._tunnel = _tunnel_config(runtime)
         self._tls_fingerprint = runtime.tls_fingerprint
+        self._secrets = runtime.secrets
 
     @staticmethod
     def _caller(context) -> enrollment.Caller:
@@ -122,8 +123,9 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
 
     def GeneratePairingCode(self, request, context):
         valid_for = request.valid_for if request.HasField("valid_for") else None
-        row, valid_for = enrollment.generate_pairing_code(self._caller(context), request.generated_by, valid_for)
-        return admin_pb.GeneratePairingCodeResponse(pairing_code=row.pairing_code, expires_at=timestamp(row.expires_at),
+        row, code, valid_for = enrollment.generate_pairing_code(self._secrets, self._caller(context),
+                                                                request.generated_by, valid_for)
+        return admin_pb.GeneratePairingCodeResponse(pairing_code=code, expires_at=timestamp(row.expires_at),
                                                     valid_for=valid_for, pairing_code_id=row.id,
                                                     oma_certificate_sha256=self._tls_fingerprint)
 
@@ -173,6 +175,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
     def __init__(self, runtime):
         settings = runtime.settings
         self._tunnel = _tunnel_config(runtime)
+        self._secrets = runtime.secrets
         self._limiter = RateLimiter(settings.enrollment_rate_limit_per_minute)
         self._windows = enrollment.Windows(verify=timedelta(seconds=settings.enrollment_verify_window_seconds),
                                            approval=timedelta(seconds=settings.enrollment_approval_window_seconds))
@@ -187,7 +190,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
 
     def Enroll(self, request, context):
         row = enrollment.enroll(
-            self._source(context), self._windows, pairing_code=request.pairing_code,
+            self._secrets, self._source(context), self._windows, pairing_code=request.pairing_code,
             public_key=request.vma_public_key, vma_name=request.vma_name, vma_version=request.vma_version,
             client_fingerprint=request.vma_fingerprint)
         return pb.EnrollResponse(enrollment_id=row.id, challenge=row.challenge_nonce, status=str(row.status),
