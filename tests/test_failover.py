@@ -104,7 +104,7 @@ def status_moves(job_id, until="completed", timeout=10):
 
 def assert_back_on_oma(lab, ctx):
     """Every replica volume attached to the OMA, its device present, mapping 'oma', export served, no snapshot."""
-    exports = lab.oma.runtime.components["exports"]
+    exports = lab.oma.components.exports
     for disk, volume in disk_volumes(ctx):
         remote = lab.cloudstack.get("volume", volume.volume_id)
         assert remote["virtualmachineid"] == lab.cloudstack.oma_vm_id, disk.disk_id
@@ -121,7 +121,7 @@ def assert_back_on_oma(lab, ctx):
 
 def power_state(lab, ctx):
     login = credentials.login_for(lab.oma.runtime.secrets, lab.credential_id)
-    return lab.oma.runtime.components["vma"].power_state(login, ctx.vmware_vm_id).power_state
+    return lab.oma.components.vma.power_state(login, ctx.vmware_vm_id).power_state
 
 
 # --- tests ---------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_test_failover_then_end_test_restores_everything(lab_private):
         assert (mapping.vm_id, mapping.operation_mode) == (vm["id"], "failover")
         assert mapping.device_path == f"remote-vm-{vm['id']}-{volume.volume_id}"
         assert volume.snapshot_status == "ready" and lab.cloudstack.get("snapshot", volume.snapshot_id)
-        assert not lab.oma.runtime.components["exports"].alive(f"migration-vol-{volume.volume_id}")
+        assert not lab.oma.components.exports.alive(f"migration-vol-{volume.volume_id}")
     ctx_row = models.VmReplicationContext.get_by_id(ctx.context_id)
     assert ctx_row.current_status == "failed_over_test"
     assert ctx_row.last_operation_summary["operation_type"] == "test_failover"

@@ -326,7 +326,8 @@ def test_a_restart_fails_interrupted_failover_work(db, oma_factory):
     def running_failover(status, context_status, worker):
         ctx = factories.context(current_status=context_status)
         job = models.JobTracking.create(job_type="failover", operation="unified-test-failover", status="running",
-                                        context_id=ctx.context_id, job_category="failover", metadata={"worker": worker})
+                                        context_id=ctx.context_id, job_category="failover", worker=worker,
+                                        worker_heartbeat_at=models.utcnow())
         models.JobStep.create(job=job.id, name="some-step", seq=1, status="running")
         models.FailoverJob.create(vm_context=ctx.context_id, job_id=job.id, vm_id=ctx.vmware_vm_id, job_type="test",
                                   status=status, source_vm_name=ctx.vm_name)

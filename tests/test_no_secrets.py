@@ -52,7 +52,7 @@ def test_secrets_never_reach_logs_or_responses(lab_private, caplog):
     responses.append(lab.client.replications.GetReplication(
         replications_pb2.GetReplicationRequest(job_id=job.job_id), timeout=10))
 
-    lab.oma.runtime.components["log_events"].flush()
+    lab.oma.components.log_events.flush()
     texts = [r if isinstance(r, str) else json_format.MessageToJson(r) for r in responses]
     texts += [record.getMessage() + " " + repr(record.args) + " " + str(record.exc_text or "")
               for record in caplog.records]

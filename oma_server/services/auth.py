@@ -6,7 +6,6 @@ from oma_server.convert import timestamp
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    service_name = "oma.v1.AuthService"
 
     def __init__(self, runtime):
         self._tokens = runtime.tokens
