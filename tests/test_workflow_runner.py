@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 
@@ -9,6 +10,8 @@ from oma_server.domain.joblog import StepFailed, StepHandle
 from oma_server.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from oma_server.integrations.cloudstack import CloudStackError
 from oma_server.workflows import error_rules
+from oma_server.workflows.lease import Lease
+from oma_server.workflows.runner import WorkflowRunner
 from oma_server.workflows.steps import Step, Stopping, run_steps
 
 
@@ -132,3 +135,27 @@ def test_with_keep_going_a_later_skip_rule_sees_an_earlier_failure_at_once():
     run_steps(flow, None, recorder, keep_going=True, on_failure=lambda failed: problems.append(failed.message))
     assert problems == ["step 'revert' failed: revert refused"]
     assert recorder.rows[-1] == ("delete-snapshots", "skipped", "kept for the cleanup")
+
+
+# --- the runner: one run per job at a time, forgotten when it ends ------------------------------
+
+def test_the_runner_runs_a_job_once_at_a_time_and_forgets_it_when_it_ends():
+    runner = WorkflowRunner("test", 2, Lease(None, None, None, lambda: None, "oma-test", 3.0))
+    gate, ran = threading.Event(), []
+    assert runner.submit("job-1", lambda: (gate.wait(5), ran.append("job-1")), control="control-1")
+    assert runner.is_running("job-1") and runner.control("job-1") == "control-1"
+    assert not runner.submit("job-1", lambda: ran.append("twice"))  # already running here
+    seen = runner.hub.version("job-1")
+    gate.set()
+    runner.hub.wait("job-1", seen, 5)  # the runner wakes watchers when the job ends
+    assert ran == ["job-1"] and not runner.is_running("job-1") and runner.running() == {}
+    runner.stop()
+    assert runner.stopping.is_set() and not runner.submit("job-2", lambda: ran.append("job-2"))
+    assert ran == ["job-1"] and not runner.is_running("job-2")
+
+
+@pytest.mark.parametrize("lease_seconds,renew_every", [(0.3, 0.2), (3.0, 1.0), (60.0, 10.0)])
+def test_leases_are_renewed_three_times_per_lease_but_at_least_every_ten_seconds(lease_seconds, renew_every):
+    runner = WorkflowRunner("test", 1, Lease(None, None, None, lambda: None, "oma-test", lease_seconds))
+    assert runner.renew_seconds == pytest.approx(renew_every)
+    runner.stop()

@@ -54,6 +54,7 @@ from oma_server.workflows.steps import Step, Stopping
 
 log = logging.getLogger("oma_server.failover")
 
+
 def _parse_cs_time(value: str | None) -> datetime | None:
     if not value:
         return None
@@ -65,6 +66,9 @@ def _parse_cs_time(value: str | None) -> datetime | None:
 
 
 class CleanupFlow(FlowBase):
+    """Runs end-test/cleanup/rollback jobs (:meth:`run_cleanup`) and failed-execution cleanups
+    (:meth:`run_failed_execution`)."""
+
     # === end test, cleanup, rollback (§2.7) ===================================================================
     def _cleanup_steps(self, run: CleanupRun) -> list[Step]:
         steps = [

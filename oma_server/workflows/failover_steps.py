@@ -89,8 +89,10 @@ def _guest_family(os_type: str) -> str:
     return "other" if any(w in text for w in _NON_WINDOWS) else "unknown"
 
 
-
 class FailoverFlow(FlowBase):
+    """Runs one failover job: :meth:`run` loads the record, runs :meth:`_failover_steps`, then ends
+    the job (and, after a failure, compensates)."""
+
     def _load_failover(self, job: JobTracking) -> FailoverRun:
         record = FailoverJob.get(FailoverJob.job_id == job.id)
         ctx = contexts.get(record.vm_context_id)

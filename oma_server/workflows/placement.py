@@ -144,7 +144,6 @@ def tracked_snapshot(volume: OsseaVolume) -> str:
     return (volume.snapshot_id or "").strip()
 
 
-
 # --- database helpers the failover family shares --------------------------------------------------------------------------------
 
 def set_context_status(context_id: str, status: ContextStatus) -> ContextStatus:
