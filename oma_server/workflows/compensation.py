@@ -37,7 +37,7 @@ log = logging.getLogger("oma_server.failover")
 
 def compensate(flow: FlowBase, run: FailoverRun) -> tuple[bool, list[str]]:
     """The saga of §2.4 as a child job; returns (everything restored, problems)."""
-    with db.connection_context():
+    with db.connection_context(), db.atomic():  # created and leased at once: never an orphan to others
         comp_id = joblog.start_job(JobType.CLEANUP, failover.COMPENSATION_OPERATION, owner="system",
                                    context_id=run.ctx.context_id, parent_job_id=run.job_id,
                                    category=JobCategory.SYSTEM,
