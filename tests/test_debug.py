@@ -36,8 +36,8 @@ def test_system_health_is_measured_for_operators_and_minimal_for_anonymous(oma, 
     schedule = models.ReplicationSchedule.create(name="nightly", cron_expression="0 2 * * *")
     models.ReplicationSchedule.create(name="off", cron_expression="0 3 * * *", enabled=False)
     models.ScheduleExecution.create(schedule=schedule.id, scheduled_at=models.utcnow(), status="running")
-    oma_server.runtime.components["scheduler"].reload()  # as ScheduleService does after a write
-    instance = oma_server.runtime.components["replication"].instance
+    oma_server.components.scheduler.reload()  # as ScheduleService does after a write
+    instance = oma_server.components.replication.instance
     ctx = factories.context()
     factories.replication_job(ctx, status="pending", worker=instance, worker_heartbeat_at=models.utcnow())
     factories.replication_job(ctx, status="replicating", worker="other-oma", worker_heartbeat_at=models.utcnow())

@@ -280,7 +280,7 @@ def test_the_agent_takes_the_key_only_in_target_tls_and_keeps_it_out_of_repr():
 
 def test_the_server_serves_exports_with_tls_unless_configured_off(oma_factory):
     on = oma_factory(vma_address="127.0.0.1:9", vma_retries=0)
-    tls = on.runtime.components["exports"].tls_for("job-1")
+    tls = on.components.exports.tls_for("job-1")
     assert tls.identity == "job-1" and tls.psk == nbd_access.export_psk(on.runtime.secrets, "job-1")
     off = oma_factory(vma_address="127.0.0.1:9", vma_retries=0, nbd_tls=False)
-    assert off.runtime.components["exports"].tls_for("job-1") is None
+    assert off.components.exports.tls_for("job-1") is None

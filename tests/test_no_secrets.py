@@ -57,7 +57,7 @@ def test_secrets_never_reach_logs_or_responses(lab_private, caplog):
     for row in models.ReplicationJob.select():
         psk = nbd_access.export_psk(lab.oma.runtime.secrets, row.id)
         secrets |= {psk.hex(), psk.decode("latin-1")}
-    lab.oma.runtime.components["log_events"].flush()
+    lab.oma.components.log_events.flush()
     texts = [r if isinstance(r, str) else json_format.MessageToJson(r) for r in responses]
     texts += [record.getMessage() + " " + repr(record.args) + " " + str(record.exc_text or "")
               for record in caplog.records]

@@ -15,8 +15,9 @@ import time
 import pytest
 from oma.v1 import failover_pb2 as fpb
 
+from oma_server import server as server_module
 from oma_server.db import models
-from oma_server.services import IMPLEMENTED
+from oma_server.services import service_of
 from omaclient import cli, progress
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD
@@ -380,8 +381,9 @@ COMMAND_RPCS = {
 
 
 def test_each_new_command_names_the_rpc_it_calls(run_omactl, oma_factory, monkeypatch, db):
-    for service in set(IMPLEMENTED) - {"oma.v1.AuthService", "oma.v1.VMContextService"}:
-        monkeypatch.delitem(IMPLEMENTED, service)
+    every_servicer = server_module.build_servicers
+    monkeypatch.setattr(server_module, "build_servicers", lambda runtime, parts: [
+        s for s in every_servicer(runtime, parts) if service_of(s) in {"oma.v1.AuthService", "oma.v1.VMContextService"}])
     omactl = _login(run_omactl, oma_factory().port)
     add_vm("web-01")
     for argv, rpc in COMMAND_RPCS.items():

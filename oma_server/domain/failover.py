@@ -3,7 +3,7 @@
 Every mutating request is answered at once: it is validated, the per-context lock is taken and the
 JobLog job (and, for a failover, its ``failover_jobs`` row, ``job_id`` = the JobLog id) is written in
 ONE transaction — a rejected request writes nothing — then the caller hands the job to the engine
-(:mod:`oma_server.domain.failover_workflow`), which runs the steps.
+(:mod:`oma_server.workflows.failover`), which runs the steps.
 
 * **Lock** (docs/design/failover.md#one-operation-per-vm-and-restarts): at most one non-terminal failover, cleanup or rollback per context. The context row
   is locked (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction serialises writers) and the request
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Iterable, Protocol
 
 from oma_server.db.database import database_proxy as db
@@ -76,9 +76,10 @@ FAILOVER_STATES = (ContextStatus.FAILED_OVER_TEST, ContextStatus.FAILED_OVER_LIV
 
 
 class Worker(Protocol):
-    """What the request side needs from the engine: its name and whether a job still runs somewhere."""
+    """What the request side needs from the engine: lease a new job to it, and whether a job still
+    runs somewhere (its process renewed the lease)."""
 
-    instance: str
+    def lease(self, job_id: str) -> None: ...
 
     def alive(self, job_id: str) -> bool: ...
 
@@ -254,8 +255,9 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
             category=JobCategory.FAILOVER, expected_steps=FAILOVER_STEP_COUNT,
             metadata={"context_id": ctx.context_id, "vmware_vm_id": ctx.vmware_vm_id, "vm_name": ctx.vm_name,
                       "failover_type": kind, "external_job_id": ext, "request_id": request.request_id or None,
-                      "worker": worker.instance, "configuration": config.message_fields()},
+                      "configuration": config.message_fields()},
         )
+        worker.lease(job_id)
         JobTracking.update(metadata={**JobTracking.get_by_id(job_id).metadata, "failover_job_id": job_id}).where(
             JobTracking.id == job_id).execute()
         FailoverJob.create(
@@ -311,8 +313,9 @@ def _start_revert(record: FailoverJob, *, operation: str, ext: str, actor: str, 
             JobType.CLEANUP, operation, owner=actor, context_id=record.vm_context_id, external_job_id=ext,
             category=JobCategory.SYSTEM, parent_job_id=parent,
             metadata={**metadata, "failover_job_id": record.job_id, "request_id": request_id or None,
-                      "worker": worker.instance, "context_id": record.vm_context_id},
+                      "context_id": record.vm_context_id},
         )
+        worker.lease(job_id)
         move_failover_job(record.job_id, FailoverJobStatus.REVERTING, completed_at=None)
     return job_id
 
@@ -429,8 +432,9 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
             category=JobCategory.SYSTEM, parent_job_id=newest.job_id if newest is not None and JobTracking.select().where(
                 JobTracking.id == newest.job_id).exists() else None,
             metadata={"vm_name": ctx.vm_name, "failover_job_id": newest.job_id if newest else None,
-                      "request_id": request_id or None, "worker": worker.instance, "context_id": ctx.context_id},
+                      "request_id": request_id or None, "context_id": ctx.context_id},
         )
+        worker.lease(job_id)
     return Started(job_id, ext, ctx.context_id, newest.job_id if newest else "", ctx.vm_name,
                    message=f"cleaning up the failed execution of {ctx.vm_name}")
 
@@ -541,7 +545,3 @@ def os_disk_first(disks: list[VmDisk], os_disk: VmDisk | None) -> list[VmDisk]:
     if os_disk is not None:
         ordered = [os_disk] + [d for d in ordered if d.id != os_disk.id]
     return ordered
-
-
-def heartbeat_cutoff(lease_seconds: float) -> datetime:
-    return utcnow() - timedelta(seconds=lease_seconds)

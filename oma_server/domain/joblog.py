@@ -1,7 +1,7 @@
 """JobLog: every business operation is a job_tracking row with ordered job_steps and log_events.
 
-Workflows are written as an ordered list of named steps (:class:`Step`) run by :func:`run_steps`, so
-a reader sees the whole flow in one place and a failure names its step: each step is a job_steps
+Workflows (:mod:`oma_server.workflows`) are ordered lists of named steps, so a reader sees the whole
+flow in one place and a failure names its step: each step (:func:`step`, :func:`skip_step`) is a job_steps
 row (running → completed | failed | skipped), a failed step also writes an ERROR row to
 job_execution_log (that is what ``active_jobs.error_count`` counts), and log records emitted while a
 job or step is bound (see :mod:`oma_server.logs`) are stored in log_events by :class:`LogEventSink`.
@@ -17,7 +17,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from peewee import IntegrityError, fn
 
@@ -164,27 +164,6 @@ def step(job_id: str, name: str, metadata: dict[str, Any] | None = None) -> Iter
 def skip_step(job_id: str, name: str, reason: str) -> None:
     row = _insert_step(job_id, name, StepStatus.SKIPPED, {"reason": reason})
     _finish_step(row, StepStatus.SKIPPED)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One named step of a workflow; ``run`` gets the workflow's state object and a StepHandle."""
-
-    name: str
-    run: Callable[[Any, StepHandle], None]
-    # Return a reason to skip the step (recorded as skipped), or None to run it.
-    skip_if: Callable[[Any], str | None] | None = None
-
-
-def run_steps(job_id: str, steps: Sequence[Step], state: Any) -> None:
-    """Run the steps in order; the first failure stops the flow (StepFailed names the step)."""
-    for s in steps:
-        reason = s.skip_if(state) if s.skip_if else None
-        if reason:
-            skip_step(job_id, s.name, reason)
-            continue
-        with step(job_id, s.name) as handle:
-            s.run(state, handle)
 
 
 @contextlib.contextmanager

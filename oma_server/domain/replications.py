@@ -4,7 +4,7 @@ deletion and the consolidated progress view.
 CreateReplication only validates, inserts the job (``pending``) and claims the context in one
 transaction (``UPDATE … SET current_job_id=:job WHERE current_job_id IS NULL`` — one row means the
 claim won, so two concurrent creates can never both start a job), then hands the job to the workflow
-(:mod:`oma_server.domain.replication_workflow`) and returns. Change ids are always keyed by
+(:mod:`oma_server.workflows.replication`) and returns. Change ids are always keyed by
 (context, disk id).
 """
 from __future__ import annotations

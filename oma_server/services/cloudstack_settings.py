@@ -40,7 +40,6 @@ def _network(n):
 
 
 class CloudStackSettingsServicer(cloudstack_settings_pb2_grpc.CloudStackSettingsServiceServicer):
-    service_name = "oma.v1.CloudStackSettingsService"
 
     def __init__(self, runtime):
         self._runtime = runtime

@@ -21,7 +21,6 @@ def _test_flag(request):
 
 
 class NetworkMappingServicer(network_mappings_pb2_grpc.NetworkMappingServiceServicer):
-    service_name = "oma.v1.NetworkMappingService"
 
     def __init__(self, runtime):
         self._runtime = runtime

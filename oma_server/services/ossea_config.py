@@ -16,7 +16,6 @@ STREAMLINED_NAME = "production-ossea"
 
 
 class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
-    service_name = "oma.v1.OSSEAConfigService"
 
     def __init__(self, runtime):
         self._runtime = runtime
