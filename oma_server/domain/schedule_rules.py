@@ -1,4 +1,4 @@
-"""The rules of a schedule firing (spec §3.4) and the bookkeeping of its execution details.
+"""The rules of a schedule firing (docs/design/scheduler.md#one-firing) and the bookkeeping of its execution details.
 
 Which VMs of a schedule's groups may be dispatched (:func:`conflict_of`, with :class:`Capacity`), and
 the per-VM attempts, counters and summary kept in ``schedule_executions.execution_details``. Pure
@@ -29,7 +29,7 @@ REPLICATION_TYPE = {"full": ReplicationType.INITIAL, "incremental": ReplicationT
 
 
 class Conflict(StrEnum):
-    """Why a VM is not dispatched (§3.4 conflict types, plus the retry- and failure-only ones)."""
+    """Why a VM is not dispatched (docs/design/scheduler.md#one-firing, plus the retry- and failure-only ones)."""
     SCHEDULE_DISABLED = "schedule_disabled"
     VM_DISABLED = "vm_disabled"
     VM_IN_FAILOVER = "vm_in_failover"
@@ -86,7 +86,7 @@ def active_jobs() -> list[dict[str, Any]]:
 
 def conflict_of(schedule: ReplicationSchedule, ctx: VmReplicationContext, job: dict[str, Any] | None,
                 capacity: Capacity) -> tuple[Conflict, str] | None:
-    """The first rule a VM breaks (§3.4 table), or None when it can be dispatched."""
+    """The first rule a VM breaks (docs/design/scheduler.md#one-firing), or None when it can be dispatched."""
     if not schedule.enabled:
         return Conflict.SCHEDULE_DISABLED, "the schedule is disabled"
     if not ctx.scheduler_enabled:

@@ -1,4 +1,4 @@
-"""Ending a failover: end test / cleanup / rollback (spec §2.7) and failed-execution cleanup (§2.13).
+"""Ending a failover: end test / cleanup / rollback (docs/design/failover.md#end-test-cleanup-and-rollback) and failed-execution cleanup (docs/design/failover.md#failed-execution-cleanup).
 
 End test, cleanup and rollback: failover-job-retrieval, test-vm-shutdown, volume-detachment,
 multi-volume-snapshot-cleanup (a failed revert is fatal), volume-mode-switch-oma,
@@ -69,7 +69,7 @@ class CleanupFlow(FlowBase):
     """Runs end-test/cleanup/rollback jobs (:meth:`run_cleanup`) and failed-execution cleanups
     (:meth:`run_failed_execution`)."""
 
-    # === end test, cleanup, rollback (§2.7) ===================================================================
+    # === end test, cleanup, rollback =======================================================================
     def _cleanup_steps(self, run: CleanupRun) -> list[Step]:
         steps = [
             Step("failover-job-retrieval", self._retrieve),
@@ -226,7 +226,7 @@ class CleanupFlow(FlowBase):
         credentials.record_use(login.credential_id)
 
 
-    # === failed-execution cleanup (§2.13) =====================================================================
+    # === failed-execution cleanup ===========================================================================
     def run_failed_execution(self, job: JobTracking) -> None:
         """Failed-execution cleanup: everything back on the OMA, the VM ready for failover again."""
         meta = job.metadata or {}

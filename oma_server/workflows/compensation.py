@@ -1,4 +1,4 @@
-"""The compensation saga of a failed failover (spec §2.4), run as a child job ``failover-compensation``.
+"""The compensation saga of a failed failover (docs/design/failover.md#compensation), run as a child job ``failover-compensation``.
 
 Stop and strip the destination VM, destroy it, revert moved volumes from their snapshots (test:
 always; live: when driver injection ran), put every volume back on the OMA with its NBD export,
@@ -36,7 +36,7 @@ log = logging.getLogger("oma_server.failover")
 
 
 def compensate(flow: FlowBase, run: FailoverRun) -> tuple[bool, list[str]]:
-    """The saga of §2.4 as a child job; returns (everything restored, problems)."""
+    """The compensation saga as a child job; returns (everything restored, problems)."""
     with db.connection_context(), db.atomic():  # created and leased at once: never an orphan to others
         comp_id = joblog.start_job(JobType.CLEANUP, failover.COMPENSATION_OPERATION, owner="system",
                                    context_id=run.ctx.context_id, parent_job_id=run.job_id,

@@ -1,4 +1,4 @@
-"""How a failed failover-family job is explained to an operator (spec §6.6), decided by the error's type.
+"""How a failed failover-family job is explained to an operator (docs/design/jobs.md#step-names-and-error-categories), decided by the error's type.
 
 The failing step raises a typed error — the types below, CloudStack's own error (with its error
 code), or a domain error (NOT_FOUND, DEADLINE_EXCEEDED …). :func:`classify` walks :data:`RULES` in
@@ -118,7 +118,7 @@ _OPERATION_TYPES: dict[str, str] = {
 
 
 def write_summary(job_id: str, context_id: str, error: BaseException | None = None) -> None:
-    """§2.3.15: the outcome of the job, for the GUI, in vm_replication_contexts.last_operation_summary;
+    """The outcome (docs/design/failover.md#operation-summary) of the job, for the GUI, in vm_replication_contexts.last_operation_summary;
     ``error`` (what made a failed job fail) is classified by :func:`classify`."""
     job = JobTracking.get_by_id(job_id)
     steps = joblog.steps_of([job_id])[job_id]

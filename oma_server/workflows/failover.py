@@ -116,7 +116,7 @@ class FailoverEngine(FlowBase):
             self.fail_record(record, "interrupted by restart: no job drives this failover any more")
 
     def auto_cleanup(self) -> None:
-        """End completed test failovers whose auto-cleanup deadline passed (§2.9)."""
+        """End completed test failovers whose auto-cleanup deadline passed (docs/design/failover.md#auto-cleanup)."""
         now = utcnow()
         rows = FailoverJob.select().where(FailoverJob.job_type == "test", FailoverJob.status == FailoverJobStatus.COMPLETED)
         for row in rows:

@@ -1,6 +1,6 @@
-"""The failover flow (live and test, spec §2.3): ten named steps, then the outcome.
+"""The failover flow (live and test, docs/design/failover.md#workflow-steps): ten named steps, then the outcome.
 
-    validation                      readiness checks (§2.10), blocking            [pending → validating]
+    validation                      readiness checks, blocking                    [pending → validating]
     source-vm-power-off             live: graceful shutdown, then power-off, verified
     final-sync                      live: an in-process replication, followed to its end
     volume-mode-switch-failover     context → failed_over_*, mappings locked      [→ snapshotting]
@@ -204,7 +204,7 @@ class FailoverFlow(FlowBase):
                     f"(cancelled); the source VM {run.ctx.vm_name} is powered off")
             seen = engine.hub.wait(job.id, seen, 1.0)
 
-    # step 4 (+ the context status change of §2.3 item 5)
+    # step 4 (+ the context status change)
     def _lock_volumes(self, run: FailoverRun, step: joblog.StepHandle) -> None:
         failover.move_failover_job(run.job_id, FailoverJobStatus.SNAPSHOTTING)
         disks = list(VmDisk.select().where(VmDisk.vm_context == run.ctx.context_id))
@@ -433,7 +433,7 @@ class FailoverFlow(FlowBase):
         failed_step, error = failed.step, failed.message
         context_status: ContextStatus | None = None
         if failed_step == "status-update":
-            # The destination VM runs: never tear it down for a bookkeeping error (§2.4 rows 13/14).
+            # The destination VM runs: never tear it down for a bookkeeping error (docs/design/failover.md#compensation).
             error += f"; the destination VM {run.destination_vm_id} is running with the volumes attached"
         elif failed_step == "final-sync":
             if run.final_sync_job:
@@ -441,7 +441,7 @@ class FailoverFlow(FlowBase):
                     job = ReplicationJob.get_by_id(run.final_sync_job)
                     if job.status in REPLICATION_ACTIVE_STATUSES:
                         self.deps.replication.cancel(job.id, "the failover failed")
-            # §2.4 row 4: the context stays ready for failover (job_lifecycle releases a failed final
+            # docs/design/failover.md#compensation: the context stays ready for failover (job_lifecycle releases a failed final
             # sync that way); the replicas keep the last completed sync's change ids.
             error += "; the next live failover final-syncs again from the last completed sync"
         elif run.status_flipped or run.locked or run.snapshots or run.destination_vm_id or run.name_was_free:

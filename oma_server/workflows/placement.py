@@ -1,4 +1,4 @@
-"""Where a context's replica volumes are (spec §1.2), and the small database helpers of the failover family.
+"""Where a context's replica volumes are (docs/design/failover.md#volume-placement), and the small database helpers of the failover family.
 
 :class:`Placement` moves volumes between the OMA and a destination VM, keeping device_mappings,
 nbd_exports and ossea_volumes in step with CloudStack; every mutation looks at CloudStack first, so
