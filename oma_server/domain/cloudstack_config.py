@@ -11,6 +11,7 @@ from typing import Any
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import OsseaConfig
 from oma_server.domain.crypto import SecretBox
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 from oma_server.integrations.cloudstack import CloudStack, Endpoint
 
@@ -69,7 +70,7 @@ def create(box: SecretBox, values: dict[str, Any], *, activate: bool = True) -> 
         raise InvalidArgument(f"missing required fields: {', '.join(missing)}")
     name = values["name"].strip()
     if OsseaConfig.select().where(OsseaConfig.name == name).exists():
-        raise AlreadyExists(f"a CloudStack configuration named {name!r} already exists")
+        raise AlreadyExists(f"a CloudStack configuration named {quote(name)} already exists")
     row = {
         "name": name, "api_url": _validate_url(values["api_url"]), "api_key": box.encrypt(values["api_key"]),
         "secret_key": box.encrypt(values["secret_key"]), "zone": values["zone"].strip(), "is_active": activate,
@@ -103,7 +104,7 @@ def update(box: SecretBox, config_id: int, changes: dict[str, Any]) -> OsseaConf
         raise InvalidArgument("no fields to update")
     if "name" in values and values["name"] != config.name and \
             OsseaConfig.select().where(OsseaConfig.name == values["name"]).exists():
-        raise AlreadyExists(f"a CloudStack configuration named {values['name']!r} already exists")
+        raise AlreadyExists(f"a CloudStack configuration named {quote(values['name'])} already exists")
     OsseaConfig.update(values).where(OsseaConfig.id == config_id).execute()
     return get(config_id)
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from oma_server.db.models import OsseaConfig
 from oma_server.domain import cloudstack_config
 from oma_server.domain.crypto import SecretBox
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, FailedPrecondition, Unavailable, require
 from oma_server.integrations.cloudstack import CloudStack, CloudStackError, Endpoint, normalise_api_url
 
@@ -93,7 +94,7 @@ def validate(cs: CloudStack, macs: list[str], *, oma_vm_id: str = "", service_of
             checks["account_match"] = Check("fail", f"the OMA VM {oma_vm_id} does not exist")
         elif vm.get("account") not in accounts:
             checks["account_match"] = Check("fail", f"the API key's account does not own the OMA VM "
-                                            f"(VM account {vm.get('account')!r})")
+                                            f"(VM account {quote(vm.get('account'))})")
         else:
             checks["account_match"] = Check("pass", f"the API key's account owns the OMA VM ({vm.get('account')})")
     else:

@@ -25,6 +25,7 @@ from oma_server.db.models import (
     VmReplicationContext,
 )
 from oma_server.domain import joblog, paging
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
 MAX_CONCURRENT_RANGE = (1, 100)
@@ -57,14 +58,14 @@ def get(group_id: str) -> VmMachineGroup:
     require(group_id, "group id is required")
     group = VmMachineGroup.get_or_none(VmMachineGroup.id == group_id)
     if group is None:
-        raise NotFound(f"no machine group {group_id!r}")
+        raise NotFound(f"no machine group {quote(group_id)}")
     return group
 
 
 def _schedule(schedule_id: str) -> ReplicationSchedule:
     schedule = ReplicationSchedule.get_or_none(ReplicationSchedule.id == schedule_id)
     if schedule is None:
-        raise NotFound(f"no schedule {schedule_id!r}")
+        raise NotFound(f"no schedule {quote(schedule_id)}")
     return schedule
 
 
@@ -72,7 +73,7 @@ def _context(context_id: str) -> VmReplicationContext:
     require(context_id, "vm_context_id is required")
     ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == context_id)
     if ctx is None:
-        raise NotFound(f"no VM context {context_id!r}")
+        raise NotFound(f"no VM context {quote(context_id)}")
     return ctx
 
 
@@ -137,7 +138,7 @@ def create_group(*, name: str, description: str = "", schedule_id: str = "", max
     if schedule_id:
         _schedule(schedule_id)
     if VmMachineGroup.select().where(VmMachineGroup.name == name).exists():
-        raise AlreadyExists(f"a machine group named {name!r} already exists")
+        raise AlreadyExists(f"a machine group named {quote(name)} already exists")
     with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "create-group", owner=created_by,
                                    metadata={"name": name}, category=JobCategory.SYSTEM):
         group = VmMachineGroup.create(name=name, description=description or None, schedule=schedule_id or None,
@@ -165,7 +166,7 @@ def update_group(group_id: str, changes: dict[str, Any], actor: str) -> GroupSum
         name = changes["name"].strip()
         require(name, "name cannot be empty")
         if name != group.name and VmMachineGroup.select().where(VmMachineGroup.name == name).exists():
-            raise AlreadyExists(f"a machine group named {name!r} already exists")
+            raise AlreadyExists(f"a machine group named {quote(name)} already exists")
         values[VmMachineGroup.name] = name
     if "description" in changes:
         values[VmMachineGroup.description] = changes["description"] or None
@@ -191,11 +192,11 @@ def delete_group(group_id: str, actor: str) -> None:
     group = get(group_id)
     members = VmGroupMembership.select().where(VmGroupMembership.group == group_id).count()
     if members:
-        raise FailedPrecondition(f"cannot delete group {group.name!r} with {members} VMs; remove the VMs first")
+        raise FailedPrecondition(f"cannot delete group {quote(group.name)} with {members} VMs; remove the VMs first")
     recent = ScheduleExecution.select(ScheduleExecution.status).where(ScheduleExecution.group == group_id).order_by(
         ScheduleExecution.scheduled_at.desc()).limit(10)
     if any(e.status in (ScheduleExecutionStatus.RUNNING, ScheduleExecutionStatus.SCHEDULED) for e in recent):
-        raise FailedPrecondition(f"group {group.name!r} has a schedule execution in progress")
+        raise FailedPrecondition(f"group {quote(group.name)} has a schedule execution in progress")
     with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "delete-group", owner=actor,
                                    metadata={"group_id": group_id, "name": group.name}):
         VmMachineGroup.delete().where(VmMachineGroup.id == group_id).execute()
@@ -205,7 +206,7 @@ def _membership(group_id: str, context_id: str) -> VmGroupMembership:
     m = membership_query().where(VmGroupMembership.group == group_id,
                                  VmGroupMembership.vm_context == context_id).first()
     if m is None:
-        raise NotFound(f"VM context {context_id!r} is not a member of group {group_id!r}")
+        raise NotFound(f"VM context {quote(context_id)} is not a member of group {quote(group_id)}")
     return m
 
 
@@ -220,9 +221,9 @@ def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: 
     existing = VmGroupMembership.get_or_none(VmGroupMembership.vm_context == context_id)
     if existing is not None:
         if existing.group_id == group_id:
-            raise AlreadyExists(f"VM {ctx.vm_name!r} is already a member of group {group.name!r}")
+            raise AlreadyExists(f"VM {quote(ctx.vm_name)} is already a member of group {quote(group.name)}")
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} already belongs to another group ({existing.group_id}); "
+            f"VM {quote(ctx.vm_name)} already belongs to another group ({existing.group_id}); "
             "use SetVMGroup to move it"
         )
     with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "add-vm-membership", owner=added_by,
