@@ -10,6 +10,7 @@ from typing import Any
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import OsseaConfig
+from oma_server.domain import text_rules
 from oma_server.domain.crypto import SecretBox
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
@@ -61,7 +62,7 @@ def _validate_url(url: str) -> str:
     url = url.strip()
     if not url.startswith(("http://", "https://")):
         raise InvalidArgument("api_url must start with http:// or https://")
-    return url
+    return text_rules.http_url(url, "api_url", max_chars=text_rules.URL_MAX_CHARS)
 
 
 def create(box: SecretBox, values: dict[str, Any], *, activate: bool = True) -> OsseaConfig:

@@ -37,6 +37,8 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _FREE_TEXT_ALLOWED = frozenset("\n\t")
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _HOST_MAX_CHARS = 253
+# URLs are stored in text columns; no CloudStack API URL comes near this.
+URL_MAX_CHARS = 2048
 
 
 def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
@@ -170,7 +172,7 @@ def host_port(value: str, label: str) -> str:
     return value
 
 
-def http_url(value: str, label: str, max_chars: int = 2048) -> str:
+def http_url(value: str, label: str, max_chars: int = URL_MAX_CHARS) -> str:
     """An absolute http(s) URL with a valid host and port and no user name or password in it."""
     value = (value or "").strip()
     if not value:
@@ -190,7 +192,7 @@ def http_url(value: str, label: str, max_chars: int = 2048) -> str:
         raise InvalidArgument(f"{label} must not contain a user name or password")
     if not parts.hostname:
         raise InvalidArgument(f"{label} {quote(value)} has no host")
-    if port == 0:
+    if port == 0 or parts.netloc.endswith(":"):
         raise InvalidArgument(f"{label} {quote(value)} has an invalid port (1-65535)")
     host(parts.hostname, label)
     return value

@@ -8,7 +8,7 @@ from oma_server.db.models import OsseaConfig, utcnow
 from oma_server.domain import cloudstack_config, cloudstack_settings, paging
 from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, InvalidArgument, require
-from oma_server.integrations.cloudstack import CloudStack, Endpoint, normalise_api_url
+from oma_server.integrations.cloudstack import CloudStack, Endpoint
 from oma_server.integrations.host import local_mac_addresses
 
 _FIELDS = ("name", "api_url", "api_key", "secret_key", "zone", "domain", "oma_vm_id", "template_id",
@@ -81,7 +81,8 @@ class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
     def DiscoverResources(self, request, context):
         require(request.base_url and request.api_key and request.secret_key,
                 "base_url, api_key and secret_key are required")
-        cs = CloudStack(Endpoint(normalise_api_url(request.base_url), request.api_key, request.secret_key), timeout=15)
+        cs = CloudStack(cloudstack_settings.endpoint(request.base_url, request.api_key, request.secret_key,
+                                                     "base_url"), timeout=15)
         try:
             found = cloudstack_settings.discover_all(cs, local_mac_addresses())
         except DomainError as exc:
@@ -111,7 +112,7 @@ class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
                    if not getattr(request, name)]
         if missing:
             raise InvalidArgument(f"missing required fields: {', '.join(missing)}")
-        url = normalise_api_url(request.base_url)
+        url = cloudstack_settings.api_url(request.base_url, "base_url")
         cs = CloudStack(Endpoint(url, request.api_key, request.secret_key), timeout=15)
         try:
             zone = cloudstack_settings.resolve_zone(cs, request.zone_id)
