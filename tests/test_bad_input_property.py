@@ -168,3 +168,108 @@ def test_random_requests_never_fail_internally_and_rejections_change_nothing(mod
     check()
     # The server is still healthy afterwards.
     oma.discovery.ListUngroupedVMs(discovery_pb2.ListUngroupedVMsRequest(), timeout=10)
+
+
+# --- hostile text in every field of every RPC (issue 9, items 7 and 8) ---------------------------------
+def _all_unary_methods():
+    import importlib
+    import pkgutil
+
+    import oma.v1
+
+    for info in pkgutil.iter_modules(oma.v1.__path__):
+        if not info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(f"oma.v1.{info.name}")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if service.full_name not in IMPLEMENTED:
+                continue
+            for method in service.methods:
+                if factories.string_fields(method.input_type):
+                    yield info.name.removesuffix("_pb2"), service.name, method
+
+
+ALL_METHODS = list(_all_unary_methods())
+
+
+@pytest.mark.parametrize("module_name,service_name,method", ALL_METHODS,
+                         ids=[f"{s}.{m.name}" for _, s, m in ALL_METHODS])
+def test_hostile_text_in_any_field_is_invalid_argument_and_writes_nothing(module_name, service_name, method,
+                                                                           oma: OmaClient):
+    """NUL, CR/LF, ESC sequences, a right-to-left override or a megabyte, in any string field of any
+    request (addresses, names, ids, filters, nested and repeated fields, map keys and values): the
+    answer is INVALID_ARGUMENT with a short message naming the field, and nothing is written. The
+    calls reach no vCenter or CloudStack: the check comes before the handler."""
+    import importlib
+
+    from google.protobuf import message_factory
+
+    from oma_server.request_rules import SECRET_FIELDS
+
+    factories.context(context_id="ctx-known-1", vm_name="vm-known")
+    stub = getattr(importlib.import_module(f"oma.v1.{module_name}_pb2_grpc"), f"{service_name}Stub")(oma.channel)
+    call = getattr(stub, method.name)
+    request_class = message_factory.GetMessageClass(method.input_type)
+    before = factories.db_snapshot()  # compared once at the end: any write by any call would still be there
+    for path, fd in factories.string_fields(method.input_type):
+        hostile = factories.HOSTILE_SECRET if fd.name in SECRET_FIELDS else factories.HOSTILE_TEXT
+        for kind, value in hostile.items():
+            request = request_class()
+            factories.set_text(request, path, value)
+
+            def send(request=request):
+                response = call(request, timeout=20)
+                if method.server_streaming:
+                    next(iter(response))
+                return response
+
+            with pytest.raises(grpc.RpcError) as err:
+                send()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, \
+                (method.full_name, ".".join(path), kind, err.value.code(), err.value.details())
+            details = err.value.details()
+            assert len(details) < 300 and path[-1] in details, (method.full_name, path, kind, details[:300])
+            assert not any(c in details for c in "\x00\r\x1b\u202e"), (method.full_name, path, kind)
+    assert factories.db_snapshot() == before, method.full_name
+
+
+def test_a_megabyte_id_is_refused_briefly_and_a_long_unknown_id_is_quoted_briefly(oma: OmaClient):
+    from oma.v1 import machine_groups_pb2, vm_contexts_pb2
+
+    huge = "ctx-" + "x" * (1 << 20)
+    with pytest.raises(grpc.RpcError) as err:
+        oma.contexts.GetVMContext(vm_contexts_pb2.GetVMContextRequest(context_id=huge), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 200
+    assert "context_id" in err.value.details()
+    long_unknown = "g" * 250  # within the id bound, unknown: NOT_FOUND quoting at most ~100 characters of it
+    with pytest.raises(grpc.RpcError) as err:
+        oma.groups.GetGroup(machine_groups_pb2.GetGroupRequest(id=long_unknown), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "g" * 100 in err.value.details() and "g" * 101 not in err.value.details()
+    assert len(err.value.details()) < 250
+
+
+def test_name_limits_come_from_the_columns_and_free_text_keeps_its_lines(oma: OmaClient):
+    from oma.v1 import machine_groups_pb2, schedules_pb2
+    from oma.v1 import vmware_credentials_pb2 as cred_pb2
+
+    limit = models.VmMachineGroup.name.max_length
+    assert limit == models.ReplicationSchedule.name.max_length == models.VmwareCredential.credential_name.max_length
+
+    def credential(name):
+        return oma.credentials.CreateCredential(cred_pb2.CreateCredentialRequest(
+            credential_name=name, vcenter_host="vc.lab", username="u", password="p", datacenter="DC0"), timeout=10)
+
+    creates = [
+        lambda name: oma.groups.CreateGroup(machine_groups_pb2.CreateGroupRequest(name=name), timeout=10),
+        lambda name: oma.schedules.CreateSchedule(schedules_pb2.CreateScheduleRequest(
+            name=name, cron_expression="0 2 * * *"), timeout=10),
+        credential,
+    ]
+    for create in creates:
+        code = factories.refused_without_writes(lambda: create("n" * (limit + 1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        create("n" * limit)  # exactly the column's size fits, on both databases
+    group = oma.groups.CreateGroup(machine_groups_pb2.CreateGroupRequest(
+        name="wave-2", description="first line\n\tsecond line"), timeout=10).group
+    assert models.VmMachineGroup.get_by_id(group.id).description == "first line\n\tsecond line"

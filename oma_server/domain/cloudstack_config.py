@@ -72,6 +72,8 @@ def create(box: SecretBox, values: dict[str, Any], *, activate: bool = True) -> 
     name = values["name"].strip()
     if OsseaConfig.select().where(OsseaConfig.name == name).exists():
         raise AlreadyExists(f"a CloudStack configuration named {quote(name)} already exists")
+    text_rules.fit(OsseaConfig, {"name": name, "zone": values["zone"].strip(),
+                                 **{k: values.get(k) or "" for k in _OPTIONAL}})
     row = {
         "name": name, "api_url": _validate_url(values["api_url"]), "api_key": box.encrypt(values["api_key"]),
         "secret_key": box.encrypt(values["secret_key"]), "zone": values["zone"].strip(), "is_active": activate,
@@ -95,6 +97,8 @@ def update(box: SecretBox, config_id: int, changes: dict[str, Any]) -> OsseaConf
             values[key] = value
     if "api_url" in values:
         values["api_url"] = _validate_url(values["api_url"])
+    text_rules.fit(OsseaConfig, {k: v for k, v in {**changes, **values}.items()
+                                 if k not in ("api_url", "api_key", "secret_key")})
     for secret in ("api_key", "secret_key"):
         if secret in values:
             values[secret] = box.encrypt(values[secret])

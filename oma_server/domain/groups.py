@@ -24,7 +24,7 @@ from oma_server.db.models import (
     VmMachineGroup,
     VmReplicationContext,
 )
-from oma_server.domain import joblog, paging
+from oma_server.domain import joblog, paging, text_rules
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
@@ -129,9 +129,10 @@ def membership_query():
 
 def create_group(*, name: str, description: str = "", schedule_id: str = "", max_concurrent_vms: int | None,
                  priority: int | None, created_by: str) -> GroupSummary:
-    name = name.strip()
+    name = text_rules.name(name, VmMachineGroup.name)
     require(name, "name is required")
-    require(len(name) <= 255, "name is longer than 255 characters")
+    description = text_rules.free_text(description, VmMachineGroup.description)
+    created_by = text_rules.name(created_by, VmMachineGroup.created_by)
     max_vms = _check_range("max_concurrent_vms", 5 if max_concurrent_vms is None else max_concurrent_vms,
                            MAX_CONCURRENT_RANGE)
     prio = _check_range("priority", 0 if priority is None else priority, PRIORITY_RANGE)
@@ -163,13 +164,14 @@ def update_group(group_id: str, changes: dict[str, Any], actor: str) -> GroupSum
     group = get(group_id)
     values: dict[Any, Any] = {}
     if "name" in changes:
-        name = changes["name"].strip()
+        name = text_rules.name(changes["name"], VmMachineGroup.name)
         require(name, "name cannot be empty")
         if name != group.name and VmMachineGroup.select().where(VmMachineGroup.name == name).exists():
             raise AlreadyExists(f"a machine group named {quote(name)} already exists")
         values[VmMachineGroup.name] = name
     if "description" in changes:
-        values[VmMachineGroup.description] = changes["description"] or None
+        values[VmMachineGroup.description] = text_rules.free_text(changes["description"],
+                                                                  VmMachineGroup.description) or None
     if "schedule_id" in changes:
         # An explicit empty schedule_id clears the group's schedule.
         if changes["schedule_id"]:
@@ -212,6 +214,7 @@ def _membership(group_id: str, context_id: str) -> VmGroupMembership:
 
 def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: bool | None,
               schedule_override_id: str = "", added_by: str) -> VmGroupMembership:
+    added_by = text_rules.name(added_by, VmGroupMembership.added_by)
     group = get(group_id)
     ctx = _context(context_id)
     prio = 0 if priority is None else priority
@@ -267,6 +270,7 @@ def update_membership(group_id: str, context_id: str, changes: dict[str, Any], a
 
 def set_vm_group(*, context_id: str, group_id: str, priority: int | None, enabled: bool | None,
                  added_by: str) -> tuple[VmGroupMembership, list[str]]:
+    added_by = text_rules.name(added_by, VmGroupMembership.added_by)
     """Put a VM into exactly this group, removing it from any other (one transaction)."""
     ctx = _context(context_id)
     get(group_id)

@@ -21,7 +21,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
-from oma_server.domain import contexts, paging
+from oma_server.domain import contexts, paging, text_rules
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, InvalidArgument, NotFound, require
 
@@ -60,6 +60,10 @@ def create(*, vm_id: str, vm_context_id: str, vcenter_host: str, source_network_
     """Insert or update the mapping for (VM, source network, test flag). Returns (row, created)."""
     require(source_network_name.strip(), "source_network_name is required")
     require(destination_network_id.strip(), "destination_network_id is required")
+    text_rules.fit(NetworkMapping, {"source_network_name": source_network_name.strip(),
+                                    "destination_network_id": destination_network_id.strip(),
+                                    "destination_network_name": destination_network_name.strip(),
+                                    "network_strategy": network_strategy})
     kind = mapping_type or (NetworkMappingType.TEST if is_test_network else NetworkMappingType.LIVE)
     if kind not in set(NetworkMappingType):
         raise InvalidArgument(f"mapping_type must be one of {', '.join(NetworkMappingType)}")

@@ -40,7 +40,7 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.db.views import ScheduleExecutionSummaryRow
-from oma_server.domain import joblog, paging
+from oma_server.domain import joblog, paging, text_rules
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
@@ -212,9 +212,8 @@ def _choice(name: str, value: str, allowed: type, default: str) -> str:
 
 
 def _check_name(name: str, current_id: str | None = None) -> str:
-    name = (name or "").strip()
+    name = text_rules.name(name, ReplicationSchedule.name)
     require(name, "name is required")
-    require(len(name) <= 255, "name is longer than 255 characters")
     clash = ReplicationSchedule.select().where(ReplicationSchedule.name == name)
     if current_id:
         clash = clash.where(ReplicationSchedule.id != current_id)
@@ -257,9 +256,9 @@ def create(*, name: str, description: str = "", cron_expression: str, timezone: 
            max_concurrent_jobs: int | None = None, retry_attempts: int | None = None,
            retry_delay_minutes: int | None = None, enabled: bool | None = None, skip_if_running: bool | None = None,
            created_by: str) -> ScheduleView:
-    require(len(created_by) <= 255, "created_by is longer than 255 characters")
+    created_by = text_rules.name(created_by, ReplicationSchedule.created_by)
     values: dict[str, Any] = {
-        "description": description or None,
+        "description": text_rules.free_text(description, ReplicationSchedule.description) or None,
         "cron_expression": (cron_expression or "").strip(),
         "timezone": (timezone or "").strip() or "UTC",
         "schedule_type": _choice("schedule_type", schedule_type, ScheduleType, ScheduleType.CRON),
@@ -278,6 +277,7 @@ def create(*, name: str, description: str = "", cron_expression: str, timezone: 
         "created_by": created_by,
     }
     values["name"] = _check_name(name)
+    text_rules.fit(ReplicationSchedule, values)
     _check_shape(values, None)
     try:
         with joblog.recorded_operation(JobType.SCHEDULE_MANAGEMENT, "create-schedule", owner=created_by,
@@ -310,7 +310,7 @@ def update(schedule_id: str, changes: dict[str, Any], actor: str) -> ScheduleVie
     if "name" in changes:
         values["name"] = _check_name(changes["name"], schedule_id)
     if "description" in changes:
-        values["description"] = changes["description"] or None
+        values["description"] = text_rules.free_text(changes["description"], ReplicationSchedule.description) or None
     if "cron_expression" in changes:
         values["cron_expression"] = changes["cron_expression"].strip()
     if "timezone" in changes:
@@ -331,6 +331,7 @@ def update(schedule_id: str, changes: dict[str, Any], actor: str) -> ScheduleVie
     for name in ("enabled", "skip_if_running"):
         if name in changes:
             values[name] = bool(changes[name])
+    text_rules.fit(ReplicationSchedule, values)
     merged.update({k: v for k, v in values.items() if k in merged})
     _check_shape(merged, schedule_id)
     with joblog.recorded_operation(JobType.SCHEDULE_MANAGEMENT, "update-schedule", owner=actor,

@@ -26,6 +26,8 @@ import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
+from peewee import TextField
+
 from oma_server.errors import InvalidArgument
 
 QUOTE_LIMIT = 100
@@ -49,12 +51,20 @@ def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
+# A TEXT column holds 65,535 bytes on MariaDB; at up to 4 bytes a character (utf8mb4) this many
+# characters always fit. LONGTEXT columns (URLs, encrypted secrets) get explicit limits instead.
+TEXT_COLUMN_MAX_CHARS = 65535 // 4
+
+
 def column_limit(column: Any) -> int:
-    """The number of characters a CharField column holds (its ``max_length``)."""
+    """The number of characters a column holds: a CharField's ``max_length``, a TEXT column's
+    TEXT_COLUMN_MAX_CHARS."""
     limit = getattr(column, "max_length", None)
-    if not limit:
-        raise TypeError(f"{column!r} has no max_length")
-    return int(limit)
+    if limit:
+        return int(limit)
+    if isinstance(column, TextField) and column.field_type == "TEXT":
+        return TEXT_COLUMN_MAX_CHARS
+    raise TypeError(f"{column!r} has no character limit")
 
 
 def _label(column: Any, label: str | None) -> str:
@@ -107,8 +117,12 @@ def fit(model: Any, values: dict[str, Any], labels: dict[str, str] | None = None
     fields = model._meta.fields
     for key, value in values.items():
         column = fields.get(key)
-        if isinstance(value, str) and column is not None and getattr(column, "max_length", None):
-            check(value, (labels or {}).get(key, key), max_chars=column_limit(column))
+        if isinstance(value, str) and column is not None:
+            try:
+                limit = column_limit(column)
+            except TypeError:
+                continue  # a column without a character limit of its own (LONGTEXT)
+            check(value, (labels or {}).get(key, key), max_chars=limit, free_text=isinstance(column, TextField))
     return values
 
 
