@@ -44,7 +44,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
-from oma_server.domain import cloudstack_config, contexts, credentials, joblog
+from oma_server.domain import cloudstack_config, contexts, credentials, joblog, text_rules
 from oma_server.domain.job_lifecycle import finish
 from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, require
@@ -124,6 +124,7 @@ def _created_for(request_id: str, context_id: str) -> Created | None:
 
 def create(request: CreateRequest, actor: str) -> Created:
     """Validate, insert the job and claim the VM atomically (see the module docstring)."""
+    text_rules.fit(ReplicationJob, {"scheduled_by": request.scheduled_by})
     ctx = contexts.get(request.context_id)
     if request.request_id:
         earlier = _created_for(request.request_id, ctx.context_id)
