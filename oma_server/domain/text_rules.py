@@ -44,11 +44,14 @@ URL_MAX_CHARS = 2048
 
 
 def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
-    """``value`` for an error message: escaped like a Python literal, cut to ``limit`` characters."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}… ({len(text)} characters)"
+    """``value`` for an error message as ``{value!r}`` would show it — escaped like a Python literal —
+    but cut to ``limit`` characters."""
+    if not isinstance(value, str):
+        shown = repr(value)
+        return shown if len(shown) <= limit else f"{shown[:limit]}…"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{str(value)[:limit]!r}… ({len(value)} characters)"
 
 
 # A TEXT column holds 65,535 bytes on MariaDB; at up to 4 bytes a character (utf8mb4) this many
