@@ -70,3 +70,13 @@ def test_quote_shows_values_like_repr_but_never_more_than_the_limit():
     assert text_rules.quote("a\x1b[2J") == "'a\\x1b[2J'"
     long = text_rules.quote("g" * 1_000_000)
     assert long.startswith("'" + "g" * 100 + "'…") and long.endswith("(1000000 characters)") and len(long) < 140
+
+
+def test_the_status_mapping_bounds_every_message():
+    """The safety net under the rules: whatever a domain error says, the status message the RPC layer
+    sends stays far below gRPC's metadata limits."""
+    from oma_server import rpc
+
+    assert rpc.bounded_message("short") == "short"
+    bounded = rpc.bounded_message("x" * 2_000_000)
+    assert len(bounded) <= rpc.STATUS_MESSAGE_MAX_CHARS and bounded.endswith("(2000000 characters)")
