@@ -62,7 +62,8 @@ def bounded_message(message: str) -> str:
     """The safety net under every domain error: at most STATUS_MESSAGE_MAX_CHARS characters."""
     if len(message) <= STATUS_MESSAGE_MAX_CHARS:
         return message
-    return message[:STATUS_MESSAGE_MAX_CHARS - 20] + f"… ({len(message)} characters)"
+    suffix = f"… ({len(message)} characters)"
+    return message[:STATUS_MESSAGE_MAX_CHARS - len(suffix)] + suffix
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
