@@ -52,6 +52,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain.crypto import SecretBox
 from oma_server.domain.paging import Page, paginate
+from oma_server.domain.text_rules import quote
 from oma_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -193,7 +194,7 @@ def _get(enrollment_id: str, *, for_update: bool = False) -> VmaEnrollment:
     query = VmaEnrollment.select().where(VmaEnrollment.id == enrollment_id)
     enrollment = (db_for_update(query) if for_update else query).first()
     if enrollment is None:
-        raise NotFound(f"no enrollment with id {enrollment_id!r}")
+        raise NotFound(f"no enrollment with id {quote(enrollment_id)}")
     return enrollment
 
 

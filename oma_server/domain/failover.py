@@ -41,6 +41,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain import cloudstack_config, contexts, joblog
 from oma_server.domain.failover_config import FailoverConfig, FailoverRequest, resolve
+from oma_server.domain.text_rules import quote
 from oma_server.errors import FailedPrecondition, InvalidArgument, NotFound, require
 
 log = logging.getLogger("oma_server.failover")
@@ -97,7 +98,7 @@ def move_failover_job(job_id: str, to: FailoverJobStatus | str, **values: Any) -
     if not moved:
         row = FailoverJob.get_or_none(FailoverJob.job_id == job_id)
         if row is None:
-            raise NotFound(f"no failover job {job_id!r}")
+            raise NotFound(f"no failover job {quote(job_id)}")
         raise FailedPrecondition(f"failover job {job_id} is {row.status}; it cannot become {to}")
     log.info("failover job %s → %s", job_id, to)
 
@@ -158,7 +159,7 @@ def ensure_free(ctx: VmReplicationContext, worker: Worker | None, *, ignore_dead
         if ignore_dead and worker is not None and not worker.alive(job.id):
             continue
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} is busy: {job.operation} job {job.id} ({job.external_job_id or '-'}) is running")
+            f"VM {quote(ctx.vm_name)} is busy: {job.operation} job {job.id} ({job.external_job_id or '-'}) is running")
     active = FailoverJob.select().where(FailoverJob.vm_context == ctx.context_id,
                                         FailoverJob.status.in_(list(FAILOVER_ACTIVE_STATUSES)))
     for row in active:
@@ -167,7 +168,7 @@ def ensure_free(ctx: VmReplicationContext, worker: Worker | None, *, ignore_dead
         if ignore_dead and worker is not None and not worker.alive(row.job_id):
             continue
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} is busy: {row.job_type} failover {row.job_id} is {row.status}")
+            f"VM {quote(ctx.vm_name)} is busy: {row.job_type} failover {row.job_id} is {row.status}")
 
 
 def _repeated(context_id: str, operations: Iterable[str], request_id: str) -> JobTracking | None:
@@ -246,7 +247,7 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
         locked = _lock_context(ctx.context_id)
         if locked.current_status in FAILOVER_STATES:
             raise FailedPrecondition(
-                f"VM {ctx.vm_name!r} is {locked.current_status}: end the test failover, roll back or clean up first")
+                f"VM {quote(ctx.vm_name)} is {locked.current_status}: end the test failover, roll back or clean up first")
         ensure_free(locked, worker)
         newest = (ReplicationJob.select(ReplicationJob.id).where(ReplicationJob.vm_context == ctx.context_id)
                   .order_by(ReplicationJob.created_at.desc()).first())
@@ -286,7 +287,7 @@ def _failover_record(identifier: str) -> FailoverJob:
         if tracked is not None:
             row = FailoverJob.get_or_none(FailoverJob.job_id == tracked.id)
     if row is None:
-        raise NotFound(f"no failover job {identifier!r}")
+        raise NotFound(f"no failover job {quote(identifier)}")
     return row
 
 
@@ -294,7 +295,7 @@ def _newest_record(ctx: VmReplicationContext, failover_type: str) -> FailoverJob
     row = (FailoverJob.select().where(FailoverJob.vm_context == ctx.context_id, FailoverJob.job_type == failover_type)
            .order_by(FailoverJob.created_at.desc(), FailoverJob.id.desc()).first())
     if row is None:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has no {failover_type} failover to clean up or roll back")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has no {failover_type} failover to clean up or roll back")
     return row
 
 
@@ -366,12 +367,12 @@ def start_rollback(request: RollbackRequest, actor: str, worker: Worker) -> Star
     require(request.context_id, "context_id is required")
     require(request.vm_name, "vm_name is required")
     if request.failover_type not in set(FailoverJobType):
-        raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {request.failover_type!r})")
+        raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {quote(request.failover_type)})")
     ctx = contexts.get(request.context_id)
     if request.vm_name != ctx.vm_name:
-        raise InvalidArgument(f"vm_name {request.vm_name!r} is not the name of context {ctx.context_id} ({ctx.vm_name!r})")
+        raise InvalidArgument(f"vm_name {quote(request.vm_name)} is not the name of context {ctx.context_id} ({quote(ctx.vm_name)})")
     if request.vmware_vm_id and request.vmware_vm_id != ctx.vmware_vm_id:
-        raise InvalidArgument(f"vmware_vm_id {request.vmware_vm_id!r} is not the VMware id of context {ctx.context_id}")
+        raise InvalidArgument(f"vmware_vm_id {quote(request.vmware_vm_id)} is not the VMware id of context {ctx.context_id}")
     kind = request.failover_type
     operation = ROLLBACK_OPERATIONS[kind]
     power_on = request.power_on_source if request.power_on_source is not None else kind == "live"
@@ -417,9 +418,9 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
     newest = (FailoverJob.select().where(FailoverJob.vm_context == ctx.context_id)
               .order_by(FailoverJob.created_at.desc(), FailoverJob.id.desc()).first())
     if newest is None and ctx.current_status not in FAILOVER_STATES:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has no failover to clean up (status {ctx.current_status})")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has no failover to clean up (status {ctx.current_status})")
     if ctx.current_job_id:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {ctx.current_job_id}; "
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has an active replication job {ctx.current_job_id}; "
                                  "wait for it or cancel it first")
     _check_cloudstack()
     now = utcnow()
@@ -443,7 +444,7 @@ def resolve_context(*, vm_name: str = "", context_id: str = "", vmware_vm_id: st
     if context_id:
         ctx = contexts.get(context_id)
         if vm_name and vm_name != ctx.vm_name:
-            raise InvalidArgument(f"vm_name {vm_name!r} is not the name of context {ctx.context_id}")
+            raise InvalidArgument(f"vm_name {quote(vm_name)} is not the name of context {ctx.context_id}")
         return ctx
     if vmware_vm_id:
         found = list(VmReplicationContext.select().where(VmReplicationContext.vmware_vm_id == vmware_vm_id).limit(2))
@@ -461,9 +462,9 @@ def readiness_context(vm_id: str) -> VmReplicationContext:
         return ctx
     found = list(VmReplicationContext.select().where(VmReplicationContext.vmware_vm_id == vm_id).limit(2))
     if len(found) > 1:
-        raise FailedPrecondition(f"VMware id {vm_id!r} is managed in several vCenters; give the context id")
+        raise FailedPrecondition(f"VMware id {quote(vm_id)} is managed in several vCenters; give the context id")
     if not found:
-        raise NotFound(f"no managed VM with context id or VMware id {vm_id!r}")
+        raise NotFound(f"no managed VM with context id or VMware id {quote(vm_id)}")
     return found[0]
 
 
@@ -503,7 +504,7 @@ def find(identifier: str) -> StatusView:
         if record is not None:
             job = JobTracking.get_or_none(JobTracking.id == record.job_id)
     if job is None and record is None:
-        raise NotFound(f"no failover, cleanup or rollback job {identifier!r}")
+        raise NotFound(f"no failover, cleanup or rollback job {quote(identifier)}")
     steps = joblog.steps_of([job.id])[job.id] if job is not None else []
     return StatusView(job, steps, record)
 
@@ -520,11 +521,11 @@ def list_failover_jobs(*, failover_type: str = "", status: str = "", vm_id: str 
     query = FailoverJob.select()
     if failover_type:
         if failover_type not in set(FailoverJobType):
-            raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {failover_type!r})")
+            raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {quote(failover_type)})")
         query = query.where(FailoverJob.job_type == failover_type)
     if status:
         if status not in set(FailoverJobStatus):
-            raise InvalidArgument(f"unknown failover status {status!r}; one of {', '.join(FailoverJobStatus)}")
+            raise InvalidArgument(f"unknown failover status {quote(status)}; one of {', '.join(FailoverJobStatus)}")
         query = query.where(FailoverJob.status == status)
     if vm_id:
         query = query.where(FailoverJob.vm_id == vm_id)

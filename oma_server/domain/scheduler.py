@@ -93,6 +93,7 @@ from oma_server.domain.schedule_rules import (
 )
 from oma_server.domain.schedules import CHAIN_TRIGGER
 from oma_server.domain.schedules import SCHEDULER_OWNER as OWNER
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ class Scheduler:
         """TriggerSchedule: admit a firing now (same rules as a timed one) and return at once."""
         schedule = schedules.get(schedule_id)
         if not schedule.enabled:
-            raise FailedPrecondition(f"cannot trigger disabled schedule {schedule.name!r}; enable it first")
+            raise FailedPrecondition(f"cannot trigger disabled schedule {quote(schedule.name)}; enable it first")
         admission = self._admit(schedule.id, utcnow(), triggered_by or "manual", reason)
         assert admission is not None  # only clock firings can be claimed by another process
         return admission
@@ -266,7 +267,7 @@ class Scheduler:
         with db.atomic():
             schedule = db_for_update(ReplicationSchedule.select().where(ReplicationSchedule.id == schedule_id)).first()
             if schedule is None:
-                raise NotFound(f"no schedule {schedule_id!r}")
+                raise NotFound(f"no schedule {quote(schedule_id)}")
             if triggered_by == OWNER and ScheduleExecution.select().where(
                     ScheduleExecution.schedule == schedule_id, ScheduleExecution.scheduled_at == scheduled_at,
                     ScheduleExecution.triggered_by == triggered_by).exists():

@@ -28,6 +28,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DeadlineExceeded, FailedPrecondition
 from oma_server.integrations.cloudstack import CloudStack
 from oma_server.integrations.nbd_exports import Export, ExportManager
@@ -101,7 +102,7 @@ def _zone_id(cs: CloudStack, config: OsseaConfig) -> str:
         if config.zone in (zone["id"], zone.get("name")):
             return zone["id"]
     raise FailedPrecondition(
-        f"CloudStack zone {config.zone!r} of configuration {config.name!r} does not exist "
+        f"CloudStack zone {quote(config.zone)} of configuration {quote(config.name)} does not exist "
         f"(zones: {', '.join(z.get('name', z['id']) for z in zones)})"
     )
 
@@ -122,7 +123,7 @@ def attach(cs: CloudStack, config: OsseaConfig, volume: OsseaVolume, *, device_d
            wait_seconds: float) -> DeviceMapping:
     """Attach to the OMA VM (unless already there), find the device, record the mapping."""
     if not config.oma_vm_id:
-        raise FailedPrecondition(f"configuration {config.name!r} has no oma_vm_id (detect the OMA VM first)")
+        raise FailedPrecondition(f"configuration {quote(config.name)} has no oma_vm_id (detect the OMA VM first)")
     remote = cs.get_volume(volume.volume_id) or {}
     attached_to = remote.get("virtualmachineid")
     if attached_to and attached_to != config.oma_vm_id:

@@ -54,6 +54,7 @@ from oma_server.domain import (
     volumes,
 )
 from oma_server.domain.failover_config import FailoverConfig, duration_seconds
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DeadlineExceeded, DomainError, FailedPrecondition
 from oma_server.workflows.compensation import compensate
 from oma_server.workflows.error_rules import (
@@ -209,7 +210,7 @@ class FailoverFlow(FlowBase):
         failover.move_failover_job(run.job_id, FailoverJobStatus.SNAPSHOTTING)
         disks = list(VmDisk.select().where(VmDisk.vm_context == run.ctx.context_id))
         if not disks:
-            raise NotReady(f"VM {run.ctx.vm_name!r} has no disks")
+            raise NotReady(f"VM {quote(run.ctx.vm_name)} has no disks")
         run.disks = failover.os_disk_first(disks, readiness.os_disk(disks))
         replicas = volumes.replicas_of(run.disks)
         missing = [d.disk_id for d in run.disks if d.ossea_volume_id not in replicas]
@@ -232,7 +233,7 @@ class FailoverFlow(FlowBase):
             if not flipped:
                 ctx = VmReplicationContext.get_by_id(run.ctx.context_id)
                 busy = f" (replication {ctx.current_job_id} is running)" if ctx.current_job_id else ""
-                raise NotReady(f"VM {ctx.vm_name!r} is {ctx.current_status}{busy}, not ready_for_failover")
+                raise NotReady(f"VM {quote(ctx.vm_name)} is {ctx.current_status}{busy}, not ready_for_failover")
             locked = DeviceMapping.update(operation_mode=DeviceOperationMode.FAILOVER).where(
                 DeviceMapping.vm_context == run.ctx.context_id, DeviceMapping.vm_id == run.config.oma_vm_id).execute()
         run.status_flipped = run.locked = True
@@ -340,16 +341,16 @@ class FailoverFlow(FlowBase):
         existing = cs.find_virtual_machines(name)
         if existing:
             raise FailedPrecondition(
-                f"a CloudStack VM named {name!r} already exists ({existing[0]['id']}, {existing[0].get('state')}); "
+                f"a CloudStack VM named {quote(name)} already exists ({existing[0]['id']}, {existing[0].get('state')}); "
                 "remove it or run CleanupFailedExecution")
         run.name_was_free = True
         networks = self._network_ids(run)
         zone = next((z for z in cs.list_zones() if run.config.zone in (z["id"], z.get("name"))), None)
         if zone is None:
-            raise OfferingUnusable(f"CloudStack zone {run.config.zone!r} of the configuration does not exist")
+            raise OfferingUnusable(f"CloudStack zone {quote(run.config.zone)} of the configuration does not exist")
         offering = next((o for o in cs.list_service_offerings() if o["id"] == run.config.service_offering_id), None)
         if offering is None:
-            raise OfferingUnusable(f"service offering {run.config.service_offering_id!r} of the CloudStack "
+            raise OfferingUnusable(f"service offering {quote(run.config.service_offering_id)} of the CloudStack "
                                      "configuration does not exist")
         cpus = int(run.spec.get("cpus") or run.ctx.cpu_count or 1)
         memory = int(run.spec.get("memory_mb") or run.ctx.memory_mb or 1024)

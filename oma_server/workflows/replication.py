@@ -55,6 +55,7 @@ from oma_server.domain import (
 )
 from oma_server.domain.crypto import SecretBox
 from oma_server.domain.job_lifecycle import finish, tracking_job_id
+from oma_server.domain.text_rules import quote
 from oma_server.integrations import vma_client
 from oma_server.integrations.nbd_exports import ExportManager
 from oma_server.workflows.lease import Lease
@@ -287,9 +288,9 @@ class ReplicationEngine:
         vm = next((v for v in inventory.vms if v.id == state.ctx.vmware_vm_id), None) or next(
             (v for v in inventory.vms if v.name == state.ctx.vm_name), None)
         if vm is None:
-            raise errors.NotFound(f"VM {state.ctx.vm_name!r} is no longer in vCenter {state.ctx.vcenter_host}")
+            raise errors.NotFound(f"VM {quote(state.ctx.vm_name)} is no longer in vCenter {state.ctx.vcenter_host}")
         if not vm.disks:
-            raise errors.FailedPrecondition(f"VM {vm.name!r} has no disks to replicate")
+            raise errors.FailedPrecondition(f"VM {quote(vm.name)} has no disks to replicate")
         rows = discovery.disk_rows(state.ctx.context_id, vm)
         with db.atomic():
             for row in rows:
