@@ -245,10 +245,12 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
     ext = external_id(f"unified-{kind}-failover", ctx.vm_name, now)
     with db.atomic():
         locked = _lock_context(ctx.context_id)
+        # A job still running on the VM is the first thing to name (the operator waits for it or cancels it);
+        # only a VM at rest in a failover state asks for an end, a rollback or a cleanup.
+        ensure_free(locked, worker)
         if locked.current_status in FAILOVER_STATES:
             raise FailedPrecondition(
                 f"VM {quote(ctx.vm_name)} is {locked.current_status}: end the test failover, roll back or clean up first")
-        ensure_free(locked, worker)
         newest = (ReplicationJob.select(ReplicationJob.id).where(ReplicationJob.vm_context == ctx.context_id)
                   .order_by(ReplicationJob.created_at.desc()).first())
         job_id = joblog.start_job(
