@@ -66,3 +66,21 @@ def test_no_server_module_is_oversized():
     assert len(sizes) > 50
     assert sizes["db/models.py"] > MAX_LINES  # the exemption is still needed (and the count works)
     assert {name: n for name, n in sizes.items() if n > MAX_LINES and not name.startswith(SIZE_EXEMPT)} == {}
+
+
+#: keys of CloudStack's JSON answers that only integrations/cloudstack.py may spell (the rest of the
+#: server reads the dataclasses it builds)
+CLOUDSTACK_KEYS = {"cpunumber", "cpuspeed", "displaytext", "iscustomized", "isready", "ostypename", "disksize",
+                   "virtualmachineid", "deviceid", "macaddress", "ipaddress", "networkid", "volumeid", "zonename",
+                   "isdefault", "displayname"}
+
+
+def test_only_the_cloudstack_integration_reads_cloudstack_json():
+    readers = {}
+    for path in server_modules():
+        strings = {node.value for node in ast.walk(ast.parse(path.read_text(), str(path)))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        if strings & CLOUDSTACK_KEYS:
+            readers[path.relative_to(SERVER).as_posix()] = sorted(strings & CLOUDSTACK_KEYS)
+    assert readers.pop("integrations/cloudstack.py") == sorted(CLOUDSTACK_KEYS)  # the scan sees them
+    assert readers == {}
