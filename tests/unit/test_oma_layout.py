@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SERVER = Path(__file__).resolve().parents[1] / "oma_server"
+SERVER = Path(__file__).resolve().parents[2] / "oma_server"
 MAX_LINES = 700
 #: generated or declarative code read as a reference, not in a sitting
 SIZE_EXEMPT = ("db/models.py", "db/migrations/")
