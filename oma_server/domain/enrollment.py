@@ -46,6 +46,7 @@ from oma_server.db.models import (
     new_uuid,
     utcnow,
 )
+from oma_server.db.transactions import retry_on_write_conflict
 from oma_server.domain.paging import Page, paginate
 from oma_server.errors import (
     AlreadyExists,
@@ -400,36 +401,45 @@ def approve(tunnel: Tunnel, caller: Caller, enrollment_id: str, approved_by: str
     nothing."""
     approved_by = _text(approved_by, "approved_by") or caller.actor
     notes = _text(notes, "notes", 2000)
-    installed: ssh_keys.Ed25519PublicKey | None = None
+    def attempt() -> tuple[VmaEnrollment, VmaActiveConnection, int]:
+        installed: ssh_keys.Ed25519PublicKey | None = None
+        try:
+            with tunnel.keys.locked(), db.atomic():
+                enrollment = _get(enrollment_id, for_update=True)
+                _require_status(enrollment, (EnrollmentStatus.AWAITING_APPROVAL,), "approved")
+                port = _free_reverse_port(tunnel.reverse_ports)
+                now = utcnow()
+                enrollment.status = EnrollmentStatus.APPROVED
+                enrollment.approved_by, enrollment.approved_at = approved_by, now
+                enrollment.save()
+                connection = VmaActiveConnection.create(
+                    id=new_uuid(), enrollment=enrollment.id, vma_name=enrollment.vma_name,
+                    vma_fingerprint=enrollment.vma_fingerprint, ssh_user=tunnel.ssh_user,
+                    connection_status=ConnectionStatus.CONNECTED, reverse_tunnel_port=port, connected_at=now,
+                    created_at=now, updated_at=now)
+                _audit(AuditEventType.APPROVAL, caller, enrollment, approved_by=approved_by, notes=notes or None,
+                       connection_id=connection.id, reverse_tunnel_port=port)
+                key = _key(enrollment)
+                tunnel.keys.add(key, port)  # last: if it fails, the transaction rolls back
+                installed = key
+        except Exception:
+            if installed is not None:  # the commit failed after the key went in: take it out again
+                _remove_quietly(tunnel, installed)
+            raise
+        return enrollment, connection, port
+
+    # The enrollment row's status change is the claim (two approvals of one enrollment write the same row) and the
+    # port's unique index reserves the port; on a Galera cluster a concurrent approval through another node fails
+    # certification on either and is run again from the start (it then sees the approval or the taken port).
     try:
-        with tunnel.keys.locked(), db.atomic():
-            enrollment = _get(enrollment_id, for_update=True)
-            _require_status(enrollment, (EnrollmentStatus.AWAITING_APPROVAL,), "approved")
-            port = _free_reverse_port(tunnel.reverse_ports)
-            now = utcnow()
-            enrollment.status = EnrollmentStatus.APPROVED
-            enrollment.approved_by, enrollment.approved_at = approved_by, now
-            enrollment.save()
-            connection = VmaActiveConnection.create(
-                id=new_uuid(), enrollment=enrollment.id, vma_name=enrollment.vma_name,
-                vma_fingerprint=enrollment.vma_fingerprint, ssh_user=tunnel.ssh_user,
-                connection_status=ConnectionStatus.CONNECTED, reverse_tunnel_port=port, connected_at=now,
-                created_at=now, updated_at=now)
-            _audit(AuditEventType.APPROVAL, caller, enrollment, approved_by=approved_by, notes=notes or None,
-                   connection_id=connection.id, reverse_tunnel_port=port)
-            key = _key(enrollment)
-            tunnel.keys.add(key, port)  # last: if it fails, the transaction rolls back
-            installed = key
+        enrollment, connection, port = retry_on_write_conflict(
+            attempt, what=f"approving enrollment {enrollment_id}")
     except ssh_keys.SshKeyError as exc:
         raise FailedPrecondition(f"the VMA's key could not be installed for the tunnel, nothing was approved: "
                                  f"{exc}") from None
     except IntegrityError:  # another OMA process handed out the same port at the same moment (unique index)
         raise Unavailable("another approval took the same reverse tunnel port at the same moment; nothing was "
                           "approved, approve again") from None
-    except Exception:
-        if installed is not None:  # the commit failed after the key went in: take it out again
-            _remove_quietly(tunnel, installed)
-        raise
     log.info("enrollment %s of VMA %r approved by %s (reverse port %d)", enrollment.id, enrollment.vma_name,
              approved_by, port)
     return enrollment, connection, port

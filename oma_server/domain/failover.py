@@ -39,6 +39,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.db.transactions import claim_row, run_transaction
 from oma_server.domain import cloudstack_config, contexts, joblog
 from oma_server.domain.failover_config import FailoverConfig, FailoverRequest, resolve
 from oma_server.errors import FailedPrecondition, InvalidArgument, NotFound, require
@@ -141,6 +142,10 @@ class Started:
 # --- the lock and idempotency --------------------------------------------------------------------
 
 def _lock_context(context_id: str) -> VmReplicationContext:
+    """The per-context lock: a write of the row (claim_row), so that on a Galera cluster, where ``FOR UPDATE``
+    locks one node only, two requests for one VM through different nodes conflict at certification (the loser is
+    run again by run_transaction, or answered UNAVAILABLE "try again")."""
+    claim_row(VmReplicationContext, context_id)
     return db_for_update(VmReplicationContext.select().where(VmReplicationContext.context_id == context_id)).get()
 
 
@@ -241,7 +246,7 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
     _check_cloudstack()
     kind = config.failover_type
     ext = external_id(f"unified-{kind}-failover", ctx.vm_name, now)
-    with db.atomic():
+    def claim() -> str:
         locked = _lock_context(ctx.context_id)
         if locked.current_status in FAILOVER_STATES:
             raise FailedPrecondition(
@@ -267,6 +272,9 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
                                     "unmapped": config.unmapped_networks}),
             started_at=now,
         )
+        return job_id
+
+    job_id = run_transaction(claim, what=f"starting a {kind} failover of VM {ctx.vm_name!r}")
     return Started(job_id, ext, ctx.context_id, job_id, ctx.vm_name, status=FailoverJobStatus.PENDING,
                    message=f"{kind} failover of {ctx.vm_name} started", configuration=config)
 

@@ -47,7 +47,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Iterable
 
-from peewee import JOIN
+from peewee import JOIN, IntegrityError
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.database import db_for_update
@@ -72,6 +72,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.db.transactions import run_transaction
 from oma_server.domain import joblog, replications, schedules
 from oma_server.domain.schedules import CHAIN_TRIGGER
 from oma_server.domain.schedules import SCHEDULER_OWNER as OWNER
@@ -415,7 +416,12 @@ class Scheduler:
         clock firing (same schedule and fire time)."""
         now = utcnow()
         execution_id = new_uuid()
-        with db.atomic():
+        # A clock firing's claim is its unique firing_key: the FOR UPDATE below serialises the schedulers on one
+        # server, but on a Galera cluster it locks one node only; there the second insert of the key fails
+        # certification, run_transaction runs it again and the exists() check then sees the first firing.
+        firing_key = f"{schedule_id}@{scheduled_at.isoformat()}" if triggered_by == OWNER else None
+
+        def fire() -> tuple[ReplicationSchedule, ScheduleExecution, str, str | None] | None:
             schedule = db_for_update(ReplicationSchedule.select().where(ReplicationSchedule.id == schedule_id)).first()
             if schedule is None:
                 raise NotFound(f"no schedule {schedule_id!r}")
@@ -434,7 +440,7 @@ class Scheduler:
                 execution = ScheduleExecution.create(
                     id=execution_id, schedule=schedule.id, scheduled_at=scheduled_at, started_at=now, completed_at=now,
                     status=ScheduleExecutionStatus.SKIPPED, triggered_by=triggered_by, execution_details=details,
-                    execution_duration_seconds=0)
+                    execution_duration_seconds=0, firing_key=firing_key)
                 job_id = ""
             else:
                 job_id = joblog.start_job(
@@ -444,11 +450,23 @@ class Scheduler:
                 details.update(status=ScheduleExecutionStatus.RUNNING.value, job_id=job_id)
                 execution = ScheduleExecution.create(
                     id=execution_id, schedule=schedule.id, scheduled_at=scheduled_at, started_at=now,
-                    status=ScheduleExecutionStatus.RUNNING, triggered_by=triggered_by, execution_details=details)
+                    status=ScheduleExecutionStatus.RUNNING, triggered_by=triggered_by, execution_details=details,
+                    firing_key=firing_key)
                 step = "fire-schedule" if triggered_by in (OWNER, CHAIN_TRIGGER) else "trigger-schedule"
                 with joblog.step(job_id, step) as handle:
                     handle.details.update(triggered_by=triggered_by, reason=reason or None,
                                           scheduled_at=_iso(scheduled_at))
+            return schedule, execution, job_id, skip
+
+        try:
+            fired = run_transaction(fire, what=f"firing schedule {schedule_id}")
+        except IntegrityError:
+            if firing_key is None:
+                raise
+            fired = None  # another process committed this firing between our check and our insert
+        if fired is None:
+            return None
+        schedule, execution, job_id, skip = fired
         with self._lock:
             registration = self._registrations.get(schedule.id)
             if registration is not None:
