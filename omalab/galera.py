@@ -16,6 +16,9 @@ How it starts (20-30 s on a busy 2-core machine, most of it the two rsync state 
 Failure detection is shortened (``evs.suspect_timeout`` 2 s, ``evs.inactive_timeout`` 4 s) so a test that kills a
 node sees the remaining two form a primary component again within seconds instead of the default 15 s.
 
+``python -m omalab.galera`` starts a cluster, prints each node's SQL port and waits for Ctrl-C (then stops it);
+``OMA_GALERA_KEEP=1`` keeps the temporary folder (datadirs and each node's ``mysqld.err``) for a post-mortem.
+
 Hand-written on the standard library: there is no maintained Python package that runs a local Galera cluster
 (the MariaDB test framework ``mtr`` is Perl and tied to the server's source tree).
 """
@@ -279,3 +282,17 @@ def galera_cluster(size: int = 3) -> Iterator[GaleraCluster]:
             cluster.stop_node(node)
         if not os.environ.get("OMA_GALERA_KEEP"):
             shutil.rmtree(cluster.workdir, ignore_errors=True)
+
+
+def main() -> int:
+    with galera_cluster() as cluster:
+        for node in cluster.nodes:
+            print(f"node {node.index}: {node.url('<database>')}  (log {node.error_log})", flush=True)
+        print("the cluster is up (3 nodes synced); Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
