@@ -6,7 +6,8 @@ ONE transaction — a rejected request writes nothing — then the caller hands 
 (:mod:`oma_server.domain.failover_workflow`), which runs the steps.
 
 * **Lock** (docs/design/failover.md#one-operation-per-vm-and-restarts): at most one non-terminal failover, cleanup or rollback per context. The context row
-  is locked (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction serialises writers) and the request
+  is locked (written by ``claim_row`` and read ``FOR UPDATE``, so the lock holds across the nodes of a Galera
+  cluster too, docs/design/galera.md; SQLite's IMMEDIATE transaction serialises writers) and the request
   is refused with FAILED_PRECONDITION naming the running job while a failover record of the context is
   non-terminal (a cleanup/rollback moves it to ``reverting``) or a failover/cleanup job of the context
   is running. CleanupFailedExecution ignores jobs whose process is gone (no heartbeat): it exists for them.
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Protocol
 
-from oma_server.db.database import database_proxy as db
 from oma_server.db.database import db_for_update
 from oma_server.db.models import (
     FAILOVER_ACTIVE_STATUSES,
@@ -311,7 +311,7 @@ def _start_revert(record: FailoverJob, *, operation: str, ext: str, actor: str, 
         if record.status == FailoverJobStatus.CLEANUP:
             raise FailedPrecondition(f"failover {record.job_id} was already cleaned up")
         raise FailedPrecondition(f"failover {record.job_id} is {record.status}; wait for it to end")
-    with db.atomic():
+    def claim() -> str:
         locked = _lock_context(record.vm_context_id)
         ensure_free(locked, worker)
         parent = record.job_id if JobTracking.select().where(JobTracking.id == record.job_id).exists() else None
@@ -322,7 +322,9 @@ def _start_revert(record: FailoverJob, *, operation: str, ext: str, actor: str, 
                       "worker": worker.instance, "context_id": record.vm_context_id},
         )
         move_failover_job(record.job_id, FailoverJobStatus.REVERTING, completed_at=None)
-    return job_id
+        return job_id
+
+    return run_transaction(claim, what=f"starting {operation} of failover {record.job_id}")
 
 
 def start_end_test(identifier: str, request_id: str, actor: str, worker: Worker) -> Started:
@@ -429,16 +431,18 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
     _check_cloudstack()
     now = utcnow()
     ext = external_id("cleanup-failed", ctx.vm_name, now)
-    with db.atomic():
+    def claim() -> str:
         locked = _lock_context(ctx.context_id)
         ensure_free(locked, worker, ignore_dead=True)
-        job_id = joblog.start_job(
+        return joblog.start_job(
             JobType.CLEANUP, FAILED_EXECUTION_OPERATION, owner=actor, context_id=ctx.context_id, external_job_id=ext,
             category=JobCategory.SYSTEM, parent_job_id=newest.job_id if newest is not None and JobTracking.select().where(
                 JobTracking.id == newest.job_id).exists() else None,
             metadata={"vm_name": ctx.vm_name, "failover_job_id": newest.job_id if newest else None,
                       "request_id": request_id or None, "worker": worker.instance, "context_id": ctx.context_id},
         )
+
+    job_id = run_transaction(claim, what=f"starting the cleanup of the failed execution of VM {ctx.vm_name!r}")
     return Started(job_id, ext, ctx.context_id, newest.job_id if newest else "", ctx.vm_name,
                    message=f"cleaning up the failed execution of {ctx.vm_name}")
 
