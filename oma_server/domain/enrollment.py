@@ -46,7 +46,7 @@ from oma_server.db.models import (
     new_uuid,
     utcnow,
 )
-from oma_server.db.transactions import retry_on_write_conflict
+from oma_server.db.transactions import retry_on_write_conflict, run_transaction
 from oma_server.domain.paging import Page, paginate
 from oma_server.errors import (
     AlreadyExists,
@@ -334,7 +334,8 @@ def verify(source: Caller, windows: Windows, enrollment_id: str, signature: str)
     """Check the signature of the challenge: success → ``awaiting_approval`` (nonce cleared, approval
     window starts); failure → counted, the fifth → ``rejected``. Both outcomes are answers, not errors."""
     require(signature.strip(), "signature is required")
-    with db.atomic():
+
+    def check() -> tuple[VmaEnrollment, str, str]:
         enrollment = _get(enrollment_id, for_update=True)
         _require_status(enrollment, (EnrollmentStatus.PENDING_VERIFICATION,), "verified")
         caller = source.as_actor(f"vma:{enrollment.vma_name}")
@@ -345,18 +346,23 @@ def verify(source: Caller, windows: Windows, enrollment_id: str, signature: str)
             enrollment.expires_at = utcnow() + windows.approval
             enrollment.save()
             _audit(AuditEventType.VERIFICATION, caller, enrollment, success=True)
-            return enrollment, "Signature verified; waiting for the operator's approval"
+            return enrollment, "Signature verified; waiting for the operator's approval", ""
         failures = enrollment.verification_attempts + 1
         enrollment.verification_attempts = failures
         enrollment.save()
         _audit(AuditEventType.VERIFICATION, caller, enrollment, success=False, failed_attempts=failures)
         if failures < MAX_VERIFICATION_FAILURES:
-            return enrollment, f"Signature verification failed ({failures} of {MAX_VERIFICATION_FAILURES} attempts)"
+            return enrollment, f"Signature verification failed ({failures} of {MAX_VERIFICATION_FAILURES} attempts)", ""
         enrollment.status = EnrollmentStatus.REJECTED
         enrollment.challenge_nonce = None
         enrollment.save()
         reason = f"{MAX_VERIFICATION_FAILURES} failed signature verifications"
         _audit(AuditEventType.REJECTION, caller.as_actor(SYSTEM), enrollment, reason=reason)
+        return enrollment, "", reason
+
+    enrollment, answer, reason = run_transaction(check, what=f"verifying enrollment {enrollment_id}")
+    if answer:
+        return enrollment, answer
     log.warning("enrollment %s of VMA %r rejected after %s", enrollment.id, enrollment.vma_name, reason)
     return enrollment, f"Enrollment rejected after {reason}"
 
@@ -401,6 +407,7 @@ def approve(tunnel: Tunnel, caller: Caller, enrollment_id: str, approved_by: str
     nothing."""
     approved_by = _text(approved_by, "approved_by") or caller.actor
     notes = _text(notes, "notes", 2000)
+
     def attempt() -> tuple[VmaEnrollment, VmaActiveConnection, int]:
         installed: ssh_keys.Ed25519PublicKey | None = None
         try:
@@ -456,13 +463,17 @@ def _remove_quietly(tunnel: Tunnel, key: ssh_keys.Ed25519PublicKey) -> None:
 def reject(caller: Caller, enrollment_id: str, rejected_by: str, reason: str) -> VmaEnrollment:
     rejected_by = _text(rejected_by, "rejected_by") or caller.actor
     reason = _text(reason, "reason", 2000)
-    with db.atomic():
+
+    def refuse() -> VmaEnrollment:
         enrollment = _get(enrollment_id, for_update=True)
         _require_status(enrollment, ENROLLMENT_EXPIRABLE_STATUSES, "rejected")
         enrollment.status = EnrollmentStatus.REJECTED
         enrollment.challenge_nonce = None
         enrollment.save()
         _audit(AuditEventType.REJECTION, caller, enrollment, rejected_by=rejected_by, reason=reason or None)
+        return enrollment
+
+    enrollment = run_transaction(refuse, what=f"rejecting enrollment {enrollment_id}")
     log.info("enrollment %s of VMA %r rejected by %s", enrollment.id, enrollment.vma_name, rejected_by)
     return enrollment
 
