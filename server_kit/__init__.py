@@ -10,6 +10,8 @@ One copy of each cross-cutting part, so the two servers cannot drift apart again
   errors → status, metrics, access log), which takes each server's own parts as parameters;
 - :mod:`server_kit.serving`: building the grpc server, registering a contract's services, health,
   reflection (``grpc.reflection.v1`` and ``v1alpha``) and binding ports;
+- :mod:`server_kit.metrics`: the RPC metrics and the Prometheus endpoint;
+- :mod:`server_kit.logs`: text or JSON log lines with the ids of the current work;
 - :mod:`server_kit.private_files`: the one atomic writer of files only this user may read.
 
 The kit never imports ``oma_server`` or ``vma_agent``: each server passes in what differs

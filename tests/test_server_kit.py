@@ -7,10 +7,12 @@ from __future__ import annotations
 import ast
 import base64
 import os
+import socket
 import stat
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,7 +24,7 @@ from grpc_status import rpc_status
 import oma_server.config
 import vma_agent.config
 from oma_server.domain.crypto import load_or_create_key_file
-from server_kit import errors, private_files, serving, settings
+from server_kit import errors, metrics, private_files, serving, settings
 from server_kit.rpc import STATUS_MESSAGE_MAX_CHARS, CallInterceptor, shared_token
 from tests.fixtures.servers import VMA_TOKEN, start_vma
 
@@ -232,6 +234,21 @@ def test_the_shared_token_is_required_and_streams_map_errors(kit_server):
         next(stream)
     assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.NOT_FOUND, "job vanished")
     assert recorder.calls[-1] == ("/kit.Test/Watch", "NOT_FOUND")
+
+
+def test_rpc_metrics_are_counted_and_served():
+    rpcs = metrics.RpcMetrics("kit_test")
+    rpcs.record("/kit.Test/Call", "OK", 0.02)
+    rpcs.record("/kit.Test/Call", "NOT_FOUND", None)
+    rpcs.record("/kit.Test/Call", "NOT_FOUND", None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics.serve(f"127.0.0.1:{port}")
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'kit_test_rpc_handled_total{code="OK",method="/kit.Test/Call"} 1.0' in scraped
+    assert 'kit_test_rpc_handled_total{code="NOT_FOUND",method="/kit.Test/Call"} 2.0' in scraped
+    assert 'kit_test_rpc_handling_seconds_count{method="/kit.Test/Call"} 1.0' in scraped
 
 
 # --- reflection: v1 and v1alpha ------------------------------------------------------------------------------
