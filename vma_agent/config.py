@@ -5,12 +5,13 @@ the common ones from ``vma-agent`` flags (flags win).
 """
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from server_kit.settings import ConfigError, ServingSettings, is_loopback, load
+
+__all__ = ["ENV_PREFIX", "MIN_TOKEN_LENGTH", "ConfigError", "Settings", "load_settings"]
 
 ENV_PREFIX = "VMA_"
 #: The shortest bearer token accepted on a non-loopback address.
@@ -18,17 +19,13 @@ MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(ServingSettings):
+    # (and the kit's: max_workers, max_concurrent_rpcs, metrics_listen, log_level, log_format)
     listen: str = "127.0.0.1:9091"
-    max_workers: int = 32
-    max_concurrent_rpcs: int = 64
     # Bearer token the OMA must present. Empty = no authentication, which the agent accepts only on a
     # loopback address (the lab, or behind the enrollment tunnel, whose reverse forward ends on
     # 127.0.0.1); any other listen address needs a token of at least MIN_TOKEN_LENGTH characters.
     auth_token: str = ""
-    metrics_listen: str = ""
-    log_level: str = "INFO"
-    log_format: str = "text"
     # Ended jobs' progress is kept this long for late readers.
     progress_retention_seconds: float = 6 * 3600
     # At most this many jobs' progress is held in memory; a new job beyond it evicts the longest-ended
@@ -79,8 +76,8 @@ class Settings:
 
     def check(self) -> None:
         """Refuse settings the agent must not start with (raises :class:`ConfigError` naming the setting)."""
-        host = listen_host(self.listen)
-        if not _is_loopback(host):
+        self.check_serving()
+        if not is_loopback(self.listen):
             if not self.auth_token:
                 raise ConfigError(
                     f"listen = {self.listen!r} is not a loopback address and auth_token (VMA_AUTH_TOKEN) is "
@@ -100,44 +97,10 @@ class Settings:
         return mapping
 
 
-class ConfigError(ValueError):
-    """A setting the agent refuses to start with; the message names it."""
-
-
-def listen_host(listen: str) -> str:
-    """The host part of a gRPC listen address (``host:port``, ``[v6]:port``, ``:port`` = every address)."""
-    host = listen.rpartition(":")[0]
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # '' or 0.0.0.0-like wildcards are not loopback; neither is a name that may resolve anywhere
-        return False
-
-
-def _convert(raw: str, kind: Any) -> Any:
-    kind = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}.get(kind, kind)
-    if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
-
-
 def load_settings(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            values[f.name] = _convert(raw, f.type)
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
-    if "work_dir" in values:
-        values["work_dir"] = Path(values["work_dir"])
-    return Settings(**values)
+    """Defaults, then ``VMA_*`` environment variables, then explicit overrides (CLI flags). A variable that
+    does not convert (``VMA_TUNNEL_ENABLED=ture``) raises :class:`ConfigError` naming it (the server kit's
+    rules: :mod:`server_kit.settings`)."""
+    return load(Settings, ENV_PREFIX, overrides, environ)
