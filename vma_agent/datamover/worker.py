@@ -78,15 +78,28 @@ class _Op:
 
 
 class WorkQueue:
-    """State shared by the workers and the supervising thread."""
+    """State shared by the workers and the supervising thread.
 
-    def __init__(self, work: Iterator[tuple[bool, int, int]], cancel: threading.Event | None):
+    It also knows the *completed prefix* of the copy: pieces are handed out in disk order, so
+    every planned byte below the lowest piece still open (or below the end of the last piece
+    handed out, when none is open) has been written and acknowledged by the target. A flush of
+    every target connection after that moment makes the prefix durable: a checkpoint.
+    """
+
+    def __init__(self, work: Iterator[tuple[bool, int, int]], cancel: threading.Event | None,
+                 start: int = 0):
         self.work_order = work
         self._lock = threading.Lock()
         self.stop = threading.Event()
         self.cancel = cancel
         self.error: BaseException | None = None
         self.exhausted = False
+        self._open: set[int] = set()      # offsets of pieces handed out and not finished
+        self._open_heap: list[int] = []   # the same, lazily pruned, for the lowest one
+        self._handed_end = start          # end of the last piece handed out
+        # Checkpoint flushes: the supervisor raises flush_generation, each worker flushes its
+        # target connection and records the generation it flushed (or failed to flush).
+        self.flush_generation = 0
 
     def next_work(self) -> tuple[bool, int, int] | None:
         if self.exhausted:
@@ -95,7 +108,25 @@ class WorkQueue:
             item = next(self.work_order, None)
             if item is None:
                 self.exhausted = True
+            else:
+                _, off, n = item
+                self._open.add(off)
+                heapq.heappush(self._open_heap, off)
+                self._handed_end = max(self._handed_end, off + n)
             return item
+
+    def finished(self, offset: int) -> None:
+        """The piece starting at ``offset`` is written (every command of it acknowledged)."""
+        with self._lock:
+            self._open.discard(offset)
+
+    def completed_prefix(self) -> int:
+        """Offset below which every planned piece is acknowledged by the target."""
+        with self._lock:
+            heap = self._open_heap
+            while heap and heap[0] not in self._open:
+                heapq.heappop(heap)
+            return heap[0] if heap else self._handed_end
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -121,6 +152,11 @@ class CopySettings:
     fast_zero: bool
     retry: RetryPolicy
     poll_interval: float
+    # Writes acknowledged on a target connection that died may be lost unless the server
+    # advertises multi-conn (then a flush on any connection covers them). When set, losing a
+    # target connection without multi-conn fails the attempt so the copy rewinds to its last
+    # checkpoint instead of trusting those writes.
+    rewind_on_target_loss: bool = False
 
 
 class Worker(threading.Thread):
@@ -147,6 +183,10 @@ class Worker(threading.Thread):
         self._open_bytes = 0               # bytes of those holding a buffer
         self.extra_conns: list[NbdConnection] = []
         self.ok = False
+        # checkpoint flushes (see WorkQueue): the last generation flushed / failed to flush
+        self.flushed_generation = 0
+        self.flush_failed_generation = 0
+        self._flush_sent = 0
 
     # ------------------------------------------------------------ connections
     def _connect(self, which: str) -> NbdConnection:
@@ -156,6 +196,9 @@ class Worker(threading.Thread):
             return conn
         self._suspect.discard(which)
         if conn is not None:
+            if which == "target" and self.cfg.rewind_on_target_loss and not conn.can_multi_conn:
+                raise CopyError(f"{conn.name}: connection lost; the target has no multi-conn, so writes "
+                                "since the last checkpoint are rewritten", errno=errno.ENOTCONN)
             self._fail_inflight(conn)
             conn.close()
             if which == "source":
@@ -291,6 +334,29 @@ class Worker(threading.Thread):
         if chunk.pending == 0:
             self._release(chunk)
             self._open -= 1
+            self.shared.finished(chunk.offset)
+
+    def _checkpoint_flush(self, generation: int) -> None:
+        """Flush this worker's target connection for checkpoint ``generation`` (asynchronously:
+        the completion records the outcome, the loop goes on copying meanwhile)."""
+        dst = self.dst
+        if dst is None or not dst.can_flush:
+            self.flushed_generation = generation  # nothing written here / nothing to flush
+            return
+        if dst.is_dead():
+            self.flush_failed_generation = generation
+            return
+
+        def done(err: int, generation=generation) -> None:
+            if err:
+                self.flush_failed_generation = max(self.flush_failed_generation, generation)
+            else:
+                self.flushed_generation = max(self.flushed_generation, generation)
+
+        try:
+            dst.aio_flush(done)
+        except NbdError:
+            self.flush_failed_generation = generation
 
     def _release(self, chunk: _Chunk) -> None:
         if chunk.buf is not None:
@@ -341,6 +407,9 @@ class Worker(threading.Thread):
         while True:
             if shared.stop.is_set() or shared.cancelled():
                 return
+            if shared.flush_generation > self._flush_sent:
+                self._flush_sent = shared.flush_generation
+                self._checkpoint_flush(self._flush_sent)
             # 1. completions (a chunk is finished when its last command completes)
             while events:
                 op, err = events.popleft()
