@@ -54,6 +54,21 @@ class Settings:
     # Tries per NBD command (reconnecting in between, back-off 0.5 s doubling to 10 s): patient enough
     # for the OMA to restart and serve its exports again (~35 s in all).
     copy_retry_tries: int = 8
+    # Checkpoints: every this many MiB or seconds (whichever comes first) the copier flushes the
+    # target and reports the offset below which each disk is durable (DiskProgress.checkpoint_offset).
+    # Smaller: less rewritten after a crash; larger: fewer flushes.
+    checkpoint_interval_mib: int = 256
+    checkpoint_interval_seconds: float = 5.0
+    # No fixed time limit on a copy: it fails only after no byte was written for this long; until
+    # then lost connections are retried from the last checkpoint with back-off.
+    copy_stall_seconds: float = 600.0
+    # Journal of running jobs (snapshot, checkpoints; no secrets) read back after a crash or
+    # restart (ListInterruptedJobs). Empty: <work_dir>/jobs; give a persistent path in production.
+    job_journal_dir: str = ""
+    # Interrupted jobs older than this are reported expired: remove their snapshot, do not resume.
+    leftover_snapshot_max_age_seconds: float = 24 * 3600
+    # Touch the vCenter session of a running job this often, so a long copy never outlives it.
+    vcenter_keepalive_seconds: float = 120.0
 
     # --- enrollment with an OMA ------------------------------------------------------------
     # Private directory (0700) of the enrollment key (OpenSSH format, 0600), the saved state (the
@@ -68,6 +83,9 @@ class Settings:
     tunnel_enabled: bool = True
     tunnel_restart_delay_seconds: float = 10.0
     tunnel_check_interval_seconds: float = 5.0
+
+    def journal_dir(self) -> Path:
+        return Path(self.job_journal_dir) if self.job_journal_dir else Path(self.work_dir) / "jobs"
 
     def datastores(self) -> dict[str, Path]:
         mapping = {}

@@ -269,7 +269,8 @@ def copy_disk(
     total = extents_total(data) + extents_total(zero)
     cfg = CopySettings(source_uri, target_uri, request_size, zero_request_size, queue_depth, max_in_flight,
                        detect_zeroes, zero_granularity, punch_holes, fast_zero, retry, poll_interval,
-                       rewind_on_target_loss=stall_seconds is not None)
+                       rewind_on_target_loss=stall_seconds is not None,
+                       max_ahead=max_in_flight * connections if checkpoint_bytes or checkpoint_seconds else 0)
     run = _Run(cfg, data, zero, total, connections, on_progress, cancel_event, flush, progress_interval,
                checkpoint_bytes, checkpoint_seconds, stall_seconds)
     run.durable = start_offset

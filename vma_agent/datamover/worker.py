@@ -157,6 +157,11 @@ class CopySettings:
     # target connection without multi-conn fails the attempt so the copy rewinds to its last
     # checkpoint instead of trusting those writes.
     rewind_on_target_loss: bool = False
+    # How far (in disk offsets) a worker may start pieces beyond the completed prefix: bounds what
+    # lies written-but-not-yet-checkpointed (zero pieces are cheap and would otherwise run far
+    # ahead of a slow read), so a resume rewrites at most this plus one checkpoint interval.
+    # 0 = unbounded.
+    max_ahead: int = 0
 
 
 class Worker(threading.Thread):
@@ -429,6 +434,9 @@ class Worker(threading.Thread):
                 is_zero, off, n = item
                 if not is_zero and self._open_bytes + n > budget and self._open_bytes:
                     pending_item = item  # wait for buffer space
+                    break
+                if cfg.max_ahead and self._open and off - shared.completed_prefix() > cfg.max_ahead:
+                    pending_item = item  # wait for the pieces below to finish
                     break
                 chunk = _Chunk(off, n)
                 chunk.pending = 1
