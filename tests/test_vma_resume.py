@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import grpc
 import pytest
 from pyVim.connect import Disconnect
 from pyVmomi import vim
-from vma.v1 import progress_pb2
+from vma.v1 import progress_pb2, progress_pb2_grpc, replication_pb2_grpc
 from vma.v1 import replication_pb2 as pb
 
 from tests.fixtures.nbd import file_sha256
 from tests.fixtures.resume import Target, follow, kill_and_resume, start_request
+from tests.fixtures.servers import start_vma
 from tests.fixtures.vma_process import AUTH, VmaProcess
 
 MiB = 1024 * 1024
@@ -146,3 +148,37 @@ def test_resume_offset_without_snapshot_is_refused(rig):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resume_snapshot" in err.value.details()
     assert hashlib.sha256(targets[0].path.read_bytes()).hexdigest() == file_sha256(targets[0].path)
     assert not targets[0].writes()
+
+
+@pytest.mark.parametrize("keepalive", [0.5, 60.0])
+def test_long_copy_outlives_the_vcenter_session_timeout(vcsim_factory, tmp_path, keepalive):
+    """The simulator logs idle sessions out after 1.5 s; the copy takes several seconds. With the
+    keep-alive shorter than that the one login lasts the whole job; without it the agent logs in
+    again when vCenter says NotAuthenticated. Either way the job completes and its snapshot goes."""
+    sim = vcsim_factory(vms=1, disks=1, disk_size="48MiB", data_vms=1, session_idle_timeout=1.5)
+    vm = sim.data_vms[0]
+    target = Target.create(tmp_path, 2000, 48 * MiB)
+    datastores = ",".join(f"{k}={v}" for k, v in sim.datastores.items())
+    try:
+        with start_vma(work_dir=tmp_path / "vma", source_mode="file", datastore_map=datastores,
+                       source_rate_limit_mbps=8, vcenter_keepalive_seconds=keepalive,
+                       progress_interval_seconds=0.2) as agent:
+            channel = grpc.insecure_channel(f"127.0.0.1:{agent.port}")
+            t0 = time.monotonic()
+            replication_pb2_grpc.ReplicationServiceStub(channel).StartReplication(
+                start_request(sim, vm, f"job-session-{keepalive}", [target]), metadata=AUTH, timeout=60)
+            final = None
+            for msg in progress_pb2_grpc.ProgressServiceStub(channel).WatchProgress(
+                    progress_pb2.WatchProgressRequest(job_id=f"job-session-{keepalive}"), metadata=AUTH, timeout=300):
+                final = msg.progress
+            elapsed = time.monotonic() - t0
+            channel.close()
+            sessions = agent.runtime.components["vsphere_sessions"]
+            logins = sum(s.logins for s in sessions._sessions.values())
+    finally:
+        target.server.stop()
+    assert final.status == progress_pb2.JOB_STATUS_SUCCEEDED, final.last_error
+    assert elapsed > 3 * 1.5  # the job outlived the session timeout several times
+    assert logins == 1 if keepalive < 1.5 else logins >= 2
+    assert file_sha256(target.path) == file_sha256(sim.disk_file(vm, 0))
+    assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
