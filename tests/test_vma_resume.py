@@ -19,6 +19,7 @@ from tests.fixtures.nbd import file_sha256
 from tests.fixtures.resume import Target, follow, kill_and_resume, start_request
 from tests.fixtures.servers import start_vma
 from tests.fixtures.vma_process import AUTH, VmaProcess
+from vma_agent.integrations.nbdkit import NbdkitServer
 
 MiB = 1024 * 1024
 DISK = 48 * MiB
@@ -181,4 +182,24 @@ def test_long_copy_outlives_the_vcenter_session_timeout(vcsim_factory, tmp_path,
     assert elapsed > 3 * 1.5  # the job outlived the session timeout several times
     assert logins == 1 if keepalive < 1.5 else logins >= 2
     assert file_sha256(target.path) == file_sha256(sim.disk_file(vm, 0))
+    assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
+
+
+def test_target_nbd_server_cut_mid_disk_and_back_completes(rig):
+    """The replica's NBD server dies mid-disk and comes back 3 s later on the same socket (as the
+    OMA serves its exports again after a restart): the copy reconnects with back-off and completes."""
+    sim, vm, targets, agent = rig
+    agent.replication().StartReplication(start_request(sim, vm, "job-cut", targets), metadata=AUTH, timeout=60)
+    follow(agent, "job-cut", until_percent=30)
+    cut = targets[1]
+    cut.server.kill()
+    time.sleep(3)
+    # (the dead server object must outlive the test: dropping it removes its socket's folder)
+    dead, cut.server = cut.server, NbdkitServer(cut.server.plugin, socket_path=cut.server.socket_path)
+    cut.server.start()
+    final = follow(agent, "job-cut")
+    dead.stop()
+    assert final.status == progress_pb2.JOB_STATUS_SUCCEEDED, final.last_error
+    assert cut.writes()  # the copy went on into the new server (its log filter starts a new log)
+    assert_replicas_equal(sim, vm, targets)
     assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
