@@ -118,8 +118,8 @@ def test_target_restarted_mid_copy_resumes_from_the_checkpoint(pair, tmp_path):
 
     first.start()
     try:
-        with slow_source(src, delay="15ms") as s:
-            timer = threading.Timer(0.8, cut)
+        with slow_source(src, delay="40ms") as s:
+            timer = threading.Timer(0.6, cut)
             timer.start()
             res = copy_disk(s.uri, first.uri, data, zero, request_size=256 * KiB, queue_depth=2, connections=1,
                             retry=RetryPolicy(tries=2, initial_delay=0.05), stall_seconds=30,
@@ -134,8 +134,8 @@ def test_target_restarted_mid_copy_resumes_from_the_checkpoint(pair, tmp_path):
     assert before and after and res.attempts >= 2
     written_before = sum(n for _, _, n in before)
     rewritten = sum(n for _, _, n in after)
-    # at most what was not written yet, plus one checkpoint interval (and the request in flight)
-    assert rewritten <= SIZE - written_before + 2 * MiB + 2 * 256 * KiB, (rewritten, written_before)
+    # at most what was not written yet, plus one checkpoint interval
+    assert rewritten <= SIZE - written_before + 2 * MiB, (rewritten, written_before)
     assert file_sha256(dst) == file_sha256(src)
 
 

@@ -24,9 +24,9 @@ from vma_agent.integrations.nbdkit import NbdkitServer
 MiB = 1024 * 1024
 DISK = 48 * MiB
 CHECKPOINT_MIB = 2
-# What may be rewritten beyond the uncopied part: one checkpoint interval per disk, plus the
-# requests that were in flight when the agent died (one connection pair, 16 MiB in flight at most).
-SLACK = 2 * (CHECKPOINT_MIB * MiB + 16 * MiB)
+# What may be rewritten beyond the uncopied part: one checkpoint interval per disk (the copier
+# never writes further than that beyond its last checkpoint), plus one request (2 MiB) at its edge.
+SLACK = 2 * (CHECKPOINT_MIB * MiB + 2 * MiB)
 
 
 def snapshots(sim, vm_name: str) -> list[str]:

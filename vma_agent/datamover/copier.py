@@ -264,13 +264,17 @@ def copy_disk(
     if start_offset < 0:
         raise ValueError("start_offset must be >= 0")
     max_in_flight = max(max_in_flight, request_size)
+    if checkpoint_bytes > 0:
+        # A zero piece is done in one command however long it is; one longer than a fraction of the
+        # checkpoint interval would put that much written-but-not-checkpointed behind a slow read.
+        zero_request_size = min(zero_request_size, max(request_size, checkpoint_bytes // 4))
     data = normalize_extents(data_extents)
     zero = normalize_extents(zero_extents)
     total = extents_total(data) + extents_total(zero)
     cfg = CopySettings(source_uri, target_uri, request_size, zero_request_size, queue_depth, max_in_flight,
                        detect_zeroes, zero_granularity, punch_holes, fast_zero, retry, poll_interval,
                        rewind_on_target_loss=stall_seconds is not None,
-                       max_ahead=max_in_flight * connections if checkpoint_bytes or checkpoint_seconds else 0)
+                       max_ahead=max(checkpoint_bytes, 2 * request_size) if checkpoint_bytes > 0 else 0)
     run = _Run(cfg, data, zero, total, connections, on_progress, cancel_event, flush, progress_interval,
                checkpoint_bytes, checkpoint_seconds, stall_seconds)
     run.durable = start_offset
@@ -371,7 +375,10 @@ class _Run:
                 alive = [w for w in workers if w.is_alive()]
                 if not alive:
                     break
-                alive[0].join(max(0.01, min(self.progress_interval, cfg.poll_interval)))
+                # while a checkpoint flush is out, look often: the workers may be waiting for it
+                # woken early when a worker waits for a checkpoint, a flush completed or a worker ended
+                shared.wake.wait(max(0.01, min(self.progress_interval, cfg.poll_interval)))
+                shared.wake.clear()
                 if cancel is not None and cancel.is_set():
                     shared.stop.set()
                 now = time.monotonic()
@@ -428,7 +435,10 @@ class _Checkpointer:
 
     def _due(self, bytes_done: int, now: float) -> bool:
         run = self.run
-        return ((run.checkpoint_bytes > 0 and bytes_done - self.last_bytes >= run.checkpoint_bytes)
+        # every half interval: the copy may run one interval ahead, so it goes on during the flush
+        half = run.checkpoint_bytes // 2
+        return ((run.checkpoint_bytes > 0 and (bytes_done - self.last_bytes >= half
+                                               or self.shared.completed_prefix() - run.durable >= half))
                 or (run.checkpoint_seconds > 0 and now - self.last_time >= run.checkpoint_seconds))
 
     def step(self, bytes_done: int, now: float) -> bool:
@@ -467,6 +477,8 @@ class _Checkpointer:
             w.flushed_generation = gen
         self.generation = 0
         self.run.durable = max(self.run.durable, self.candidate)
+        self.shared.durable = self.run.durable
+        self.shared.window_blocked = False
         self.run.result.checkpoints += 1
         return True
 

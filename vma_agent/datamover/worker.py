@@ -97,6 +97,9 @@ class WorkQueue:
         self._open: set[int] = set()      # offsets of pieces handed out and not finished
         self._open_heap: list[int] = []   # the same, lazily pruned, for the lowest one
         self._handed_end = start          # end of the last piece handed out
+        self.durable = start              # the last checkpoint (set by the supervisor)
+        self.window_blocked = False       # a worker waits for the next checkpoint (hurry it)
+        self.wake = threading.Event()     # wakes the supervisor: a worker waits, flushed or ended
         # Checkpoint flushes: the supervisor raises flush_generation, each worker flushes its
         # target connection and records the generation it flushed (or failed to flush).
         self.flush_generation = 0
@@ -157,10 +160,10 @@ class CopySettings:
     # target connection without multi-conn fails the attempt so the copy rewinds to its last
     # checkpoint instead of trusting those writes.
     rewind_on_target_loss: bool = False
-    # How far (in disk offsets) a worker may start pieces beyond the completed prefix: bounds what
-    # lies written-but-not-yet-checkpointed (zero pieces are cheap and would otherwise run far
-    # ahead of a slow read), so a resume rewrites at most this plus one checkpoint interval.
-    # 0 = unbounded.
+    # How far (in disk offsets) the copy may write beyond the last checkpoint: bounds what lies
+    # written-but-not-yet-durable (zero pieces are written at memory speed and would otherwise
+    # run far ahead of the flushes), so a resume rewrites at most this much beyond the uncopied
+    # part. Checkpoints are taken every half of it, so the copy goes on during a flush. 0 = unbounded.
     max_ahead: int = 0
 
 
@@ -357,6 +360,7 @@ class Worker(threading.Thread):
                 self.flush_failed_generation = max(self.flush_failed_generation, generation)
             else:
                 self.flushed_generation = max(self.flushed_generation, generation)
+            self.shared.wake.set()
 
         try:
             dst.aio_flush(done)
@@ -395,6 +399,8 @@ class Worker(threading.Thread):
             self.ok = True
         except BaseException as exc:  # noqa: BLE001 - handed to the supervisor
             self.shared.fail(exc)
+        finally:
+            self.shared.wake.set()
 
     def _loop(self) -> None:
         cfg, shared = self.cfg, self.shared
@@ -426,6 +432,7 @@ class Worker(threading.Thread):
                     _, _, op = heapq.heappop(delayed)
                     self._issue(op)
             # 3. new work: at most queue_depth chunks and max_in_flight data bytes open
+            window_blocked = False
             while self._open < depth:
                 item = pending_item or shared.next_work()
                 pending_item = None
@@ -435,8 +442,10 @@ class Worker(threading.Thread):
                 if not is_zero and self._open_bytes + n > budget and self._open_bytes:
                     pending_item = item  # wait for buffer space
                     break
-                if cfg.max_ahead and self._open and off - shared.completed_prefix() > cfg.max_ahead:
-                    pending_item = item  # wait for the pieces below to finish
+                if cfg.max_ahead and off > shared.durable and off + n - shared.durable > cfg.max_ahead:
+                    pending_item = item  # wait for the next checkpoint
+                    window_blocked = shared.window_blocked = True
+                    shared.wake.set()
                     break
                 chunk = _Chunk(off, n)
                 chunk.pending = 1
@@ -479,7 +488,7 @@ class Worker(threading.Thread):
                     poller.unregister(fd)
                 except KeyError:  # pragma: no cover
                     pass
-            wait = timeout_ms
+            wait = 2 if window_blocked else timeout_ms  # a checkpoint is published within milliseconds
             if delayed:
                 wait = max(0, min(wait, int((delayed[0][0] - time.monotonic()) * 1000) + 1))
             if not registered:
