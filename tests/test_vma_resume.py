@@ -203,3 +203,30 @@ def test_target_nbd_server_cut_mid_disk_and_back_completes(rig):
     assert cut.writes()  # the copy went on into the new server (its log filter starts a new log)
     assert_replicas_equal(sim, vm, targets)
     assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
+
+
+def test_appliance_restart_keeps_the_job_resumable(rig):
+    """A graceful stop (SIGTERM, as at an appliance restart) cancels the copy but keeps the snapshot
+    and the journal: after the restart the job is listed and resumes from its checkpoints."""
+    sim, vm, targets, agent = rig
+    request = start_request(sim, vm, "job-restart", targets)
+    agent.replication().StartReplication(request, metadata=AUTH, timeout=60)
+    follow(agent, "job-restart", until_percent=30)
+    agent.stop()
+    agent.start()
+    jobs = agent.replication().ListInterruptedJobs(pb.ListInterruptedJobsRequest(), metadata=AUTH, timeout=10).jobs
+    assert [j.job_id for j in jobs] == ["job-restart"] and "srep-job-restart" in snapshots(sim, vm)
+    resume = pb.StartReplicationRequest()
+    resume.CopyFrom(request)
+    resume.resume_snapshot.moref, resume.resume_snapshot.name = jobs[0].snapshot_moref, jobs[0].snapshot_name
+    offsets = {d.disk_id: d.checkpoint_offset for d in jobs[0].disks}
+    assert all(offsets.values())
+    for d in resume.disks:
+        d.resume_offset = offsets[d.disk_id]
+    agent.replication().StartReplication(resume, metadata=AUTH, timeout=60)
+    final = follow(agent, "job-restart")
+    assert final.status == progress_pb2.JOB_STATUS_SUCCEEDED, final.last_error
+    assert final.resume_summary.startswith("resumed at ")
+    assert_replicas_equal(sim, vm, targets)
+    assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
+    assert not agent.replication().ListInterruptedJobs(pb.ListInterruptedJobsRequest(), metadata=AUTH).jobs
