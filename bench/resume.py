@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fixtures.nbd import file_sha256  # noqa: E402
-from tests.fixtures.resume import Target, kill_and_resume, start_request  # noqa: E402
 from tests.fixtures.vcsim import VCSim  # noqa: E402
-from tests.fixtures.vma_process import VmaProcess  # noqa: E402
+from tests.resume_harness import Target, kill_and_resume, start_request  # noqa: E402
+from tests.vma_process import VmaProcess  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

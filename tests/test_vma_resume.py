@@ -16,9 +16,9 @@ from vma.v1 import progress_pb2, progress_pb2_grpc, replication_pb2_grpc
 from vma.v1 import replication_pb2 as pb
 
 from tests.fixtures.nbd import file_sha256
-from tests.fixtures.resume import Target, follow, kill_and_resume, start_request
 from tests.fixtures.servers import start_vma
-from tests.fixtures.vma_process import AUTH, VmaProcess
+from tests.resume_harness import Target, follow, kill_and_resume, start_request
+from tests.vma_process import AUTH, VmaProcess
 from vma_agent.integrations.nbdkit import NbdkitServer
 
 MiB = 1024 * 1024
