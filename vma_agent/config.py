@@ -57,7 +57,7 @@ class Settings:
     # Checkpoints: every this many MiB or seconds (whichever comes first) the copier flushes the
     # target and reports the offset below which each disk is durable (DiskProgress.checkpoint_offset).
     # Smaller: less rewritten after a crash; larger: fewer flushes.
-    checkpoint_interval_mib: int = 256
+    checkpoint_interval_mib: int = 64
     checkpoint_interval_seconds: float = 5.0
     # No fixed time limit on a copy: it fails only after no byte was written for this long; until
     # then lost connections are retried from the last checkpoint with back-off.
