@@ -30,6 +30,13 @@ Shape of a copy
   ``poll_interval`` and raises :class:`CopyCancelled`.
 * At the end the target is flushed (once if it advertises multi-conn, else on every
   connection).
+* Checkpoints: every half ``checkpoint_bytes`` (or ``checkpoint_seconds``) the completed
+  prefix of the work order is noted, every worker flushes its target connection, and the
+  prefix becomes ``CopyProgress.durable_offset`` (every planned byte below it is written and
+  flushed). Workers never write further than ``checkpoint_bytes`` beyond it, which bounds what
+  a crash costs. ``start_offset`` resumes a copy at a checkpoint of an earlier run; with
+  ``stall_seconds`` a copy whose connections stay lost restarts from its last checkpoint and
+  fails only after no progress for that long (docs/design/resume.md).
 * Progress: ``on_progress(CopyProgress)`` from the calling thread at most every
   ``progress_interval`` seconds, and once at the end. ``bytes_copied`` counts data
   written, ``bytes_zeroed`` zeroes written (zero extents and zero-detected data).
