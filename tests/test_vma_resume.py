@@ -230,3 +230,29 @@ def test_appliance_restart_keeps_the_job_resumable(rig):
     assert_replicas_equal(sim, vm, targets)
     assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
     assert not agent.replication().ListInterruptedJobs(pb.ListInterruptedJobsRequest(), metadata=AUTH).jobs
+
+
+def test_leftover_snapshots_expire_and_are_removed_by_age(rig):
+    sim, vm, targets, agent = rig
+    agent.replication().StartReplication(start_request(sim, vm, "job-old", targets), metadata=AUTH, timeout=60)
+    follow(agent, "job-old", until_percent=20)
+    agent.kill()
+    agent.settings["leftover_snapshot_max_age_seconds"] = 1
+    agent.start()
+    time.sleep(1.5)
+    stub = agent.replication()
+    jobs = stub.ListInterruptedJobs(pb.ListInterruptedJobsRequest(), metadata=AUTH, timeout=10).jobs
+    assert [(j.job_id, j.expired) for j in jobs] == [("job-old", True)]
+    request = start_request(sim, vm, "unused", targets)
+    cleanup = pb.CleanupSnapshotsRequest(connection=request.connection, vm=request.vm, job_id="job-old",
+                                         older_than_seconds=3600)
+    assert list(stub.CleanupSnapshots(cleanup, metadata=AUTH, timeout=60).removed_snapshots) == []
+    assert "srep-job-old" in snapshots(sim, vm)  # younger than an hour: kept
+    cleanup.older_than_seconds = 1
+    assert list(stub.CleanupSnapshots(cleanup, metadata=AUTH, timeout=60).removed_snapshots) == ["srep-job-old"]
+    assert not [s for s in snapshots(sim, vm) if s.startswith("srep-")]
+    assert not stub.ListInterruptedJobs(pb.ListInterruptedJobsRequest(), metadata=AUTH, timeout=10).jobs
+    cleanup.older_than_seconds = -1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CleanupSnapshots(cleanup, metadata=AUTH, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
