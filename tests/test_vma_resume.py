@@ -256,3 +256,25 @@ def test_leftover_snapshots_expire_and_are_removed_by_age(rig):
     with pytest.raises(grpc.RpcError) as err:
         stub.CleanupSnapshots(cleanup, metadata=AUTH, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_quiet_progress_stream_survives_client_keepalive_pings(tmp_path):
+    """A WatchProgress stream with nothing to say for seconds while the client pings every 0.3 s
+    (as the OMA pings during a multi-hour copy, scaled down): the agent accepts the pings (gRPC's
+    default would answer GOAWAY "too_many_pings" and kill the stream) and the stream goes on."""
+    with start_vma(work_dir=tmp_path / "vma", grpc_min_client_ping_seconds=0.2) as agent:
+        channel = grpc.insecure_channel(f"127.0.0.1:{agent.port}", options=[
+            ("grpc.keepalive_time_ms", 300), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.http2.min_time_between_pings_ms", 300)])
+        progress = progress_pb2_grpc.ProgressServiceStub(channel)
+        progress.UpdateProgress(progress_pb2.UpdateProgressRequest(
+            job_id="quiet", status=progress_pb2.JOB_STATUS_RUNNING), metadata=AUTH, timeout=10)
+        stream = progress.WatchProgress(progress_pb2.WatchProgressRequest(job_id="quiet"), metadata=AUTH, timeout=60)
+        first = next(stream)
+        time.sleep(4)  # quiet: no update, only pings
+        progress.UpdateProgress(progress_pb2.UpdateProgressRequest(
+            job_id="quiet", status=progress_pb2.JOB_STATUS_SUCCEEDED), metadata=AUTH, timeout=10)
+        rest = list(stream)
+        channel.close()
+    assert first.progress.status == progress_pb2.JOB_STATUS_RUNNING
+    assert rest[-1].progress.status == progress_pb2.JOB_STATUS_SUCCEEDED

@@ -26,6 +26,11 @@ class Settings:
     log_format: str = "text"
     # Ended jobs' progress is kept this long for late readers.
     progress_retention_seconds: float = 6 * 3600
+    # HTTP/2 keep-alive, so a progress stream lasting hours survives quiet periods and idle NATs:
+    # the agent pings its clients this often, and accepts their pings down to this interval (gRPC's
+    # own default refuses pings more often than every 5 minutes and closes the stream).
+    grpc_keepalive_seconds: float = 30.0
+    grpc_min_client_ping_seconds: float = 10.0
 
     # --- vCenter ---------------------------------------------------------------------------
     vcenter_timeout_seconds: float = 60.0

@@ -66,12 +66,24 @@ class RunningAgent:
         self.server.stop(grace).wait()
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel arguments that keep long streams (WatchProgress over a multi-hour copy) alive."""
+    return [
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.grpc_min_client_ping_seconds * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 def build_server(settings: Settings) -> RunningAgent:
     runtime = AgentRuntime(settings, ProgressStore(settings.progress_retention_seconds))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         interceptors=[AgentInterceptor(settings.auth_token)],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=keepalive_options(settings),
     )
     implemented = _implemented(runtime)
     services = []
