@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 
 import grpc
@@ -278,3 +279,21 @@ def test_quiet_progress_stream_survives_client_keepalive_pings(tmp_path):
         channel.close()
     assert first.progress.status == progress_pb2.JOB_STATUS_RUNNING
     assert rest[-1].progress.status == progress_pb2.JOB_STATUS_SUCCEEDED
+
+
+def test_source_nbdkit_killed_mid_disk_is_restarted_and_the_copy_completes(rig):
+    """The nbdkit serving a source disk dies mid-copy (as a vddk plugin crash would): the agent starts
+    it again on the same socket and the copy reconnects and completes."""
+    sim, vm, targets, agent = rig
+    agent.replication().StartReplication(start_request(sim, vm, "job-src", targets), metadata=AUTH, timeout=60)
+    follow(agent, "job-src", until_percent=30)
+    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(agent.proc.pid)], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    sources = [int(line.split()[0]) for line in children if "nbdkit" in line and "-r" in line.split()]
+    assert len(sources) == 2, children
+    os.kill(sources[0], 9)
+    final = follow(agent, "job-src")
+    assert final.status == progress_pb2.JOB_STATUS_SUCCEEDED, final.last_error
+    assert_replicas_equal(sim, vm, targets)
+    log = (agent.work_dir / "agent.log").read_text()
+    assert "exited" in log and "starting it again" in log

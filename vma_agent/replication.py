@@ -163,10 +163,40 @@ class SourceDisks:
             server.start()
         except NbdkitError as exc:
             raise errors.FailedPrecondition(f"cannot serve the source disk {disk.file_name}: {exc}") from None
+        stop = threading.Event()
+        servers = [server]  # the first one owns the socket's folder: keep it until the end
+        watchdog = threading.Thread(target=self._restart_when_dead, args=(servers, stop, disk.file_name),
+                                    name=f"source-watch-{disk.key}", daemon=True)
+        watchdog.start()
         try:
             yield server.uri
         finally:
-            server.stop()
+            stop.set()
+            watchdog.join()
+            for s in reversed(servers):
+                s.stop()
+
+    @staticmethod
+    def _restart_when_dead(servers: list[NbdkitServer], stop: threading.Event, file_name: str) -> None:
+        """A source server that died (a vddk plugin crash, an OOM kill) is started again on the same
+        socket, so the copy reconnects and goes on instead of waiting for its stall limit."""
+        delay = 0.5
+        while not stop.wait(0.25):
+            current = servers[-1]
+            if current.alive():
+                delay = 0.5
+                continue
+            log.warning("the nbdkit serving %s exited (%s); starting it again", file_name,
+                        current.stderr().strip()[-300:] or "no message")
+            replacement = NbdkitServer(current.plugin, socket_path=servers[0].socket_path, threads=16)
+            try:
+                replacement.start()
+                servers.append(replacement)
+            except NbdkitError as exc:
+                log.warning("cannot restart the nbdkit serving %s: %s; retrying in %.1fs", file_name, exc, delay)
+                if stop.wait(delay):
+                    return
+                delay = min(delay * 2, 10.0)
 
 
 class ReplicationJobs:

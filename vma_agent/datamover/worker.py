@@ -155,10 +155,9 @@ class CopySettings:
     fast_zero: bool
     retry: RetryPolicy
     poll_interval: float
-    # Writes acknowledged on a target connection that died may be lost unless the server
-    # advertises multi-conn (then a flush on any connection covers them). When set, losing a
-    # target connection without multi-conn fails the attempt so the copy rewinds to its last
-    # checkpoint instead of trusting those writes.
+    # Writes acknowledged on a target connection that died but not flushed may be lost (the
+    # server may have held them in its own cache). When set, losing a target connection fails
+    # the attempt so the copy rewinds to its last checkpoint instead of trusting those writes.
     rewind_on_target_loss: bool = False
     # How far (in disk offsets) the copy may write beyond the last checkpoint: bounds what lies
     # written-but-not-yet-durable (zero pieces are written at memory speed and would otherwise
@@ -204,9 +203,9 @@ class Worker(threading.Thread):
             return conn
         self._suspect.discard(which)
         if conn is not None:
-            if which == "target" and self.cfg.rewind_on_target_loss and not conn.can_multi_conn:
-                raise CopyError(f"{conn.name}: connection lost; the target has no multi-conn, so writes "
-                                "since the last checkpoint are rewritten", errno=errno.ENOTCONN)
+            if which == "target" and self.cfg.rewind_on_target_loss:
+                raise CopyError(f"{conn.name}: connection lost; what was written since the last checkpoint "
+                                "is written again", errno=errno.ENOTCONN)
             self._fail_inflight(conn)
             conn.close()
             if which == "source":
@@ -348,11 +347,11 @@ class Worker(threading.Thread):
         """Flush this worker's target connection for checkpoint ``generation`` (asynchronously:
         the completion records the outcome, the loop goes on copying meanwhile)."""
         dst = self.dst
+        if dst is not None and dst.is_dead():
+            self._suspect.add("target")
+            dst = self._connect("target")  # (or rewinds the copy to its last checkpoint)
         if dst is None or not dst.can_flush:
             self.flushed_generation = generation  # nothing written here / nothing to flush
-            return
-        if dst.is_dead():
-            self.flush_failed_generation = generation
             return
 
         def done(err: int, generation=generation) -> None:
