@@ -22,6 +22,7 @@ resume the job from the last checkpoints its progress stream reported.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +75,11 @@ def main() -> int:
                 t.server.stop()
     for t in targets:
         t.path.unlink(missing_ok=True)
+    ok = same and m.final.status == 3
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept for inspection: {work} (agent.log, the replicas' nbdkit logs)")
     print(f"killed at: {m.killed_at_percent:.1f} % (checkpoints {', '.join(f'{k}={v / MiB:.0f} MiB' for k, v in m.checkpoints.items())})")
     print(f"planned: {m.planned / MiB:.0f} MiB; written before the kill: {m.written_before_kill / MiB:.0f} MiB; "
           f"left: {m.uncopied / MiB:.0f} MiB; written after the restart: {m.rewritten_after_restart / MiB:.0f} MiB")
@@ -84,7 +90,7 @@ def main() -> int:
           f"with the checkpoint interval {args.checkpoint_mib} MiB / {args.checkpoint_seconds:g} s)")
     print(f"resume seconds: {m.resume_seconds:.2f} (goal <= 10)")
     print(f"replicas equal to the source: {same}")
-    return 0 if same and m.final.status == 3 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
