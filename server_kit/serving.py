@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 from concurrent import futures
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -30,13 +30,16 @@ REFLECTION_V1ALPHA_SERVICE_NAME = reflection.SERVICE_NAME
 _REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
 
 
-def new_server(interceptor: grpc.ServerInterceptor, max_workers: int, max_concurrent_rpcs: int) -> grpc.Server:
+def new_server(interceptor: grpc.ServerInterceptor, max_workers: int, max_concurrent_rpcs: int,
+               options: Sequence[tuple[str, Any]] = ()) -> grpc.Server:
     """A server whose calls all pass ``interceptor``; beyond ``max_concurrent_rpcs`` calls fail fast with
-    RESOURCE_EXHAUSTED instead of queueing into deadline errors."""
+    RESOURCE_EXHAUSTED instead of queueing into deadline errors. ``options``: channel arguments (e.g. the
+    agent's keep-alive)."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptor],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=list(options),
     )
 
 

@@ -31,6 +31,11 @@ class Settings(ServingSettings):
     # At most this many jobs' progress is held in memory; a new job beyond it evicts the longest-ended
     # job, or is refused (RESOURCE_EXHAUSTED) while all of them still run.
     progress_max_jobs: int = 1000
+    # HTTP/2 keep-alive, so a progress stream lasting hours survives quiet periods and idle NATs:
+    # the agent pings its clients this often, and accepts their pings down to this interval (gRPC's
+    # own default refuses pings more often than every 5 minutes and closes the stream).
+    grpc_keepalive_seconds: float = 30.0
+    grpc_min_client_ping_seconds: float = 10.0
 
     # --- vCenter ---------------------------------------------------------------------------
     vcenter_timeout_seconds: float = 60.0
@@ -59,6 +64,21 @@ class Settings(ServingSettings):
     # Tries per NBD command (reconnecting in between, back-off 0.5 s doubling to 10 s): patient enough
     # for the OMA to restart and serve its exports again (~35 s in all).
     copy_retry_tries: int = 8
+    # Checkpoints: every this many MiB or seconds (whichever comes first) the copier flushes the
+    # target and reports the offset below which each disk is durable (DiskProgress.checkpoint_offset).
+    # Smaller: less rewritten after a crash; larger: fewer flushes.
+    checkpoint_interval_mib: int = 64
+    checkpoint_interval_seconds: float = 5.0
+    # No fixed time limit on a copy: it fails only after no byte was written for this long; until
+    # then lost connections are retried from the last checkpoint with back-off.
+    copy_stall_seconds: float = 600.0
+    # Journal of running jobs (snapshot, checkpoints; no secrets) read back after a crash or
+    # restart (ListInterruptedJobs). Empty: <work_dir>/jobs; give a persistent path in production.
+    job_journal_dir: str = ""
+    # Interrupted jobs older than this are reported expired: remove their snapshot, do not resume.
+    leftover_snapshot_max_age_seconds: float = 24 * 3600
+    # Touch the vCenter session of a running job this often, so a long copy never outlives it.
+    vcenter_keepalive_seconds: float = 120.0
 
     # --- enrollment with an OMA ------------------------------------------------------------
     # Private directory (0700) of the enrollment key (OpenSSH format, 0600), the saved state (the
@@ -88,6 +108,9 @@ class Settings(ServingSettings):
                                   f"when listen ({self.listen!r}) is not a loopback address")
         if self.progress_max_jobs < 1:
             raise ConfigError("progress_max_jobs (VMA_PROGRESS_MAX_JOBS) must be at least 1")
+
+    def journal_dir(self) -> Path:
+        return Path(self.job_journal_dir) if self.job_journal_dir else Path(self.work_dir) / "jobs"
 
     def datastores(self) -> dict[str, Path]:
         mapping = {}

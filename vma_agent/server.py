@@ -63,13 +63,25 @@ class RunningAgent:
         self.server.stop(grace).wait()
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel arguments that keep long streams (WatchProgress over a multi-hour copy) alive."""
+    return [
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.grpc_min_client_ping_seconds * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 def build_server(settings: Settings) -> RunningAgent:
     """Start the agent; raises ``config.ConfigError`` for settings it must not run with (e.g. a non-loopback
     listen address without auth_token) before anything listens, and for an address it cannot listen on."""
     settings.check()
     runtime = AgentRuntime(settings, ProgressStore(settings.progress_retention_seconds, settings.progress_max_jobs))
     server = serving.new_server(AgentInterceptor(settings.auth_token), settings.max_workers,
-                                settings.max_concurrent_rpcs)
+                                settings.max_concurrent_rpcs,
+                                options=keepalive_options(settings))
     services = serving.register_contract(server, vma.v1, _implemented(runtime))
     health_servicer = serving.add_health_and_reflection(server, services)
     try:
