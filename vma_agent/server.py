@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -11,8 +11,17 @@ from grpc_health.v1 import health_pb2
 
 from server_kit import serving
 from vma_agent.config import ConfigError, Settings
+from vma_agent.enrollment import Enrollment
+from vma_agent.integrations.vsphere import SessionCache
 from vma_agent.progress_store import ProgressStore
+from vma_agent.replication import ReplicationJobs
 from vma_agent.rpc import AgentInterceptor
+from vma_agent.services.cbt import CBTServicer
+from vma_agent.services.discovery import DiscoveryServicer
+from vma_agent.services.enrollment import EnrollmentServicer
+from vma_agent.services.power import PowerServicer
+from vma_agent.services.progress import ProgressServicer
+from vma_agent.services.replication import ReplicationServicer
 
 log = logging.getLogger("vma_agent")
 
@@ -21,30 +30,39 @@ log = logging.getLogger("vma_agent")
 class AgentRuntime:
     settings: Settings
     progress: ProgressStore
-    components: dict[str, Any] = field(default_factory=dict)
 
 
-def _implemented(runtime: AgentRuntime) -> dict[str, Any]:
-    from vma_agent.integrations.vsphere import SessionCache
-    from vma_agent.replication import ReplicationJobs
-    from vma_agent.services.cbt import CBTServicer
-    from vma_agent.services.discovery import DiscoveryServicer
-    from vma_agent.services.enrollment import EnrollmentServicer
-    from vma_agent.services.power import PowerServicer
-    from vma_agent.services.progress import ProgressServicer
-    from vma_agent.services.replication import ReplicationServicer
+@dataclass
+class AgentParts:
+    """The agent's long-lived parts, built in this order by :func:`build_parts` and stopped in the reverse
+    order: the vCenter logins shared by the vSphere-facing services, the replication jobs (which use those
+    logins), and the enrollment (resumed from its saved state; it runs the tunnel keeper)."""
 
-    # vCenter logins shared by the vSphere-facing services (logged out when the agent stops)
-    sessions = runtime.components.setdefault("vsphere_sessions", SessionCache())
-    jobs = runtime.components.setdefault(
-        "replication_jobs", ReplicationJobs(runtime.settings, runtime.progress, sessions))
+    sessions: SessionCache
+    jobs: ReplicationJobs
+    enrollment: Enrollment
+
+    def stop(self) -> None:
+        self.enrollment.stop()
+        self.jobs.stop()
+        self.sessions.stop()
+
+
+def build_parts(runtime: AgentRuntime) -> AgentParts:
+    sessions = SessionCache()
+    jobs = ReplicationJobs(runtime.settings, runtime.progress, sessions)
+    return AgentParts(sessions=sessions, jobs=jobs, enrollment=Enrollment(runtime.settings))
+
+
+def build_servicers(runtime: AgentRuntime, parts: AgentParts) -> dict[str, Any]:
+    """Every servicer of the contract, by full service name, given what it uses."""
     return {
-        "vma.v1.ProgressService": ProgressServicer(runtime.progress, runs_job=jobs.runs),
-        "vma.v1.DiscoveryService": DiscoveryServicer(sessions, runtime.settings),
-        "vma.v1.PowerService": PowerServicer(sessions, runtime.settings),
-        "vma.v1.CBTService": CBTServicer(sessions, runtime.settings),
-        "vma.v1.ReplicationService": ReplicationServicer(jobs, runtime.settings.vcenter_timeout_seconds),
-        "vma.v1.EnrollmentService": EnrollmentServicer(runtime),
+        "vma.v1.ProgressService": ProgressServicer(runtime.progress, runs_job=parts.jobs.runs),
+        "vma.v1.DiscoveryService": DiscoveryServicer(parts.sessions, runtime.settings),
+        "vma.v1.PowerService": PowerServicer(parts.sessions, runtime.settings),
+        "vma.v1.CBTService": CBTServicer(parts.sessions, runtime.settings),
+        "vma.v1.ReplicationService": ReplicationServicer(parts.jobs, runtime.settings.vcenter_timeout_seconds),
+        "vma.v1.EnrollmentService": EnrollmentServicer(parts.enrollment),
     }
 
 
@@ -54,12 +72,10 @@ class RunningAgent:
     port: int
     runtime: AgentRuntime
     services: list[str]
+    parts: AgentParts
 
     def stop(self, grace: float | None = 2.0) -> None:
-        for component in reversed(list(self.runtime.components.values())):
-            stop = getattr(component, "stop", None)
-            if stop:
-                stop()
+        self.parts.stop()
         self.server.stop(grace).wait()
 
 
@@ -82,12 +98,13 @@ def build_server(settings: Settings) -> RunningAgent:
     server = serving.new_server(AgentInterceptor(settings.auth_token), settings.max_workers,
                                 settings.max_concurrent_rpcs,
                                 options=keepalive_options(settings))
-    services = serving.register_contract(server, vma.v1, _implemented(runtime))
+    parts = build_parts(runtime)
+    services = serving.register_contract(server, vma.v1, build_servicers(runtime, parts))
     health_servicer = serving.add_health_and_reflection(server, services)
     try:
         port = serving.bind(server, settings.listen)
     except ConfigError:
-        RunningAgent(server, 0, runtime, services).stop(grace=None)
+        RunningAgent(server, 0, runtime, services, parts).stop(grace=None)
         raise
     server.start()
     for name in ["", *services]:
@@ -97,4 +114,4 @@ def build_server(settings: Settings) -> RunningAgent:
 
         metrics.serve(settings.metrics_listen)
     log.info("vma-agent listening on port %d", port)
-    return RunningAgent(server, port, runtime, services)
+    return RunningAgent(server, port, runtime, services, parts)

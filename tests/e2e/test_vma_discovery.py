@@ -66,7 +66,7 @@ def request(sim, **kw) -> discovery_pb2.DiscoverRequest:
 
 
 def sessions(agent) -> vsphere.SessionCache:
-    return agent.runtime.components["vsphere_sessions"]
+    return agent.parts.sessions
 
 
 # ------------------------------------------------------------------------------------ inventory

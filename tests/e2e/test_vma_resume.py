@@ -175,7 +175,7 @@ def test_long_copy_outlives_the_vcenter_session_timeout(vcsim_factory, tmp_path,
                 final = msg.progress
             elapsed = time.monotonic() - t0
             channel.close()
-            sessions = agent.runtime.components["vsphere_sessions"]
+            sessions = agent.parts.sessions
             logins = sum(s.logins for s in sessions._sessions.values())
     finally:
         target.server.stop()

@@ -16,10 +16,8 @@ def _time(value: str) -> datetime | None:
 
 
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
-    def __init__(self, runtime):
-        if "enrollment" not in runtime.components:  # resumes a saved enrollment
-            runtime.components["enrollment"] = Enrollment(runtime.settings)
-        self._enrollment: Enrollment = runtime.components["enrollment"]
+    def __init__(self, enrollment: Enrollment):
+        self._enrollment = enrollment
 
     def Enroll(self, request, context):
         record = self._enrollment.enroll(
