@@ -172,6 +172,10 @@ def test_the_agent_pins_the_host_key_keeps_the_tunnel_up_and_stops_when_revoked(
         first_pid = _session_pid(reverse)
         os.kill(first_pid, signal.SIGTERM)
         _wait_for(lambda: (pid := _session_pid(reverse)) and pid != first_pid, "the agent to restart the tunnel")
+        # On a loaded machine the first new session may still be replaced (ssh retries while sshd lets go of
+        # the old forward): revoke only once one session holds the port for a moment.
+        _wait_for(lambda: (pid := _session_pid(reverse)) and not time.sleep(1.0) and pid == _session_pid(reverse),
+                  "one stable tunnel session")
 
         # Revoked: the key leaves authorized_keys, the live session is ended, and the agent stops.
         revoked = admin.enrollment_admin.RevokeVMA(apb.RevokeVMARequest(enrollment_id=enrollment_id,
