@@ -8,16 +8,23 @@ own ``Questions`` counter of the single pooled connection is read too and must a
 """
 from __future__ import annotations
 
+import base64
+import threading
+import time
 from datetime import timedelta
 from typing import Any, Callable
 
+import pytest
 from oma.v1 import replications_pb2 as rpb
 from oma.v1 import vm_contexts_pb2 as cpb
 from oma.v1 import vmware_credentials_pb2 as vpb
 
+from oma_server.db import connect, models
 from oma_server.db import database as db_module
-from oma_server.db import models
+from oma_server.domain import contexts
+from oma_server.errors import InvalidArgument
 from omaclient.client import OmaClient
+from tests import factories
 from tests.fixtures.databases import fresh_database_url, reset_database
 from tests.fixtures.servers import ADMIN_PASSWORD, start_oma
 from tests.helpers.queries import count_statements, mariadb_questions
@@ -177,3 +184,97 @@ def test_mariadb_questions_counter_agrees_with_the_statement_hook(mariadb_test_s
                 # any thread: the server's counter and the hook agree.
                 assert after - before == len(log.statements) - 1, (name, after - before, log.statements)
                 assert 0 < len(log.rpc_statements) <= BUDGET[name], (name, log.rpc_statements)
+
+
+def test_listing_10000_contexts_page_by_page_reads_one_index_range_per_page(db, tmp_path):
+    """Keyset paging: every page after the first is the same two statements (page, group memberships) whose page
+    read is a range of the (vm_name, vcenter_host) index with no sort and no OFFSET, so page 100 costs what page 2
+    does; the whole listing returns each context exactly once, in order."""
+    total = 10_000
+    names = [f"vm-{i:05d}" for i in range(total)]
+    with db.connection_context(), db.atomic():
+        rows = [dict(context_id=f"ctx-page-{i:05d}", vm_name=name, vmware_vm_id=f"vm-{i}", vm_path=f"/DC0/vm/{name}",
+                     vcenter_host="vc.page", datacenter="DC0") for i, name in enumerate(reversed(names))]
+        for start in range(0, total, 500):
+            models.VmReplicationContext.insert_many(rows[start:start + 500]).execute()
+    with start_oma(tmp_path / "oma", db, token_revocation_cache_seconds=3600) as running, \
+            OmaClient(f"127.0.0.1:{running.port}", token="") as client:
+        client.login("admin", ADMIN_PASSWORD)
+        client.contexts.ListVMContexts(cpb.ListVMContextsRequest(page_size=1))  # loads the auth cache
+        seen, per_page, token = [], [], ""
+        with count_statements(db) as log:
+            while True:
+                log.clear()
+                page = client.contexts.ListVMContexts(cpb.ListVMContextsRequest(page_size=250, page_token=token))
+                per_page.append(list(log.rpc_statements))
+                assert page.count == total
+                seen.extend(c.vm_name for c in page.vm_contexts)
+                token = page.next_page_token
+                if not token:
+                    break
+        page_sql = [s for s in log.statements if "ORDER BY" in s.sql and "vm_replication_contexts" in s.sql]
+    assert seen == names
+    assert len(per_page) == total // 250
+    assert len(per_page[0]) == 3 and "COUNT" in per_page[0][0].upper()  # the first page counts once
+    assert all(len(statements) == 2 for statements in per_page[1:])
+    last = page_sql[-1]  # the page read of the last page: the same text as every page after the first
+    assert "OFFSET" not in last.sql.upper()
+    # Its plan: a range of the unique (vm_name, vcenter_host) index, no sort.
+    with db.connection_context():
+        params = last.params
+        if db_module.is_mysql(db):
+            plan = db.execute_sql("EXPLAIN " + last.sql, params).fetchall()
+            columns = [d[0] for d in db.execute_sql("EXPLAIN " + last.sql, params).description]
+            row = dict(zip(columns, plan[0], strict=True))
+            assert row["key"] == "unique_vm_name_per_vcenter" and row["type"] == "range", row
+            assert "filesort" not in (row["Extra"] or ""), row
+        else:
+            plan = " | ".join(r[-1] for r in db.execute_sql("EXPLAIN QUERY PLAN " + last.sql, params).fetchall())
+            assert "USING INDEX unique_vm_name_per_vcenter (vm_name>?)" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+
+
+def test_keyset_tokens_continue_offset_tokens_and_refuse_tampering(db):
+    with db.connection_context():
+        for name in ("alpha", "bravo", "charlie", "delta"):
+            factories.context(vm_name=name)
+        first, _ = contexts.list_contexts(page_size=2)
+        assert [c.vm_name for c in first.items] == ["alpha", "bravo"] and first.total == 4
+        second, _ = contexts.list_contexts(page_size=2, page_token=first.next_page_token)
+        assert [c.vm_name for c in second.items] == ["charlie", "delta"] and not second.next_page_token
+        assert second.total == 4  # the count taken by the first page, carried in the token
+        # An offset token from before keyset paging (a listing that spans the upgrade) still continues.
+        legacy = base64.urlsafe_b64encode(b"o:1").decode()
+        resumed, _ = contexts.list_contexts(page_size=2, page_token=legacy)
+        assert [c.vm_name for c in resumed.items] == ["bravo", "charlie"]
+        for forged in ("zzz", base64.urlsafe_b64encode(b'k:[["x"],1]').decode(),
+                       base64.urlsafe_b64encode(b"k:not json").decode()):
+            with pytest.raises(InvalidArgument):
+                contexts.list_contexts(page_size=2, page_token=forged)
+
+
+def test_a_call_waiting_for_the_only_mariadb_connection_gets_it_when_it_is_given_back(mariadb_test_server):
+    with fresh_database_url("mariadb", mariadb_test_server) as url:
+        pool = connect(url, pool_size=1, pool_timeout=5)
+        taken, waited = threading.Event(), []
+
+        def holder() -> None:
+            with pool.connection_context():
+                pool.execute_sql("SELECT 1")
+                taken.set()
+                time.sleep(0.3)
+
+        def waiter() -> None:
+            taken.wait(5)
+            started = time.monotonic()
+            with pool.connection_context():
+                waited.append((time.monotonic() - started, pool.execute_sql("SELECT 1").fetchone()))
+
+        threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        pool.close_all()
+        (seconds, row), = waited
+        assert row == (1,) and 0.1 < seconds < 0.9, seconds

@@ -126,9 +126,9 @@ def list_contexts(
         query = query.where(VmReplicationContext.vcenter_host == vcenter_host)
     if name_contains:
         query = query.where(fn.LOWER(VmReplicationContext.vm_name).contains(name_contains.lower()))
-    page = paging.paginate(
-        query.order_by(VmReplicationContext.vm_name, VmReplicationContext.vcenter_host), page_size, page_token
-    )
+    # Keyset paging along the unique index (vm_name, vcenter_host): every page is one index range read.
+    page = paging.paginate_keyset(
+        query, (VmReplicationContext.vm_name, VmReplicationContext.vcenter_host), page_size, page_token)
     return page, groups_of([c.context_id for c in page.items])
 
 

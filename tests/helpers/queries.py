@@ -23,6 +23,7 @@ RPC_THREAD_PREFIX = "rpc"  # oma_server.server: ThreadPoolExecutor(thread_name_p
 @dataclass
 class Statement:
     sql: str
+    params: tuple
     thread: str
     connection: int  # id() of the DB-API connection that ran it
 
@@ -47,7 +48,7 @@ def count_statements(database: Database) -> Iterator[StatementLog]:
     def hook(event) -> None:
         connection = getattr(database._state, "conn", None)  # thread-local: the connection of this thread
         with lock:
-            log.statements.append(Statement(event.sql, threading.current_thread().name, id(connection)))
+            log.statements.append(Statement(event.sql, tuple(event.params or ()), threading.current_thread().name, id(connection)))
 
     database.query_hooks.append(hook)
     try:
