@@ -23,7 +23,8 @@ connection given back — two round trips per RPC, both while holding the pool's
 queued behind each other (``GetVMContext`` at 0.03-0.06x of an echo server). Here a connection given back is rolled
 back only when the server's last status flags say a transaction is open, and a connection is pinged before reuse
 only after it sat idle for ``ping_after_idle_seconds`` (default 10 s): a connection used moments ago is alive, and
-one the server dropped while idle (``wait_timeout``, a restart) is still caught before use.
+one the server dropped while idle (``wait_timeout``, a restart) is still caught before use
+(docs/design/reads.md#connections).
 
 Usage per RPC: ``with db.connection_context(): …`` (``db`` is ``database_proxy``) takes a connection for the
 calling thread and gives it back afterwards. Both backends pool: opening and closing an SQLite file per call

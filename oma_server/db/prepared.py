@@ -15,6 +15,7 @@ and MariaDB in one process, and their SQL differs in quoting and placeholders).
 
 Only for queries whose shape does not depend on the values (no ``IN`` lists of varying length, no optional
 filters): a slot that Peewee did not pass through as exactly one parameter is an error at first use.
+Design note: docs/design/reads.md#statements-compiled-once.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ maximum. Two schemes:
   next page is ``WHERE key > last ORDER BY key LIMIT size`` — one index range read per page, whatever the page
   number. The total is counted once, on the first page, and carried in the token (a snapshot taken when the
   listing started), so later pages do not re-count the whole table. A keyset listing still accepts an offset
-  token (a client that started paging before the upgrade finishes its listing).
+  token (a client that started paging before the upgrade finishes its listing). See
+  docs/design/reads.md#keyset-paging.
 """
 from __future__ import annotations
 
