@@ -278,3 +278,17 @@ def test_a_call_waiting_for_the_only_mariadb_connection_gets_it_when_it_is_given
         pool.close_all()
         (seconds, row), = waited
         assert row == (1,) and 0.1 < seconds < 0.9, seconds
+
+
+def test_a_mariadb_pool_bound_at_start_is_already_open(mariadb_test_server):
+    with fresh_database_url("mariadb", mariadb_test_server) as url:
+        previous = db_module.database_proxy.obj
+        try:
+            pool = db_module.init_database(url, pool_size=4)
+            assert len(pool._connections) == 4 and not pool._in_use
+            with pool.connection_context():
+                assert pool.execute_sql("SELECT 1").fetchone() == (1,)
+            assert len(pool._connections) == 4 and not pool._in_use
+            pool.close_all()
+        finally:
+            db_module.database_proxy.initialize(previous)
