@@ -102,6 +102,10 @@ class Settings:
     nbd_bind_host: str = "127.0.0.1"
     nbd_port_min: int = 10809
     nbd_port_max: int = 10999
+    # TLS with a per-job pre-shared key on every export (docs/security/data.md). Off only where nothing but
+    # the VMA's tunnel can reach the export ports and the encryption cost matters (each VMA's permitopen
+    # still limits it to its own jobs' exports).
+    nbd_tls: bool = True
 
     # --- replication bookkeeping -----------------------------------------------------------
     # No VMA progress for this long → the job fails as stale.

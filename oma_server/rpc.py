@@ -19,11 +19,15 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from oma_server import errors, metrics
+from oma_server import errors, metrics, request_rules
 from oma_server.db.database import db
 from oma_server.domain.auth import Identity, TokenAuthority, check_role
 
 log = logging.getLogger("oma_server.rpc")
+
+# No status message is longer than this (gRPC refuses metadata over its limits, and a message that
+# echoed a caller's megabyte would turn an answer into RESOURCE_EXHAUSTED).
+STATUS_MESSAGE_MAX_CHARS = 1000
 
 # The authenticated caller of the current RPC (None for public methods).
 current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
@@ -68,6 +72,14 @@ def _bearer_token(context: grpc.ServicerContext) -> str | None:
     return None
 
 
+def bounded_message(message: str) -> str:
+    """The safety net under every domain error: at most STATUS_MESSAGE_MAX_CHARS characters."""
+    if len(message) <= STATUS_MESSAGE_MAX_CHARS:
+        return message
+    suffix = f"… ({len(message)} characters)"
+    return message[:STATUS_MESSAGE_MAX_CHARS - len(suffix)] + suffix
+
+
 class RpcInterceptor(grpc.ServerInterceptor):
     def __init__(self, authority: TokenAuthority):
         self._authority = authority
@@ -104,7 +116,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
         if context.code() is not None and not isinstance(exc, (errors.DomainError, NotImplementedError)):
             raise exc  # the handler already chose a status (context.abort)
         if isinstance(exc, errors.DomainError):
-            code, message = _status_code(exc), exc.message
+            code, message = _status_code(exc), bounded_message(exc.message)
         elif isinstance(exc, NotImplementedError):
             service, _, rpc = method.rpartition("/")
             code, message = grpc.StatusCode.UNIMPLEMENTED, f"{service.lstrip('/')}.{rpc} is not built yet"
@@ -126,6 +138,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
             token = None
             try:
                 token = current_identity.set(self._authenticate(context, method, public))
+                request_rules.check_request(request)
                 with db.connection_context():
                     response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status, bugs logged
@@ -144,6 +157,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
             started = time.monotonic()
             try:
                 identity = self._authenticate(context, method, public)
+                request_rules.check_request(request)
             except errors.DomainError as exc:
                 self._abort(context, method, exc)
             token = current_identity.set(identity)

@@ -2,8 +2,11 @@
 
 ``build_server`` returns a started server bound to its port (tests use port 0) and, with ``tls_listen``,
 to a TLS port serving the same services (``oma_server.tls``: configured or generated certificate);
-``oma_server.cli`` adds signal handling. Every service of the contract is registered: the implemented
-ones from ``oma_server.services``, the rest answer UNIMPLEMENTED saying what is not built yet.
+``oma_server.cli`` adds signal handling. The order is visible here: database and keys, the long-lived
+parts (``oma_server.startup``, built but not running), the servicers holding them
+(``oma_server.services.build_servicers``), the ports, then the parts start and the server serves.
+Every service of the contract is registered: the implemented ones, the rest answer UNIMPLEMENTED
+saying what is not built yet.
 """
 from __future__ import annotations
 
@@ -28,18 +31,19 @@ from oma_server.domain import auth
 from oma_server.domain.crypto import SecretBox, decode_key, load_or_create_key_file
 from oma_server.domain.login_throttle import LoginThrottle, ThrottlePolicy
 from oma_server.rpc import RpcInterceptor
+from oma_server.services import build_servicers, service_of
+from oma_server.startup import Components, build_components
 
 log = logging.getLogger("oma_server")
 
 
 @dataclass
 class Runtime:
-    """What the services share: settings, keys and the long-lived components."""
+    """What the services share: settings and keys (the long-lived parts are in ``startup.Components``)."""
 
     settings: Settings
     tokens: auth.TokenAuthority
     secrets: SecretBox
-    components: dict[str, Any] = field(default_factory=dict)
     # SHA-256 of the TLS certificate ("" without a TLS port): handed out with pairing codes for pinning.
     tls_fingerprint: str = ""
     stop_event: threading.Event = field(default_factory=threading.Event)
@@ -107,15 +111,22 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
                          "address in use, not local or malformed") from None
 
 
-def prepare_database(settings: Settings, existing: Any = None) -> str | None:
-    """Connect (or bind an already connected database), migrate, seed the admin user on the first start.
+def load_secret_box(settings: Settings) -> SecretBox:
+    """The box of the configured (or, in development, generated) encryption key."""
+    return SecretBox(_load_keys(settings)[1])
+
+
+def prepare_database(settings: Settings, existing: Any = None, secrets: SecretBox | None = None) -> str | None:
+    """Connect (or bind an already connected database), migrate (``secrets``: the key for migrations that
+    rewrite secrets; default: the configured one), seed the admin user on the first start.
     Returns a generated admin password (to print once)."""
+    secrets = secrets or load_secret_box(settings)
     if existing is not None:
         database.database_proxy.initialize(existing)
     else:
         database.init_database(settings.effective_db_url, pool_size=settings.db_pool_size)
     with database.db.connection_context():
-        applied = migrate(database.db)
+        applied = migrate(database.db, secrets)
         if applied:
             log.info("database migrations applied: %s", ", ".join(applied))
         return auth.ensure_admin_user(settings.admin_password)
@@ -129,17 +140,16 @@ def _service_modules() -> list[Any]:
     ]
 
 
-def _register_services(server: grpc.Server, runtime: Runtime) -> list[str]:
-    from oma_server.services import IMPLEMENTED
-
+def _register_services(server: grpc.Server, servicers: list[Any]) -> list[str]:
+    """Register each servicer under the service whose generated base class it implements; every other
+    service of the contract with its base class (UNIMPLEMENTED)."""
+    by_service = {service_of(s): s for s in servicers}
     names = []
     for module in _service_modules():
         pb2 = importlib.import_module(module.__name__.replace("_pb2_grpc", "_pb2"))
         for service in pb2.DESCRIPTOR.services_by_name.values():
-            add = getattr(module, f"add_{service.name}Servicer_to_server")
-            servicer_cls = IMPLEMENTED.get(service.full_name)
-            servicer = servicer_cls(runtime) if servicer_cls else getattr(module, f"{service.name}Servicer")()
-            add(servicer, server)
+            servicer = by_service.get(service.full_name) or getattr(module, f"{service.name}Servicer")()
+            getattr(module, f"add_{service.name}Servicer_to_server")(servicer, server)
             names.append(service.full_name)
     return sorted(names)
 
@@ -172,6 +182,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     runtime: Runtime
+    components: Components
     services: list[str]
     # The TLS port and its certificate (None without tls_listen).
     tls_port: int | None = None
@@ -179,20 +190,18 @@ class RunningServer:
 
     def stop(self, grace: float | None = 2.0) -> None:
         self.runtime.stop_event.set()
-        for component in reversed(list(self.runtime.components.values())):
-            stop = getattr(component, "stop", None)
-            if stop:
-                stop()
+        self.components.stop()
         self.server.stop(grace).wait()
 
 
 def build_server(settings: Settings, existing_database: Any = None) -> RunningServer:
     """Prepare the database, register every service and start listening."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database.secure_data_dir(settings.data_dir)
     token_secret, enc_key = _load_keys(settings)
     _check_listen(settings)
     identity = _load_tls(settings)
-    generated = prepare_database(settings, existing_database)
+    box = SecretBox(enc_key)
+    generated = prepare_database(settings, existing_database, box)
     if generated:
         print(f"oma-server: created user 'admin' with password: {generated}  (shown once)", flush=True)
 
@@ -208,7 +217,7 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
                 backoff_max_seconds=settings.login_backoff_max_seconds,
                 window_seconds=settings.login_failure_window_seconds)),
             cache_seconds=settings.token_revocation_cache_seconds),
-        secrets=SecretBox(enc_key),
+        secrets=box,
         tls_fingerprint=identity.fingerprint if identity is not None else "",
     )
     server = grpc.server(
@@ -216,7 +225,8 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
         interceptors=[RpcInterceptor(runtime.tokens)],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    services = _register_services(server, runtime)
+    components = build_components(settings, runtime.secrets)
+    services = _register_services(server, build_servicers(runtime, components))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -227,9 +237,7 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
     if identity is not None:
         credentials = grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)])
         tls_port = _bind(server, settings.tls_listen, credentials)
-    from oma_server.services import start_components
-
-    start_components(runtime)
+    components.start()
     server.start()
     watch = _DatabaseWatch(health_servicer, services, runtime.stop_event)
     watch.check()
@@ -241,4 +249,4 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
         log.info("oma-server listening with TLS on port %d, certificate %s SHA-256 %s (%s; VMAs pin this)",
                  tls_port, identity.cert_path, identity.fingerprint,
                  "generated, self-signed" if identity.generated else "configured")
-    return RunningServer(server, port, runtime, services, tls_port, identity)
+    return RunningServer(server, port, runtime, components, services, tls_port, identity)

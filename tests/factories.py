@@ -71,3 +71,50 @@ def refused_without_writes(call: Callable[[], Any]) -> grpc.StatusCode:
         call()
     assert db_snapshot() == before
     return err.value.code()
+
+
+# Values no text field may take (issue 9, items 7 and 8): each must be refused with INVALID_ARGUMENT
+# before anything is looked up or written. Secrets (passwords, keys) are only bounded in length.
+HOSTILE_TEXT = {
+    "nul": "web\x0001",
+    "crlf": "web\r\n01",
+    "esc": "web\x1b[2J\x1b[31m01",
+    "rtl-override": "web\u202e10gpj.exe",
+    "1mb": "w" * (1 << 20),
+}
+HOSTILE_SECRET = {"1mb": HOSTILE_TEXT["1mb"]}
+
+
+def string_fields(descriptor: Any, prefix: tuple[str, ...] = (), depth: int = 0) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, field descriptor) of every string field of a request message, nested messages and
+    repeated fields included (map fields as their own kind, see ``set_text``)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    found: list[tuple[tuple[str, ...], Any]] = []
+    for fd in descriptor.fields:
+        path = (*prefix, fd.name)
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            found.append((path, fd))
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+            found.append((path, fd))
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and depth < 2 \
+                and not fd.message_type.full_name.startswith("google.protobuf."):
+            found.extend(string_fields(fd.message_type, path, depth + 1))
+    return found
+
+
+def set_text(message: Any, path: tuple[str, ...], value: str) -> None:
+    """Put ``value`` into the string field at ``path`` (appended to a repeated field; a map gets it as
+    a key and as a value)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for name in path[:-1]:
+        holder = getattr(message, name)
+        message = holder.add() if message.DESCRIPTOR.fields_by_name[name].is_repeated else holder
+    fd = message.DESCRIPTOR.fields_by_name[path[-1]]
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:  # map<string, string>
+        getattr(message, fd.name)[value] = value
+    elif fd.is_repeated:
+        getattr(message, fd.name).append(value)
+    else:
+        setattr(message, fd.name, value)

@@ -168,3 +168,147 @@ def test_random_requests_never_fail_internally_and_rejections_change_nothing(mod
     check()
     # The server is still healthy afterwards.
     oma.discovery.ListUngroupedVMs(discovery_pb2.ListUngroupedVMsRequest(), timeout=10)
+
+
+# --- hostile text in every field of every RPC (issue 9, items 7 and 8) ---------------------------------
+def _all_unary_methods():
+    import importlib
+    import pkgutil
+
+    import oma.v1
+
+    for info in pkgutil.iter_modules(oma.v1.__path__):
+        if not info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(f"oma.v1.{info.name}")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if service.full_name not in IMPLEMENTED:
+                continue
+            for method in service.methods:
+                if factories.string_fields(method.input_type):
+                    yield info.name.removesuffix("_pb2"), service.name, method
+
+
+ALL_METHODS = list(_all_unary_methods())
+
+
+def _stub_call(oma: OmaClient, module_name: str, service_name: str, method):
+    import importlib
+
+    stub = getattr(importlib.import_module(f"oma.v1.{module_name}_pb2_grpc"), f"{service_name}Stub")(oma.channel)
+    return getattr(stub, method.name)
+
+
+def _send(call, method, request):
+    response = call(request, timeout=20)
+    if method.server_streaming:
+        next(iter(response), None)
+    return response
+
+
+def test_hostile_text_in_any_field_is_invalid_argument_and_writes_nothing(oma: OmaClient):
+    """NUL, CR/LF, ESC sequences, a right-to-left override or a megabyte, in any string field of any
+    request of every service (addresses, names, ids, filters, nested and repeated fields, map keys and
+    values): the answer is INVALID_ARGUMENT with a short message naming the field, and nothing is
+    written. No vCenter or CloudStack is reached: the check comes before the handler. (One server
+    for all methods: a server per method would cost more than the calls.)"""
+    from google.protobuf import message_factory
+
+    from oma_server.request_rules import SECRET_FIELDS
+
+    factories.context(context_id="ctx-known-1", vm_name="vm-known")
+    before = factories.db_snapshot()  # compared at the end: any write by any call would still be there
+    checked = 0
+    for module_name, service_name, method in ALL_METHODS:
+        call = _stub_call(oma, module_name, service_name, method)
+        request_class = message_factory.GetMessageClass(method.input_type)
+        for path, fd in factories.string_fields(method.input_type):
+            hostile = factories.HOSTILE_SECRET if fd.name in SECRET_FIELDS else factories.HOSTILE_TEXT
+            for kind, value in hostile.items():
+                request = request_class()
+                factories.set_text(request, path, value)
+                with pytest.raises(grpc.RpcError) as err:
+                    _send(call, method, request)
+                where = (method.full_name, ".".join(path), kind)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (*where, err.value.details())
+                details = err.value.details()
+                assert len(details) < 300 and path[-1] in details, (*where, details[:300])
+                assert not any(c in details for c in "\x00\r\x1b\u202e"), where
+                checked += 1
+    assert factories.db_snapshot() == before
+    assert checked > 1000  # every service's fields were reached
+
+
+def test_a_megabyte_id_is_refused_briefly_and_a_long_unknown_id_is_quoted_briefly(oma: OmaClient):
+    from oma.v1 import machine_groups_pb2, vm_contexts_pb2
+
+    huge = "ctx-" + "x" * (1 << 20)
+    with pytest.raises(grpc.RpcError) as err:
+        oma.contexts.GetVMContext(vm_contexts_pb2.GetVMContextRequest(context_id=huge), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 200
+    assert "context_id" in err.value.details()
+    long_unknown = "g" * 250  # within the id bound, unknown: NOT_FOUND quoting at most ~100 characters of it
+    with pytest.raises(grpc.RpcError) as err:
+        oma.groups.GetGroup(machine_groups_pb2.GetGroupRequest(id=long_unknown), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "g" * 100 in err.value.details() and "g" * 101 not in err.value.details()
+    assert len(err.value.details()) < 250
+
+
+def test_name_limits_come_from_the_columns_and_free_text_keeps_its_lines(oma: OmaClient):
+    from oma.v1 import machine_groups_pb2, schedules_pb2
+    from oma.v1 import vmware_credentials_pb2 as cred_pb2
+
+    limit = models.VmMachineGroup.name.max_length
+    assert limit == models.ReplicationSchedule.name.max_length == models.VmwareCredential.credential_name.max_length
+
+    def credential(name):
+        return oma.credentials.CreateCredential(cred_pb2.CreateCredentialRequest(
+            credential_name=name, vcenter_host="vc.lab", username="u", password="p", datacenter="DC0"), timeout=10)
+
+    creates = [
+        lambda name: oma.groups.CreateGroup(machine_groups_pb2.CreateGroupRequest(name=name), timeout=10),
+        lambda name: oma.schedules.CreateSchedule(schedules_pb2.CreateScheduleRequest(
+            name=name, cron_expression="0 2 * * *"), timeout=10),
+        credential,
+    ]
+    for create in creates:
+        code = factories.refused_without_writes(lambda: create("n" * (limit + 1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        create("n" * limit)  # exactly the column's size fits, on both databases
+    group = oma.groups.CreateGroup(machine_groups_pb2.CreateGroupRequest(
+        name="wave-2", description="first line\n\tsecond line"), timeout=10).group
+    assert models.VmMachineGroup.get_by_id(group.id).description == "first line\n\tsecond line"
+
+
+def test_longest_accepted_text_in_any_field_never_fails_internally(oma: OmaClient):
+    """Text as long as the request check lets through (longer than any column) in any field of any
+    request, next to ids of existing rows so the calls get past their lookups: refused cleanly by a
+    column check, or stored — never INTERNAL (MariaDB's strict 'data too long')."""
+    from google.protobuf import message_factory
+
+    from oma_server.request_rules import TEXT_MAX_CHARS
+
+    ctx = factories.context(context_id="ctx-known-1", vm_name="vm-known")
+    factories.replication_job(ctx, id="job-known-1")
+    models.VmMachineGroup.create(id="group-known", name="group-known")
+    known = {"context_id": "ctx-known-1", "vm_context_id": "ctx-known-1", "job_id": "job-known-1",
+             "group_id": "group-known", "vm_name": "vm-known"}
+    for module_name, service_name, method in ALL_METHODS:
+        call = _stub_call(oma, module_name, service_name, method)
+        request_class = message_factory.GetMessageClass(method.input_type)
+        for path, fd in factories.string_fields(method.input_type):
+            request = request_class()
+            for name, value in known.items():
+                if name in request.DESCRIPTOR.fields_by_name and (name,) != path:
+                    setattr(request, name, value)
+            is_id = fd.name.endswith(("_id", "_ids")) or fd.name == "id"
+            factories.set_text(request, path, "x" * (255 if is_id else TEXT_MAX_CHARS))
+            before = factories.db_snapshot()
+            try:
+                _send(call, method, request)
+            except grpc.RpcError as exc:
+                assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), \
+                    (method.full_name, ".".join(path), exc.details())
+                if exc.code() in REJECTIONS:
+                    assert factories.db_snapshot() == before, (method.full_name, ".".join(path))

@@ -13,6 +13,7 @@ from oma.v1 import network_mappings_pb2 as nm_pb
 from oma.v1 import ossea_config_pb2 as pb
 
 from oma_server.db import models
+from oma_server.domain.crypto import slot_of
 from tests import factories
 
 
@@ -32,8 +33,9 @@ def _config(oma, cloudstack, **kw):
 def test_config_crud_encrypts_keys_and_exactly_one_is_active(oma, oma_server, cloudstack):
     first = _config(oma, cloudstack)
     row = models.OsseaConfig.get_by_id(first.id)
-    assert row.api_key.startswith("enc:v1:") and row.secret_key.startswith("enc:v1:")
-    assert oma_server.runtime.secrets.decrypt(row.secret_key) == cloudstack.secret_key
+    assert row.api_key.startswith("enc:v2:") and row.secret_key.startswith("enc:v2:")
+    slot = slot_of(models.OsseaConfig.secret_key, row.id)
+    assert oma_server.runtime.secrets.decrypt(row.secret_key, slot) == cloudstack.secret_key
     text = json_format.MessageToJson(first)
     assert cloudstack.secret_key not in text and cloudstack.api_key not in text
     assert first.api_key_hint == "…" + cloudstack.api_key[-4:] and first.is_active
@@ -189,3 +191,41 @@ def test_network_lists_and_mapping_validation_use_the_active_config(oma, cloudst
         vm_id="web01", source_network_name="Backup", destination_network_id="no-such-network"), timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND
     assert models.NetworkMapping.select().count() == 1
+
+
+# --- every URL the API accepts is parsed on input (issue 9, item 6) ------------------------------------
+BAD_URLS = ["http://" + "a" * 64 + ".example/client/api", "http://cs.example:99999/client/api",
+            "http://cs..example/client/api", "https://user:pw@cs.example/client/api", "ftp://cs.example/",
+            "http://cs.example:port/client/api", "http://[::1/client/api", "http://" + "a." * 130 + "x/"]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_unparseable_urls_are_invalid_argument_everywhere(oma, cloudstack, url):
+    keys = dict(api_key=cloudstack.api_key, secret_key=cloudstack.secret_key)
+    calls = [
+        lambda: oma.cloudstack.TestConnection(cs_pb.TestConnectionRequest(api_url=url, **keys), timeout=30),
+        lambda: oma.cloudstack.DetectOMAVM(cs_pb.DetectOMAVMRequest(api_url=url, **keys), timeout=30),
+        lambda: oma.cloudstack.ValidateSettings(cs_pb.ValidateSettingsRequest(api_url=url, **keys), timeout=30),
+        lambda: oma.cloudstack.DiscoverAllResources(cs_pb.DiscoverAllResourcesRequest(api_url=url, **keys),
+                                                    timeout=30),
+        lambda: oma.ossea.TestConfig(pb.TestConfigRequest(settings=pb.OSSEAConnectionSettings(api_url=url, zone="zone-a", **keys)),
+                                     timeout=30),
+        lambda: oma.ossea.DiscoverResources(pb.DiscoverResourcesRequest(base_url=url, **keys), timeout=30),
+        lambda: oma.ossea.SaveStreamlinedConfig(pb.SaveStreamlinedConfigRequest(
+            base_url=url, zone_id="zone-a", disk_offering_id=cloudstack.disk_offering_id, **keys), timeout=30),
+        lambda: _config(oma, cloudstack, name="bad-url", api_url=url),
+    ]
+    for call in calls:
+        code = factories.refused_without_writes(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (url, code)
+    good = _config(oma, cloudstack)
+    code = factories.refused_without_writes(lambda: oma.ossea.UpdateConfig(
+        pb.UpdateConfigRequest(id=good.id, api_url=url), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_64_character_host_label_is_a_short_invalid_argument(oma, cloudstack):
+    url = "http://" + "a" * 64 + ".example/client/api"
+    code, msg = _error(lambda: oma.cloudstack.TestConnection(cs_pb.TestConnectionRequest(
+        api_url=url, api_key=cloudstack.api_key, secret_key=cloudstack.secret_key), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "host name" in msg and len(msg) < 400

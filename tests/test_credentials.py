@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from oma.v1 import vmware_credentials_pb2 as pb
 
 from oma_server.db import models
+from oma_server.domain.crypto import slot_of
 from tests import factories
 
 PASSWORD = "S3cret-vc-password!"
@@ -29,14 +30,15 @@ def _error(call):
 def test_create_encrypts_and_never_returns_the_password(oma, oma_server):
     cred = _create(oma, is_default=True, tls_thumbprint="AA:" * 19 + "AA")
     row = models.VmwareCredential.get_by_id(cred.id)
-    assert row.password_encrypted.startswith("enc:v1:") and PASSWORD not in row.password_encrypted
-    assert oma_server.runtime.secrets.decrypt(row.password_encrypted) == PASSWORD
+    assert row.password_encrypted.startswith("enc:v2:") and PASSWORD not in row.password_encrypted
+    slot = slot_of(models.VmwareCredential.password_encrypted, row.id)
+    assert oma_server.runtime.secrets.decrypt(row.password_encrypted, slot) == PASSWORD
     assert row.created_by == "admin" and row.is_default and row.is_active
     listed = oma.credentials.ListCredentials(pb.ListCredentialsRequest(), timeout=5)
     fetched = oma.credentials.GetCredential(pb.GetCredentialRequest(id=cred.id), timeout=5)
     for message in (cred, listed, fetched):
         text = json_format.MessageToJson(message)
-        assert PASSWORD not in text and "enc:v1" not in text
+        assert PASSWORD not in text and "enc:v" not in text
     assert "password" not in pb.VMwareCredential.DESCRIPTOR.fields_by_name
     # Admin reads have no side effects on the usage counters.
     row = models.VmwareCredential.get_by_id(cred.id)
@@ -81,7 +83,8 @@ def test_update_is_partial_and_reencrypts_a_new_password(oma, oma_server):
     assert row.password_encrypted == old and row.vcenter_host == "vcenter.lab"
     oma.credentials.UpdateCredential(pb.UpdateCredentialRequest(id=cred.id, password="new-one"), timeout=5)
     row = models.VmwareCredential.get_by_id(cred.id)
-    assert row.password_encrypted != old and oma_server.runtime.secrets.decrypt(row.password_encrypted) == "new-one"
+    slot = slot_of(models.VmwareCredential.password_encrypted, row.id)
+    assert row.password_encrypted != old and oma_server.runtime.secrets.decrypt(row.password_encrypted, slot) == "new-one"
     _create(oma, "taken")
     code, _ = _error(lambda: oma.credentials.UpdateCredential(
         pb.UpdateCredentialRequest(id=cred.id, credential_name="taken"), timeout=5))
@@ -125,3 +128,41 @@ def test_active_only_filter(oma):
     names = [c.credential_name for c in oma.credentials.ListCredentials(
         pb.ListCredentialsRequest(active_only=True), timeout=5).credentials]
     assert names == ["on"]
+
+
+# --- the stored password only ever goes where it was saved for (issue 9, item 3) ----------------------
+@pytest.mark.parametrize("change", [dict(vcenter_host="attacker.example"), dict(vcenter_host="vcenter.lab:8443"),
+                                    dict(tls_insecure=True), dict(tls_thumbprint="BB:" * 31 + "BB"),
+                                    dict(tls_thumbprint="")])
+def test_redirecting_the_saved_password_needs_the_password_again(oma, change):
+    cred = _create(oma, tls_thumbprint="AA:" * 31 + "AA")
+    code = factories.refused_without_writes(lambda: oma.credentials.UpdateCredential(
+        pb.UpdateCredentialRequest(id=cred.id, **change), timeout=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    _, msg = _error(lambda: oma.credentials.UpdateCredential(pb.UpdateCredentialRequest(id=cred.id, **change), timeout=5))
+    assert "password" in msg and next(iter(change)) in msg
+    # With the password in the same request the change is taken, host/pin and password together.
+    oma.credentials.UpdateCredential(pb.UpdateCredentialRequest(id=cred.id, password="re-entered", **change), timeout=5)
+    row = models.VmwareCredential.get_by_id(cred.id)
+    for name, value in change.items():
+        assert getattr(row, name) == value
+
+
+def test_unchanged_target_fields_need_no_password(oma):
+    cred = _create(oma, tls_thumbprint="AA:" * 31 + "AA")
+    oma.credentials.UpdateCredential(pb.UpdateCredentialRequest(
+        id=cred.id, vcenter_host="vcenter.lab", tls_thumbprint="AA:" * 31 + "AA", tls_insecure=False,
+        username="ops"), timeout=5)
+    assert models.VmwareCredential.get_by_id(cred.id).username == "ops"
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "vc..lab", "vc.lab:0", "vc.lab:99999", "vc lab",
+                                  "vc.lab\n", "[::1", "-vc.lab", "vc.lab:https"])
+def test_vcenter_host_is_parsed_on_input(oma, host):
+    code = factories.refused_without_writes(lambda: _create(oma, "bad-host", vcenter_host=host))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_valid_vcenter_hosts_are_accepted(oma):
+    for i, host in enumerate(["vc.example:443", "10.0.0.5", "[fd00::5]:443", "fd00::5", "vcenter_01.lab."]):
+        assert _create(oma, f"ok-{i}", vcenter_host=host).vcenter_host == host

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from oma.v1 import debug_pb2 as pb
 
 from oma_server.db import models
-from oma_server.domain import joblog
+from oma_server.domain import cloudstack_config, joblog
 from omaclient.client import OmaClient
 from tests import factories
 from tests.factories import read_without_writes, refused_without_writes
@@ -36,8 +36,8 @@ def test_system_health_is_measured_for_operators_and_minimal_for_anonymous(oma, 
     schedule = models.ReplicationSchedule.create(name="nightly", cron_expression="0 2 * * *")
     models.ReplicationSchedule.create(name="off", cron_expression="0 3 * * *", enabled=False)
     models.ScheduleExecution.create(schedule=schedule.id, scheduled_at=models.utcnow(), status="running")
-    oma_server.runtime.components["scheduler"].reload()  # as ScheduleService does after a write
-    instance = oma_server.runtime.components["replication"].instance
+    oma_server.components.scheduler.reload()  # as ScheduleService does after a write
+    instance = oma_server.components.replication.instance
     ctx = factories.context()
     factories.replication_job(ctx, status="pending", worker=instance, worker_heartbeat_at=models.utcnow())
     factories.replication_job(ctx, status="replicating", worker="other-oma", worker_heartbeat_at=models.utcnow())
@@ -71,9 +71,8 @@ def test_system_health_is_measured_for_operators_and_minimal_for_anonymous(oma, 
 def test_unreachable_dependencies_degrade_health_without_showing_secrets(oma_factory):
     server = oma_factory(vma_address="127.0.0.1:9", vma_retries=0, worker_lease_seconds=3600)
     box = server.runtime.secrets
-    models.OsseaConfig.create(name="cs", api_url="http://127.0.0.1:9/client/api",
-                              api_key=box.encrypt("api-key-4711"), secret_key=box.encrypt("secret-key-4711"),
-                              zone="zone-a")
+    cloudstack_config.create(box, {"name": "cs", "api_url": "http://127.0.0.1:9/client/api",
+                                   "api_key": "api-key-4711", "secret_key": "secret-key-4711", "zone": "zone-a"})
     ctx = factories.context()
     factories.replication_job(ctx, status="replicating", worker="gone-oma",
                               worker_heartbeat_at=models.utcnow() - timedelta(hours=2))

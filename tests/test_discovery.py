@@ -3,6 +3,8 @@ when create_context; add-vms/bulk-add write vm_replication_contexts without repl
 preview is read-only) and VMwareCredentialService.TestCredential."""
 from __future__ import annotations
 
+import socket
+
 import grpc
 import pytest
 from oma.v1 import discovery_pb2 as pb
@@ -121,3 +123,26 @@ def test_vma_down_is_unavailable(lab):
     code, msg = _error(lambda: lab.client.discovery.PreviewDiscovery(
         pb.PreviewDiscoveryRequest(source=_source(lab)), timeout=60))
     assert code == grpc.StatusCode.UNAVAILABLE and "VMA agent" in msg
+
+
+def test_a_saved_password_is_never_sent_to_a_host_the_caller_chooses(lab):
+    """Issue 9 item 3: neither an edit without the password nor connection details next to a
+    credential_id can make the OMA log in elsewhere with the stored password."""
+    with socket.socket() as trap:  # a host the caller controls: it must never see a connection
+        trap.bind(("127.0.0.1", 0))
+        trap.listen(4)
+        trap.settimeout(0.5)
+        elsewhere = f"127.0.0.1:{trap.getsockname()[1]}"
+        for change in (dict(vcenter_host=elsewhere), dict(tls_insecure=True), dict(tls_thumbprint="")):
+            code = factories.refused_without_writes(lambda: lab.client.credentials.UpdateCredential(
+                cred_pb.UpdateCredentialRequest(id=lab.credential_id, **change), timeout=10))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+        for mixed in (dict(vcenter=elsewhere), dict(insecure=True), dict(thumbprint="AA:" * 31 + "AA")):
+            code = factories.refused_without_writes(lambda: lab.client.discovery.PreviewDiscovery(
+                pb.PreviewDiscoveryRequest(source=_source(lab, **mixed)), timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+        # TestCredential still logs in where the credential was saved for.
+        ok = lab.client.credentials.TestCredential(cred_pb.TestCredentialRequest(id=lab.credential_id), timeout=60)
+        assert ok.success
+        with pytest.raises(socket.timeout):
+            trap.accept()

@@ -80,7 +80,7 @@ def test_test_failover_then_end_test_restores_everything(lab_private):
         assert (mapping.vm_id, mapping.operation_mode) == (vm["id"], "failover")
         assert mapping.device_path == f"remote-vm-{vm['id']}-{volume.volume_id}"
         assert volume.snapshot_status == "ready" and lab.cloudstack.get("snapshot", volume.snapshot_id)
-        assert not lab.oma.runtime.components["exports"].alive(f"migration-vol-{volume.volume_id}")
+        assert not lab.oma.components.exports.alive(f"migration-vol-{volume.volume_id}")
     ctx_row = models.VmReplicationContext.get_by_id(ctx.context_id)
     assert ctx_row.current_status == "failed_over_test"
     assert ctx_row.last_operation_summary["operation_type"] == "test_failover"

@@ -322,10 +322,11 @@ def test_preflight_agrees_with_start_and_an_unready_vm_fails_validation_untouche
 def test_a_restart_fails_interrupted_failover_work(db, oma_factory):
     """docs/design/failover.md#one-operation-per-vm-and-restarts: jobs this process left running fail "interrupted by restart"; a context whose volumes may be
     mid-move needs cleanup, one that had not got that far is left alone; another process's live job is kept."""
-    def running_failover(status, context_status, worker):
+    def running_failover(status, context_status, worker, heartbeat_age=timedelta(0)):
         ctx = factories.context(current_status=context_status)
         job = models.JobTracking.create(job_type="failover", operation="unified-test-failover", status="running",
-                                        context_id=ctx.context_id, job_category="failover", metadata={"worker": worker})
+                                        context_id=ctx.context_id, job_category="failover", worker=worker,
+                                        worker_heartbeat_at=models.utcnow() - heartbeat_age)
         models.JobStep.create(job=job.id, name="some-step", seq=1, status="running")
         models.FailoverJob.create(vm_context=ctx.context_id, job_id=job.id, vm_id=ctx.vmware_vm_id, job_type="test",
                                   status=status, source_vm_name=ctx.vm_name)
@@ -334,15 +335,20 @@ def test_a_restart_fails_interrupted_failover_work(db, oma_factory):
     moved = running_failover("switching_volume", "failed_over_test", "oma-a")
     early = running_failover("validating", "ready_for_failover", "oma-a")
     elsewhere = running_failover("powering_on", "failed_over_test", "oma-b")  # fresh heartbeat: alive
+    # The lease of a process that died (no heartbeat for longer than the lease), and a job nobody leased.
+    dead = running_failover("snapshotting", "failed_over_test", "oma-c", heartbeat_age=timedelta(hours=1))
+    unleased = running_failover("creating_vm", "failed_over_test", None)
     oma_factory(instance_name="oma-a")
 
-    for (context_id, job_id), context_status in ((moved, "cleanup_required"), (early, "ready_for_failover")):
+    for (context_id, job_id), context_status in ((moved, "cleanup_required"), (early, "ready_for_failover"),
+                                                 (dead, "cleanup_required"), (unleased, "cleanup_required")):
         job = models.JobTracking.get_by_id(job_id)
         assert job.status == "failed" and "interrupted by restart" in job.error_message
         assert [s.status for s in job.steps] == ["failed"]
         record = models.FailoverJob.get(models.FailoverJob.job_id == job_id)
         assert record.status == "failed" and "interrupted by restart" in record.error_message
         assert models.VmReplicationContext.get_by_id(context_id).current_status == context_status
+        assert job.worker == "oma-a"  # claimed (one conditional update) by the process that ended it
     context_id, job_id = elsewhere
     assert models.JobTracking.get_by_id(job_id).status == "running"
     assert models.FailoverJob.get(models.FailoverJob.job_id == job_id).status == "powering_on"

@@ -13,6 +13,7 @@ from oma_server import logs
 from oma_server.db import models, views
 from oma_server.domain import joblog
 from oma_server.errors import InvalidArgument, NotFound
+from oma_server.workflows.steps import JobLogRecorder, Step, run_steps
 
 
 def test_steps_record_order_status_and_failures(db):
@@ -41,18 +42,21 @@ def test_steps_record_order_status_and_failures(db):
     assert progress["total_steps"] == 4 and progress["step_completion_percentage"] == 50.0
 
 
-def test_run_steps_stops_at_the_first_failure_and_names_it(db):
+def test_the_step_loop_records_each_step_and_stops_at_the_first_failure(db):
     job = joblog.start_job("migration", "flow")
     seen = []
     flow = [
-        joblog.Step("one", lambda state, h: seen.append("one")),
-        joblog.Step("two", lambda state, h: (_ for _ in ()).throw(RuntimeError("disk full"))),
-        joblog.Step("three", lambda state, h: seen.append("three")),
+        Step("one", lambda state, h: seen.append("one")),
+        Step("skipped", lambda state, h: seen.append("skipped"), skip_if=lambda state: "not needed"),
+        Step("two", lambda state, h: (_ for _ in ()).throw(RuntimeError("disk full"))),
+        Step("three", lambda state, h: seen.append("three")),
     ]
     with pytest.raises(joblog.StepFailed) as err:
-        joblog.run_steps(job, flow, state=None)
+        run_steps(flow, None, JobLogRecorder(job))
     assert seen == ["one"] and err.value.step == "two" and err.value.code == "INTERNAL"
-    assert [s.name for s in models.JobStep.select().where(models.JobStep.job == job)] == ["one", "two"]
+    rows = models.JobStep.select().where(models.JobStep.job == job).order_by(models.JobStep.seq)
+    assert [(s.name, s.status) for s in rows] == [("one", "completed"), ("skipped", "skipped"), ("two", "failed")]
+    assert rows[1].metadata == {"reason": "not needed"} and rows[2].error_message == "disk full"
 
 
 def test_recorded_operation_is_all_or_nothing(db):
@@ -115,7 +119,7 @@ def test_log_records_of_a_bound_job_reach_log_events(oma, oma_server):
         log.warning("slow target")
         log.debug("not stored (below INFO)")
     log.info("not bound to a job: not stored")
-    oma_server.runtime.components["log_events"].flush()
+    oma_server.components.log_events.flush()
     deadline = time.monotonic() + 5
     while models.LogEvent.select().count() < 2 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -68,6 +68,11 @@ def test_full_then_incremental_replication(lab_private):
     assert models.CbtHistory.select().where(models.CbtHistory.job == created.job_id).count() == 2
     assert models.OsseaVolume.select().count() == 2 and models.DeviceMapping.select().count() == 2
     assert models.NbdExport.select().where(models.NbdExport.status == "active").count() == 2
+    # The agent wrote through TLS with the job's pre-shared key: nbdkit requires it (test_nbd_access).
+    served = [lab.oma.components.exports.current(row.export_name) for row in models.NbdExport.select()]
+    assert {export.tls.identity for export, _ in served} == {created.job_id}
+    assert all("--tls=require" in argv and not any(export.tls.psk.hex() in a for a in argv)
+               for export, argv in served)
     steps = [s.name for s in models.JobTracking.get(models.JobTracking.external_job_id == created.job_id).steps]
     assert steps == ["prepare-disks", "provision-volumes", "attach-volumes", "start-exports", "start-transfer",
                      "transfer", "finalize"]

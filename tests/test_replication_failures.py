@@ -54,7 +54,7 @@ def cloudstack_job_fails(lab, command):
 
 @contextlib.contextmanager
 def no_free_nbd_port(lab):
-    exports = lab.oma.runtime.components["exports"]
+    exports = lab.oma.components.exports
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()

@@ -124,7 +124,7 @@ def test_a_replaced_volume_forces_a_full_copy(replicated):
     history = {c.disk_id: c for c in models.CbtHistory.select().where(models.CbtHistory.job == job2)}
     assert history["disk-2000"].sync_type == "full" and history["disk-2001"].sync_type == "incremental"
     assert history["disk-2001"].bytes_transferred == 64 * 1024
-    lab.oma.runtime.components["log_events"].flush()
+    lab.oma.components.log_events.flush()
     tracking = models.JobTracking.get(models.JobTracking.external_job_id == job2)
     messages = [e.message for e in models.LogEvent.select().where(models.LogEvent.job == tracking.id)]
     assert any("disk-2000 has a new replica volume" in m and "this copy of the disk is full" in m for m in messages)

@@ -177,7 +177,7 @@ def test_two_oma_processes_fire_a_clock_firing_once(oma_factory):
     client.login("admin", ADMIN_PASSWORD)
     try:
         schedule = _schedule(client, "every-second", cron_expression="* * * * * *", skip_if_running=False)
-        _wait(lambda: all(s.runtime.components["scheduler"].status().registrations for s in servers), 10)
+        _wait(lambda: all(s.components.scheduler.status().registrations for s in servers), 10)
         _wait(lambda: models.ScheduleExecution.select().where(
             models.ScheduleExecution.schedule == schedule.id).count() >= 3, 10)
         client.schedules.SetScheduleEnabled(pb.SetScheduleEnabledRequest(id=schedule.id, enabled=False), timeout=10)

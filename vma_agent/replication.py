@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from vma_agent import errors, metrics, validation
 from vma_agent.config import Settings
@@ -48,6 +52,22 @@ class DiskRequest:
 
 
 @dataclass(frozen=True)
+class TargetTls:
+    """TLS-PSK for a job's NBD targets, from the OMA: identity and raw key (kept out of repr)."""
+
+    identity: str
+    psk: bytes = field(repr=False)
+
+
+def tls_target_uri(uri: str, tls: TargetTls, psk_file: str) -> str:
+    """``nbd://host:port/export`` → ``nbds://<identity>@host:port/export?tls-psk-file=<file>`` (libnbd's
+    URI form of TLS with a pre-shared key)."""
+    parts = urlsplit(uri)
+    return urlunsplit(("nbds", f"{quote(tls.identity, safe='')}@{parts.netloc}", parts.path,
+                       f"tls-psk-file={quote(psk_file, safe='/')}", ""))
+
+
+@dataclass(frozen=True)
 class JobRequest:
     job_id: str
     context_id: str
@@ -57,6 +77,7 @@ class JobRequest:
     disks: tuple[DiskRequest, ...]
     quiesce: bool = False
     enable_cbt: bool = True
+    target_tls: TargetTls | None = None
 
 
 @dataclass
@@ -70,6 +91,7 @@ class RunningJob:
     finished_at: datetime | None = None
     status: JobStatus = JobStatus.QUEUED
     last_error: str = ""
+    psk_file: str = ""  # the targets' TLS key while the job runs (0600 in a private 0700 directory)
 
 
 class JobCancelled(Exception):
@@ -240,6 +262,15 @@ class ReplicationJobs:
                 raise errors.InvalidArgument(f"disk {disk.disk_id!r} needs its VMware device key (vmware_disk_key)")
             if not disk.target_uri.startswith(("nbd://", "nbd+unix://", "nbds://")):
                 raise errors.InvalidArgument(f"disk {disk.disk_id}: target_nbd_uri must be an NBD URI")
+            if "tls-" in urlsplit(disk.target_uri).query:
+                raise errors.InvalidArgument(f"disk {disk.disk_id}: target_nbd_uri must not name TLS files; "
+                                             "send the key in target_tls")
+            if request.target_tls is not None and not disk.target_uri.startswith("nbd://"):
+                raise errors.InvalidArgument(f"disk {disk.disk_id}: with target_tls the target must be nbd://")
+        tls = request.target_tls
+        if tls is not None and (not tls.identity or any(c in tls.identity for c in ":@/\n") or len(tls.psk) < 16):
+            raise errors.InvalidArgument("target_tls needs an identity without ':', '@', '/' or newlines and a key "
+                                         "of at least 16 bytes")
         if len({d.key for d in request.disks}) != len(request.disks):
             raise errors.InvalidArgument("each disk may appear only once")
 
@@ -250,7 +281,14 @@ class ReplicationJobs:
         request = job.request
         job.status = JobStatus.RUNNING
         self._update(job, status=JobStatus.RUNNING)
+        psk_dir = None
         try:
+            if request.target_tls is not None:
+                psk_dir = tempfile.mkdtemp(prefix="vma-nbd-tls-")  # 0700
+                job.psk_file = os.path.join(psk_dir, "target.psk")
+                fd = os.open(job.psk_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{request.target_tls.identity}:{request.target_tls.psk.hex()}\n")
             with self._sessions.session(request.connection) as session:
                 self._replicate(session, job)
         except JobCancelled:
@@ -263,6 +301,8 @@ class ReplicationJobs:
         else:
             job.status = JobStatus.SUCCEEDED
         finally:
+            if psk_dir is not None:
+                shutil.rmtree(psk_dir, ignore_errors=True)
             job.finished_at = datetime.now(timezone.utc)
             metrics.JOBS.labels(status=job.status.name.lower()).inc()
             with contextlib.suppress(KeyError):
@@ -408,8 +448,10 @@ class ReplicationJobs:
                              bytes_zeroed=p.bytes_zeroed or None, throughput_bps=p.throughput_bps)
 
             try:
+                target_uri = request.target_uri if job.request.target_tls is None else tls_target_uri(
+                    request.target_uri, job.request.target_tls, job.psk_file)
                 result = copier.copy_disk(
-                    source_uri, request.target_uri, data, zero, on_progress=on_progress, cancel_event=job.cancel,
+                    source_uri, target_uri, data, zero, on_progress=on_progress, cancel_event=job.cancel,
                     connections=self._settings.connections_per_disk or None,
                     retry=copier.RetryPolicy(tries=self._settings.copy_retry_tries, initial_delay=0.5, max_delay=10.0),
                     progress_interval=self._settings.progress_interval_seconds)

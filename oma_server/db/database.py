@@ -5,7 +5,9 @@ Two backends, chosen by URL:
 * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (one slash is the separator, as in SQLAlchemy and
   ``playhouse.db_url``) — the embedded deployment.  Pragmas: ``foreign_keys=1`` (without it cascades and SET NULL
   silently do nothing), ``journal_mode=wal`` (readers do not block the writer), ``busy_timeout``,
-  ``synchronous=normal``.  Transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
+  ``synchronous=normal``.  The file is private: created 0600 before SQLite opens it, and an existing file and
+  its ``-wal``/``-shm``/``-journal`` companions are set to 0600 (SQLite gives the companions it creates the
+  database file's mode); it holds password hashes and encrypted secrets.  Transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout
   instead of failing with "database is locked" when a read transaction upgrades to a write.
   ``sqlite:///:memory:`` gives a private in-memory database shared by every connection of the returned object (so
   ``connection_context()`` per call and other threads see the same data) for quick unit use; it is not meant for
@@ -36,10 +38,12 @@ the database at once; SQLite connections are cheap and the thread pools bound th
 from __future__ import annotations
 
 import heapq
+import os
 import sqlite3
 import threading
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from peewee import (
@@ -202,6 +206,33 @@ class MariaDBPool(PooledMySQLDatabase):
         return super()._close_raw(conn)
 
 
+SQLITE_COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def secure_data_dir(path: Path) -> Path:
+    """Create the OMA's data dir (the SQLite file, key files, generated certificates) as 0700, or
+    restrict an existing one to 0700."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != PRIVATE_DIR_MODE:
+        path.chmod(PRIVATE_DIR_MODE)
+    return path
+
+
+def secure_sqlite_files(path: str | os.PathLike) -> None:
+    """Create the database file 0600 when it does not exist yet, and set it and its companions to 0600."""
+    database = Path(path)
+    if database.parent.is_dir():
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE))
+    for candidate in (database, *(Path(f"{database}{suffix}") for suffix in SQLITE_COMPANION_SUFFIXES)):
+        try:
+            if candidate.stat().st_mode & 0o777 != PRIVATE_FILE_MODE:
+                candidate.chmod(PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            continue
+
+
 def connect(url: str, *, pool_size: int = DEFAULT_POOL_SIZE, stale_timeout: int = 300, pool_timeout: int = 10,
             connect_timeout: int = 10, busy_timeout_ms: int = 5000) -> Database:
     """Build (but do not bind) the database described by ``url``.
@@ -222,6 +253,7 @@ def connect(url: str, *, pool_size: int = DEFAULT_POOL_SIZE, stale_timeout: int 
             raise ValueError(f"sqlite URL has no path: {url!r}")
         if path == ":memory:":
             return SharedMemorySqliteDatabase(busy_timeout_ms)
+        secure_sqlite_files(path)
         # No pool ``timeout``/``max_connections``: the pool never makes a thread wait (``busy_timeout`` is the
         # pragma that makes writers queue).
         return PooledSqliteDatabase(path, pragmas=_sqlite_pragmas(busy_timeout_ms), lock_type="IMMEDIATE",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,27 @@ def _runner(database: Database | DatabaseProxy) -> Runner:
     return Runner(database, str(MIGRATIONS_DIR), table_name=HISTORY_TABLE)
 
 
-def migrate(database: Database | DatabaseProxy) -> list[str]:
-    """Apply the pending migrations in order; returns their names (empty when the schema is current)."""
-    return _runner(database).up()
+_secrets_lock = threading.Lock()
+_secrets: Any = None
+
+
+def migration_secrets() -> Any:
+    """The ``SecretBox`` handed to :func:`migrate` (None without one), for migrations that rewrite
+    encrypted or hashed values (0008). Such a migration fails with a clear message when it has rows to
+    rewrite and no key: ``oma-server migrate`` and the server's start always hand the key in."""
+    return _secrets
+
+
+def migrate(database: Database | DatabaseProxy, secrets: Any = None) -> list[str]:
+    """Apply the pending migrations in order; returns their names (empty when the schema is current).
+    ``secrets``: the server's ``SecretBox`` (needed when existing secrets must be re-encrypted)."""
+    global _secrets
+    with _secrets_lock:
+        _secrets = secrets
+        try:
+            return _runner(database).up()
+        finally:
+            _secrets = None
 
 
 def status(database: Database | DatabaseProxy) -> list[Migration]:

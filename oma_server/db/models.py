@@ -863,6 +863,10 @@ class JobTracking(BaseModel):
     owner = CharField(100, null=True)
     context_id = CharField(64, null=True, index=True)  # VM context correlation, deliberately no FK
     job_category = EnumField(JobCategory, check=True, default=JobCategory.SYSTEM)
+    # The OMA process running the job's workflow and its last heartbeat (migration 0011): the lease
+    # replication_jobs has, for the failover family of workflows (docs/design/workflows.md).
+    worker = CharField(255, null=True, index=True)
+    worker_heartbeat_at = UtcDateTimeField(null=True)
 
     class Meta:
         table_name = "job_tracking"

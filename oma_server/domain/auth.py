@@ -35,6 +35,7 @@ from oma_server.db.database import db
 from oma_server.db.fields import utcnow
 from oma_server.db.models import UserRole
 from oma_server.domain.login_throttle import LoginThrottle, ThrottlePolicy
+from oma_server.domain.text_rules import quote
 from oma_server.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -70,7 +71,7 @@ def check_role(identity: Identity, method: str) -> None:
     if required_role(method) == UserRole.ADMIN and identity.role != UserRole.ADMIN:
         service, _, rpc = method.rpartition("/")
         raise PermissionDenied(f"{service.lstrip('/')}.{rpc} needs the admin role; "
-                               f"{identity.username!r} is an {identity.role}")
+                               f"{quote(identity.username)} is an {identity.role}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from typing import Any
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import OsseaConfig
-from oma_server.domain.crypto import SecretBox
+from oma_server.domain import text_rules
+from oma_server.domain.crypto import SecretBox, slot_of
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 from oma_server.integrations.cloudstack import CloudStack, Endpoint
 
@@ -43,16 +45,24 @@ def get(config_id: int) -> OsseaConfig:
     return config
 
 
+def _seal(box: SecretBox, config_id: int, column: str, value: str) -> str:
+    return box.encrypt(value, slot_of(getattr(OsseaConfig, column), config_id))
+
+
+def _open(box: SecretBox, config: OsseaConfig, column: str) -> str:
+    return box.decrypt(getattr(config, column), slot_of(getattr(OsseaConfig, column), config.id))
+
+
 def api_key_hint(config: OsseaConfig, box: SecretBox) -> str:
     try:
-        key = box.decrypt(config.api_key)
+        key = _open(box, config, "api_key")
     except Exception:  # noqa: BLE001 - a hint is cosmetic; never fail a read for it
         return ""
     return f"…{key[-4:]}" if len(key) > 8 else "…"
 
 
 def client(config: OsseaConfig, box: SecretBox, **options: Any) -> CloudStack:
-    return CloudStack(Endpoint(config.api_url, box.decrypt(config.api_key), box.decrypt(config.secret_key)),
+    return CloudStack(Endpoint(config.api_url, _open(box, config, "api_key"), _open(box, config, "secret_key")),
                       **options)
 
 
@@ -60,7 +70,7 @@ def _validate_url(url: str) -> str:
     url = url.strip()
     if not url.startswith(("http://", "https://")):
         raise InvalidArgument("api_url must start with http:// or https://")
-    return url
+    return text_rules.http_url(url, "api_url", max_chars=text_rules.URL_MAX_CHARS)
 
 
 def create(box: SecretBox, values: dict[str, Any], *, activate: bool = True) -> OsseaConfig:
@@ -69,14 +79,20 @@ def create(box: SecretBox, values: dict[str, Any], *, activate: bool = True) -> 
         raise InvalidArgument(f"missing required fields: {', '.join(missing)}")
     name = values["name"].strip()
     if OsseaConfig.select().where(OsseaConfig.name == name).exists():
-        raise AlreadyExists(f"a CloudStack configuration named {name!r} already exists")
+        raise AlreadyExists(f"a CloudStack configuration named {quote(name)} already exists")
+    text_rules.fit(OsseaConfig, {"name": name, "zone": values["zone"].strip(),
+                                 **{k: values.get(k) or "" for k in _OPTIONAL}})
     row = {
-        "name": name, "api_url": _validate_url(values["api_url"]), "api_key": box.encrypt(values["api_key"]),
-        "secret_key": box.encrypt(values["secret_key"]), "zone": values["zone"].strip(), "is_active": activate,
+        "name": name, "api_url": _validate_url(values["api_url"]), "api_key": "", "secret_key": "", "zone": values["zone"].strip(), "is_active": activate,
         **{k: (values.get(k) or None) for k in _OPTIONAL},
     }
     with db.atomic():
         config = OsseaConfig.create(**row)
+        # The ciphertexts are bound to the row id, known only after the insert: the empty values never
+        # leave this transaction.
+        OsseaConfig.update(api_key=_seal(box, config.id, "api_key", values["api_key"]),
+                           secret_key=_seal(box, config.id, "secret_key", values["secret_key"])).where(
+            OsseaConfig.id == config.id).execute()
         if activate:
             OsseaConfig.update(is_active=False).where(OsseaConfig.id != config.id).execute()
     return get(config.id)
@@ -93,9 +109,11 @@ def update(box: SecretBox, config_id: int, changes: dict[str, Any]) -> OsseaConf
             values[key] = value
     if "api_url" in values:
         values["api_url"] = _validate_url(values["api_url"])
+    text_rules.fit(OsseaConfig, {k: v for k, v in {**changes, **values}.items()
+                                 if k not in ("api_url", "api_key", "secret_key")})
     for secret in ("api_key", "secret_key"):
         if secret in values:
-            values[secret] = box.encrypt(values[secret])
+            values[secret] = _seal(box, config_id, secret, values[secret])
     for key in _OPTIONAL:
         if key in changes:
             values[key] = changes[key] or None
@@ -103,7 +121,7 @@ def update(box: SecretBox, config_id: int, changes: dict[str, Any]) -> OsseaConf
         raise InvalidArgument("no fields to update")
     if "name" in values and values["name"] != config.name and \
             OsseaConfig.select().where(OsseaConfig.name == values["name"]).exists():
-        raise AlreadyExists(f"a CloudStack configuration named {values['name']!r} already exists")
+        raise AlreadyExists(f"a CloudStack configuration named {quote(values['name'])} already exists")
     OsseaConfig.update(values).where(OsseaConfig.id == config_id).execute()
     return get(config_id)
 

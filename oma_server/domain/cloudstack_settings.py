@@ -6,21 +6,34 @@ echo keys. Only the optional ``persist`` of DetectOMAVM writes (the active confi
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from oma_server.db.models import OsseaConfig
-from oma_server.domain import cloudstack_config
+from oma_server.domain import cloudstack_config, text_rules
 from oma_server.domain.crypto import SecretBox
-from oma_server.errors import DomainError, FailedPrecondition, Unavailable, require
+from oma_server.domain.text_rules import quote
+from oma_server.errors import DomainError, FailedPrecondition, InvalidArgument, Unavailable, require
 from oma_server.integrations.cloudstack import CloudStack, CloudStackError, Endpoint, normalise_api_url
 
 TEMPLATE_MAX_BYTES = 2 << 30  # larger templates would force a root disk bigger than the source
 
 
-def endpoint(api_url: str, api_key: str, secret_key: str) -> Endpoint:
-    require(api_url and api_key and secret_key, "api_url, api_key and secret_key are required")
-    return Endpoint(normalise_api_url(api_url), api_key, secret_key)
+def api_url(value: str, label: str = "api_url") -> str:
+    """A CloudStack API URL as given (typos fixed, see ``normalise_api_url``), parsed completely."""
+    value = (value or "").strip()
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        raise InvalidArgument(f"{label} must start with http:// or https://")
+    text_rules.check(value, label, max_chars=text_rules.URL_MAX_CHARS)
+    return text_rules.http_url(normalise_api_url(value), label,
+                               max_chars=text_rules.URL_MAX_CHARS)
+
+
+def endpoint(url: str, api_key: str, secret_key: str, label: str = "api_url") -> Endpoint:
+    require(url and api_key and secret_key, f"{label}, api_key and secret_key are required")
+    return Endpoint(api_url(url, label), api_key, secret_key)
 
 
 def friendly_error(exc: DomainError) -> str:
@@ -93,7 +106,7 @@ def validate(cs: CloudStack, macs: list[str], *, oma_vm_id: str = "", service_of
             checks["account_match"] = Check("fail", f"the OMA VM {oma_vm_id} does not exist")
         elif vm.get("account") not in accounts:
             checks["account_match"] = Check("fail", f"the API key's account does not own the OMA VM "
-                                            f"(VM account {vm.get('account')!r})")
+                                            f"(VM account {quote(vm.get('account'))})")
         else:
             checks["account_match"] = Check("pass", f"the API key's account owns the OMA VM ({vm.get('account')})")
     else:

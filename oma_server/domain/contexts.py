@@ -33,6 +33,7 @@ from oma_server.db.models import (
 from oma_server.db.prepared import PreparedSelect
 from oma_server.domain import joblog, paging
 from oma_server.domain.step_names import friendly_step_name
+from oma_server.domain.text_rules import quote
 from oma_server.errors import FailedPrecondition, InvalidArgument, NotFound, require
 
 JOB_HISTORY_LIMIT = 10
@@ -71,7 +72,7 @@ def get(context_id: str) -> VmReplicationContext:
     require(context_id, "context_id is required")
     ctx = _CONTEXT_BY_ID.first(context_id)
     if ctx is None:
-        raise NotFound(f"no VM context {context_id!r}")
+        raise NotFound(f"no VM context {quote(context_id)}")
     return ctx
 
 
@@ -82,12 +83,12 @@ def get_by_name(vm_name: str, vcenter_host: str = "") -> VmReplicationContext:
         query = query.where(VmReplicationContext.vcenter_host == vcenter_host)
     found = list(query.limit(2))
     if not found:
-        where = f" in vCenter {vcenter_host!r}" if vcenter_host else ""
-        raise NotFound(f"no managed VM named {vm_name!r}{where}")
+        where = f" in vCenter {quote(vcenter_host)}" if vcenter_host else ""
+        raise NotFound(f"no managed VM named {quote(vm_name)}{where}")
     if len(found) > 1:
         hosts = sorted(c.vcenter_host for c in query)
         raise FailedPrecondition(
-            f"VM name {vm_name!r} exists in several vCenters ({', '.join(hosts)}); give vcenter_host"
+            f"VM name {quote(vm_name)} exists in several vCenters ({', '.join(hosts)}); give vcenter_host"
         )
     return found[0]
 
@@ -120,7 +121,7 @@ def list_contexts(
     query = VmReplicationContext.select()
     if status:
         if status not in set(ContextStatus):
-            raise InvalidArgument(f"unknown status {status!r}; one of {', '.join(ContextStatus)}")
+            raise InvalidArgument(f"unknown status {quote(status)}; one of {', '.join(ContextStatus)}")
         query = query.where(VmReplicationContext.current_status == status)
     if vcenter_host:
         query = query.where(VmReplicationContext.vcenter_host == vcenter_host)
@@ -241,8 +242,8 @@ def update(context_id: str, *, scheduler_enabled: bool | None = None, credential
                     raise NotFound(f"no VMware credential with id {credential_id}")
                 if cred.vcenter_host != ctx.vcenter_host:
                     raise FailedPrecondition(
-                        f"credential {cred.credential_name!r} is for vCenter {cred.vcenter_host!r}, "
-                        f"but the VM is in {ctx.vcenter_host!r}"
+                        f"credential {quote(cred.credential_name)} is for vCenter {quote(cred.vcenter_host)}, "
+                        f"but the VM is in {quote(ctx.vcenter_host)}"
                     )
                 values[VmReplicationContext.credential] = credential_id
         if values:
@@ -255,20 +256,20 @@ def delete(context_id: str, requested_by: str) -> str:
     ctx = get(context_id)
     if ctx.current_status in CONTEXT_REPLICATION_BLOCKED_STATUSES:
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} is {ctx.current_status}; end or clean up the failover before removing it"
+            f"VM {quote(ctx.vm_name)} is {ctx.current_status}; end or clean up the failover before removing it"
         )
     active_job = ReplicationJob.get_or_none(
         ReplicationJob.vm_context == context_id, ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)
     )
     if ctx.current_job_id or active_job:
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} has an active replication job "
+            f"VM {quote(ctx.vm_name)} has an active replication job "
             f"({ctx.current_job_id or active_job.id}); cancel it first"
         )
     if FailoverJob.select().where(
         FailoverJob.vm_context == context_id, FailoverJob.status.in_(FAILOVER_ACTIVE_STATUSES)
     ).exists():
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has a failover in progress")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has a failover in progress")
     job_id = joblog.start_job(
         JobType.CLEANUP, "delete-vm-context", owner=requested_by, context_id=context_id,
         category=JobCategory.SYSTEM, metadata={"vm_name": ctx.vm_name, "vcenter_host": ctx.vcenter_host},
@@ -283,7 +284,7 @@ def delete(context_id: str, requested_by: str) -> str:
                     VmReplicationContext.current_job.is_null(),
                 ).execute()
                 if not deleted:
-                    raise FailedPrecondition(f"VM {ctx.vm_name!r} started a job meanwhile; try again later")
+                    raise FailedPrecondition(f"VM {quote(ctx.vm_name)} started a job meanwhile; try again later")
             step.details["vm_name"] = ctx.vm_name
     except joblog.StepFailed as exc:
         joblog.end_job(job_id, JobTrackingStatus.FAILED, exc.message)

@@ -4,6 +4,11 @@ Passwords are encrypted with the server's SecretBox before they reach the databa
 decrypted by :func:`login_for` (for a vCenter call); :func:`record_use` records ``last_used``/``usage_count``
 once that call reached vCenter; admin reads have no side effects. At most one active credential is the default, switched in one
 transaction.
+
+A saved password is bound to the vCenter host and TLS pin it was saved with (docs/security/
+credentials.md): changing ``vcenter_host``, ``tls_thumbprint`` or ``tls_insecure`` needs the password
+again in the same request, so a caller who may edit a credential cannot redirect its stored password
+to a host of their choosing; every use (:func:`login_for`) takes host and pin from the same row.
 """
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ from peewee import IntegrityError, fn
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import VmReplicationContext, VmwareCredential, utcnow
 from oma_server.db.prepared import PreparedSelect
-from oma_server.domain.crypto import SecretBox
+from oma_server.domain import text_rules
+from oma_server.domain.crypto import SecretBox, slot_of
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
 _REQUIRED = ("credential_name", "vcenter_host", "username", "datacenter")
+# What decides where the stored password is sent: changing any of them needs the password again.
+_PASSWORD_TARGET = ("vcenter_host", "tls_thumbprint", "tls_insecure")
 
 
 @dataclass(frozen=True)
@@ -34,11 +43,19 @@ class VCenterLogin:
     insecure: bool = False
 
     def __repr__(self) -> str:  # keep the password out of logs and tracebacks
-        return f"VCenterLogin(host={self.host!r}, username={self.username!r}, datacenter={self.datacenter!r})"
+        return f"VCenterLogin(host={quote(self.host)}, username={quote(self.username)}, datacenter={quote(self.datacenter)})"
+
+
+def _checked(name: str, value: str) -> str:
+    """A required text field, stripped and checked against its column (and, for the host, parsed)."""
+    value = text_rules.name(value, getattr(VmwareCredential, name))
+    if name == "vcenter_host" and value:
+        text_rules.host_port(value, "vcenter_host")
+    return value
 
 
 def _validate_thumbprint(value: str) -> str:
-    value = value.strip()
+    value = text_rules.name(value, VmwareCredential.tls_thumbprint)
     if value:
         hex_part = value.replace(":", "")
         if len(hex_part) not in (40, 64) or any(c not in "0123456789abcdefABCDEF" for c in hex_part):
@@ -59,6 +76,10 @@ _ALL_COUNTED = PreparedSelect(lambda: _with_context_count().order_by(VmwareCrede
 _ACTIVE_COUNTED = PreparedSelect(
     lambda: _with_context_count().where(VmwareCredential.is_active == True)  # noqa: E712 - peewee expression
     .order_by(VmwareCredential.credential_name))
+
+
+def _seal(box: SecretBox, credential_id: int, password: str) -> str:
+    return box.encrypt(password, slot_of(VmwareCredential.password_encrypted, credential_id))
 
 
 def get(credential_id: int) -> VmwareCredential:
@@ -104,8 +125,9 @@ def _clear_default_except(credential_id: int) -> None:
 def create(box: SecretBox, *, credential_name: str, vcenter_host: str, username: str, password: str,
            datacenter: str, is_active: bool = True, is_default: bool = False, tls_thumbprint: str = "",
            tls_insecure: bool = False, created_by: str) -> VmwareCredential:
-    fields = {"credential_name": credential_name.strip(), "vcenter_host": vcenter_host.strip(),
-              "username": username.strip(), "datacenter": datacenter.strip()}
+    fields = {"credential_name": _checked("credential_name", credential_name),
+              "vcenter_host": _checked("vcenter_host", vcenter_host),
+              "username": _checked("username", username), "datacenter": _checked("datacenter", datacenter)}
     missing = [name for name in _REQUIRED if not fields[name]]
     if not password:
         missing.append("password")
@@ -115,18 +137,21 @@ def create(box: SecretBox, *, credential_name: str, vcenter_host: str, username:
         raise InvalidArgument("an inactive credential cannot be the default")
     thumbprint = _validate_thumbprint(tls_thumbprint)
     if VmwareCredential.select().where(VmwareCredential.credential_name == fields["credential_name"]).exists():
-        raise AlreadyExists(f"a credential named {fields['credential_name']!r} already exists")
-    encrypted = box.encrypt(password)
+        raise AlreadyExists(f"a credential named {quote(fields['credential_name'])} already exists")
     try:
         with db.atomic():
+            # The ciphertext is bound to the row id, known only after the insert: the empty value never
+            # leaves this transaction.
             cred = VmwareCredential.create(
-                **fields, password_encrypted=encrypted, is_active=is_active, is_default=is_default,
+                **fields, password_encrypted="", is_active=is_active, is_default=is_default,
                 tls_thumbprint=thumbprint, tls_insecure=tls_insecure, created_by=created_by,
             )
+            VmwareCredential.update(password_encrypted=_seal(box, cred.id, password)).where(
+                VmwareCredential.id == cred.id).execute()
             if is_default:
                 _clear_default_except(cred.id)
     except IntegrityError:
-        raise AlreadyExists(f"a credential named {fields['credential_name']!r} already exists") from None
+        raise AlreadyExists(f"a credential named {quote(fields['credential_name'])} already exists") from None
     return get(cred.id)
 
 
@@ -137,18 +162,26 @@ def update(box: SecretBox, credential_id: int, changes: dict[str, Any]) -> Vmwar
         values: dict[str, Any] = {}
         for name in _REQUIRED:
             if name in changes:
-                value = str(changes[name]).strip()
+                value = _checked(name, str(changes[name]))
                 if not value:
                     raise InvalidArgument(f"{name} cannot be empty")
                 values[name] = value
         if "password" in changes:
             if not changes["password"]:
                 raise InvalidArgument("password cannot be empty")
-            values["password_encrypted"] = box.encrypt(changes["password"])
+            values["password_encrypted"] = _seal(box, credential_id, changes["password"])
         if "tls_thumbprint" in changes:
             values["tls_thumbprint"] = _validate_thumbprint(changes["tls_thumbprint"])
         if "tls_insecure" in changes:
             values["tls_insecure"] = bool(changes["tls_insecure"])
+        stored = {"vcenter_host": cred.vcenter_host, "tls_thumbprint": cred.tls_thumbprint or "",
+                  "tls_insecure": bool(cred.tls_insecure)}
+        retargeted = [name for name in _PASSWORD_TARGET if name in values and values[name] != stored[name]]
+        if retargeted and "password_encrypted" not in values:
+            raise FailedPrecondition(
+                f"changing {', '.join(retargeted)} needs the vCenter password again in the same request: "
+                "a saved password is only ever sent to the host and certificate it was saved with"
+            )
         is_active = changes.get("is_active", cred.is_active)
         is_default = changes.get("is_default", cred.is_default)
         if "is_active" in changes:
@@ -163,7 +196,7 @@ def update(box: SecretBox, credential_id: int, changes: dict[str, Any]) -> Vmwar
             if VmwareCredential.select().where(
                 VmwareCredential.credential_name == values["credential_name"]
             ).exists():
-                raise AlreadyExists(f"a credential named {values['credential_name']!r} already exists")
+                raise AlreadyExists(f"a credential named {quote(values['credential_name'])} already exists")
         if values:
             VmwareCredential.update(values).where(VmwareCredential.id == credential_id).execute()
         if is_default:
@@ -177,7 +210,7 @@ def delete(credential_id: int) -> None:
         users = context_counts([credential_id]).get(credential_id, 0)
         if users:
             raise FailedPrecondition(
-                f"credential {cred.credential_name!r} is used by {users} VM context(s); "
+                f"credential {quote(cred.credential_name)} is used by {users} VM context(s); "
                 "link them to another credential first"
             )
         other_active = VmwareCredential.select().where(
@@ -185,7 +218,7 @@ def delete(credential_id: int) -> None:
         ).count()
         if cred.is_active and other_active == 0:
             raise FailedPrecondition(
-                f"credential {cred.credential_name!r} is the last active credential; add another first"
+                f"credential {quote(cred.credential_name)} is the last active credential; add another first"
             )
         VmwareCredential.delete().where(VmwareCredential.id == credential_id).execute()
 
@@ -194,7 +227,7 @@ def set_default(credential_id: int) -> VmwareCredential:
     with db.atomic():
         cred = get(credential_id)
         if not cred.is_active:
-            raise FailedPrecondition(f"credential {cred.credential_name!r} is inactive; activate it first")
+            raise FailedPrecondition(f"credential {quote(cred.credential_name)} is inactive; activate it first")
         _clear_default_except(credential_id)
         VmwareCredential.update(is_default=True).where(VmwareCredential.id == credential_id).execute()
     return get(credential_id)
@@ -218,8 +251,8 @@ def login_for(box: SecretBox, credential_id: int) -> VCenterLogin:
     """Decrypt a saved credential for a vCenter call (no write: see :func:`record_use`)."""
     cred = get(credential_id)
     if not cred.is_active:
-        raise FailedPrecondition(f"credential {cred.credential_name!r} is inactive")
-    password = box.decrypt(cred.password_encrypted)
+        raise FailedPrecondition(f"credential {quote(cred.credential_name)} is inactive")
+    password = box.decrypt(cred.password_encrypted, slot_of(VmwareCredential.password_encrypted, cred.id))
     return VCenterLogin(cred.id, cred.vcenter_host, cred.username, password, cred.datacenter,
                         cred.tls_thumbprint or "", bool(cred.tls_insecure))
 

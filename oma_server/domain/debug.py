@@ -50,6 +50,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain import cloudstack_config, paging
 from oma_server.domain.crypto import SecretBox
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, InvalidArgument, NotFound
 
 HEALTHY, DEGRADED, UNHEALTHY, UNKNOWN = "healthy", "degraded", "unhealthy", "unknown"
@@ -328,7 +329,7 @@ def endpoints(service: str, public_prefixes: tuple[str, ...], page_size: int, pa
     items = [{**e, "requires_auth": not e["full_method"].startswith(public_prefixes)}
              for e in _registered_endpoints() if not service or e["service"] == service]
     if service and not items:
-        raise NotFound(f"no registered service {service!r}")
+        raise NotFound(f"no registered service {quote(service)}")
     return paging.paginate_list(items, page_size, page_token)
 
 
@@ -362,7 +363,7 @@ def recent_logs(*, level: str = "", job_id: str = "", external_job_id: str = "",
         try:
             floor = _LEVEL_ORDER.index(LogLevel(level.upper()))
         except ValueError:
-            raise InvalidArgument(f"unknown log level {level!r}; one of DEBUG, INFO, WARN, ERROR") from None
+            raise InvalidArgument(f"unknown log level {quote(level)}; one of DEBUG, INFO, WARN, ERROR") from None
         query = query.where(LogEvent.level.in_(list(_LEVEL_ORDER[floor:])))
     if job_id:
         query = query.where(LogEvent.job == job_id)

@@ -26,9 +26,10 @@ from oma_server.db.models import (
     JobType,
     VmDisk,
     VmReplicationContext,
+    VmwareCredential,
     utcnow,
 )
-from oma_server.domain import cloudstack_config, credentials, joblog
+from oma_server.domain import cloudstack_config, credentials, joblog, text_rules
 from oma_server.domain.credentials import VCenterLogin
 from oma_server.domain.crypto import SecretBox
 from oma_server.errors import InvalidArgument, require
@@ -50,15 +51,28 @@ class VCenterSource:
 
 
 def resolve_login(box: SecretBox, source: VCenterSource) -> VCenterLogin:
+    """A saved credential is used exactly as saved (host, pin, password together): connection
+    details next to a credential_id are refused rather than combined with its password."""
     if source.credential_id:
+        mixed = [name for name in ("vcenter", "username", "password", "datacenter", "thumbprint", "insecure")
+                 if getattr(source, name)]
+        if mixed:
+            raise InvalidArgument(
+                f"give either credential_id or explicit connection details, not both (also given: {', '.join(mixed)}); "
+                "a saved credential is only used with the host and certificate pin it was saved with"
+            )
         return credentials.login_for(box, source.credential_id)
     missing = [name for name in ("vcenter", "username", "password", "datacenter") if not getattr(source, name)]
     if missing:
         raise InvalidArgument(
             f"give a credential_id, or all of vcenter, username, password and datacenter (missing: {', '.join(missing)})"
         )
-    return VCenterLogin(None, source.vcenter.strip(), source.username, source.password, source.datacenter,
-                        source.thumbprint, source.insecure)
+    vcenter = text_rules.host_port(source.vcenter, "vcenter")
+    username = text_rules.name(source.username, VmwareCredential.username)
+    datacenter = text_rules.name(source.datacenter, VmwareCredential.datacenter)
+    return VCenterLogin(None, vcenter, username, source.password, datacenter,
+                        text_rules.name(source.thumbprint, VmwareCredential.tls_thumbprint, "thumbprint"),
+                        source.insecure)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Every mutating request is answered at once: it is validated, the per-context lock is taken and the
 JobLog job (and, for a failover, its ``failover_jobs`` row, ``job_id`` = the JobLog id) is written in
 ONE transaction — a rejected request writes nothing — then the caller hands the job to the engine
-(:mod:`oma_server.domain.failover_workflow`), which runs the steps.
+(:mod:`oma_server.workflows.failover`), which runs the steps.
 
 * **Lock** (docs/design/failover.md#one-operation-per-vm-and-restarts): at most one non-terminal failover, cleanup or rollback per context. The context row
   is locked (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction serialises writers) and the request
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Iterable, Protocol
 
 from oma_server.db.database import database_proxy as db
@@ -41,6 +41,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain import cloudstack_config, contexts, joblog
 from oma_server.domain.failover_config import FailoverConfig, FailoverRequest, resolve
+from oma_server.domain.text_rules import quote
 from oma_server.errors import FailedPrecondition, InvalidArgument, NotFound, require
 
 log = logging.getLogger("oma_server.failover")
@@ -76,9 +77,10 @@ FAILOVER_STATES = (ContextStatus.FAILED_OVER_TEST, ContextStatus.FAILED_OVER_LIV
 
 
 class Worker(Protocol):
-    """What the request side needs from the engine: its name and whether a job still runs somewhere."""
+    """What the request side needs from the engine: lease a new job to it, and whether a job still
+    runs somewhere (its process renewed the lease)."""
 
-    instance: str
+    def lease(self, job_id: str) -> None: ...
 
     def alive(self, job_id: str) -> bool: ...
 
@@ -96,7 +98,7 @@ def move_failover_job(job_id: str, to: FailoverJobStatus | str, **values: Any) -
     if not moved:
         row = FailoverJob.get_or_none(FailoverJob.job_id == job_id)
         if row is None:
-            raise NotFound(f"no failover job {job_id!r}")
+            raise NotFound(f"no failover job {quote(job_id)}")
         raise FailedPrecondition(f"failover job {job_id} is {row.status}; it cannot become {to}")
     log.info("failover job %s → %s", job_id, to)
 
@@ -157,7 +159,7 @@ def ensure_free(ctx: VmReplicationContext, worker: Worker | None, *, ignore_dead
         if ignore_dead and worker is not None and not worker.alive(job.id):
             continue
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} is busy: {job.operation} job {job.id} ({job.external_job_id or '-'}) is running")
+            f"VM {quote(ctx.vm_name)} is busy: {job.operation} job {job.id} ({job.external_job_id or '-'}) is running")
     active = FailoverJob.select().where(FailoverJob.vm_context == ctx.context_id,
                                         FailoverJob.status.in_(list(FAILOVER_ACTIVE_STATUSES)))
     for row in active:
@@ -166,7 +168,7 @@ def ensure_free(ctx: VmReplicationContext, worker: Worker | None, *, ignore_dead
         if ignore_dead and worker is not None and not worker.alive(row.job_id):
             continue
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} is busy: {row.job_type} failover {row.job_id} is {row.status}")
+            f"VM {quote(ctx.vm_name)} is busy: {row.job_type} failover {row.job_id} is {row.status}")
 
 
 def _repeated(context_id: str, operations: Iterable[str], request_id: str) -> JobTracking | None:
@@ -243,10 +245,12 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
     ext = external_id(f"unified-{kind}-failover", ctx.vm_name, now)
     with db.atomic():
         locked = _lock_context(ctx.context_id)
+        # A job still running on the VM is the first thing to name (the operator waits for it or cancels it);
+        # only a VM at rest in a failover state asks for an end, a rollback or a cleanup.
+        ensure_free(locked, worker)
         if locked.current_status in FAILOVER_STATES:
             raise FailedPrecondition(
-                f"VM {ctx.vm_name!r} is {locked.current_status}: end the test failover, roll back or clean up first")
-        ensure_free(locked, worker)
+                f"VM {quote(ctx.vm_name)} is {locked.current_status}: end the test failover, roll back or clean up first")
         newest = (ReplicationJob.select(ReplicationJob.id).where(ReplicationJob.vm_context == ctx.context_id)
                   .order_by(ReplicationJob.created_at.desc()).first())
         job_id = joblog.start_job(
@@ -254,8 +258,9 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
             category=JobCategory.FAILOVER, expected_steps=FAILOVER_STEP_COUNT,
             metadata={"context_id": ctx.context_id, "vmware_vm_id": ctx.vmware_vm_id, "vm_name": ctx.vm_name,
                       "failover_type": kind, "external_job_id": ext, "request_id": request.request_id or None,
-                      "worker": worker.instance, "configuration": config.message_fields()},
+                      "configuration": config.message_fields()},
         )
+        worker.lease(job_id)
         JobTracking.update(metadata={**JobTracking.get_by_id(job_id).metadata, "failover_job_id": job_id}).where(
             JobTracking.id == job_id).execute()
         FailoverJob.create(
@@ -284,7 +289,7 @@ def _failover_record(identifier: str) -> FailoverJob:
         if tracked is not None:
             row = FailoverJob.get_or_none(FailoverJob.job_id == tracked.id)
     if row is None:
-        raise NotFound(f"no failover job {identifier!r}")
+        raise NotFound(f"no failover job {quote(identifier)}")
     return row
 
 
@@ -292,7 +297,7 @@ def _newest_record(ctx: VmReplicationContext, failover_type: str) -> FailoverJob
     row = (FailoverJob.select().where(FailoverJob.vm_context == ctx.context_id, FailoverJob.job_type == failover_type)
            .order_by(FailoverJob.created_at.desc(), FailoverJob.id.desc()).first())
     if row is None:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has no {failover_type} failover to clean up or roll back")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has no {failover_type} failover to clean up or roll back")
     return row
 
 
@@ -311,8 +316,9 @@ def _start_revert(record: FailoverJob, *, operation: str, ext: str, actor: str, 
             JobType.CLEANUP, operation, owner=actor, context_id=record.vm_context_id, external_job_id=ext,
             category=JobCategory.SYSTEM, parent_job_id=parent,
             metadata={**metadata, "failover_job_id": record.job_id, "request_id": request_id or None,
-                      "worker": worker.instance, "context_id": record.vm_context_id},
+                      "context_id": record.vm_context_id},
         )
+        worker.lease(job_id)
         move_failover_job(record.job_id, FailoverJobStatus.REVERTING, completed_at=None)
     return job_id
 
@@ -363,12 +369,12 @@ def start_rollback(request: RollbackRequest, actor: str, worker: Worker) -> Star
     require(request.context_id, "context_id is required")
     require(request.vm_name, "vm_name is required")
     if request.failover_type not in set(FailoverJobType):
-        raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {request.failover_type!r})")
+        raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {quote(request.failover_type)})")
     ctx = contexts.get(request.context_id)
     if request.vm_name != ctx.vm_name:
-        raise InvalidArgument(f"vm_name {request.vm_name!r} is not the name of context {ctx.context_id} ({ctx.vm_name!r})")
+        raise InvalidArgument(f"vm_name {quote(request.vm_name)} is not the name of context {ctx.context_id} ({quote(ctx.vm_name)})")
     if request.vmware_vm_id and request.vmware_vm_id != ctx.vmware_vm_id:
-        raise InvalidArgument(f"vmware_vm_id {request.vmware_vm_id!r} is not the VMware id of context {ctx.context_id}")
+        raise InvalidArgument(f"vmware_vm_id {quote(request.vmware_vm_id)} is not the VMware id of context {ctx.context_id}")
     kind = request.failover_type
     operation = ROLLBACK_OPERATIONS[kind]
     power_on = request.power_on_source if request.power_on_source is not None else kind == "live"
@@ -414,9 +420,9 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
     newest = (FailoverJob.select().where(FailoverJob.vm_context == ctx.context_id)
               .order_by(FailoverJob.created_at.desc(), FailoverJob.id.desc()).first())
     if newest is None and ctx.current_status not in FAILOVER_STATES:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has no failover to clean up (status {ctx.current_status})")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has no failover to clean up (status {ctx.current_status})")
     if ctx.current_job_id:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {ctx.current_job_id}; "
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has an active replication job {ctx.current_job_id}; "
                                  "wait for it or cancel it first")
     _check_cloudstack()
     now = utcnow()
@@ -429,8 +435,9 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
             category=JobCategory.SYSTEM, parent_job_id=newest.job_id if newest is not None and JobTracking.select().where(
                 JobTracking.id == newest.job_id).exists() else None,
             metadata={"vm_name": ctx.vm_name, "failover_job_id": newest.job_id if newest else None,
-                      "request_id": request_id or None, "worker": worker.instance, "context_id": ctx.context_id},
+                      "request_id": request_id or None, "context_id": ctx.context_id},
         )
+        worker.lease(job_id)
     return Started(job_id, ext, ctx.context_id, newest.job_id if newest else "", ctx.vm_name,
                    message=f"cleaning up the failed execution of {ctx.vm_name}")
 
@@ -439,7 +446,7 @@ def resolve_context(*, vm_name: str = "", context_id: str = "", vmware_vm_id: st
     if context_id:
         ctx = contexts.get(context_id)
         if vm_name and vm_name != ctx.vm_name:
-            raise InvalidArgument(f"vm_name {vm_name!r} is not the name of context {ctx.context_id}")
+            raise InvalidArgument(f"vm_name {quote(vm_name)} is not the name of context {ctx.context_id}")
         return ctx
     if vmware_vm_id:
         found = list(VmReplicationContext.select().where(VmReplicationContext.vmware_vm_id == vmware_vm_id).limit(2))
@@ -457,9 +464,9 @@ def readiness_context(vm_id: str) -> VmReplicationContext:
         return ctx
     found = list(VmReplicationContext.select().where(VmReplicationContext.vmware_vm_id == vm_id).limit(2))
     if len(found) > 1:
-        raise FailedPrecondition(f"VMware id {vm_id!r} is managed in several vCenters; give the context id")
+        raise FailedPrecondition(f"VMware id {quote(vm_id)} is managed in several vCenters; give the context id")
     if not found:
-        raise NotFound(f"no managed VM with context id or VMware id {vm_id!r}")
+        raise NotFound(f"no managed VM with context id or VMware id {quote(vm_id)}")
     return found[0]
 
 
@@ -499,7 +506,7 @@ def find(identifier: str) -> StatusView:
         if record is not None:
             job = JobTracking.get_or_none(JobTracking.id == record.job_id)
     if job is None and record is None:
-        raise NotFound(f"no failover, cleanup or rollback job {identifier!r}")
+        raise NotFound(f"no failover, cleanup or rollback job {quote(identifier)}")
     steps = joblog.steps_of([job.id])[job.id] if job is not None else []
     return StatusView(job, steps, record)
 
@@ -516,11 +523,11 @@ def list_failover_jobs(*, failover_type: str = "", status: str = "", vm_id: str 
     query = FailoverJob.select()
     if failover_type:
         if failover_type not in set(FailoverJobType):
-            raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {failover_type!r})")
+            raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {quote(failover_type)})")
         query = query.where(FailoverJob.job_type == failover_type)
     if status:
         if status not in set(FailoverJobStatus):
-            raise InvalidArgument(f"unknown failover status {status!r}; one of {', '.join(FailoverJobStatus)}")
+            raise InvalidArgument(f"unknown failover status {quote(status)}; one of {', '.join(FailoverJobStatus)}")
         query = query.where(FailoverJob.status == status)
     if vm_id:
         query = query.where(FailoverJob.vm_id == vm_id)
@@ -541,7 +548,3 @@ def os_disk_first(disks: list[VmDisk], os_disk: VmDisk | None) -> list[VmDisk]:
     if os_disk is not None:
         ordered = [os_disk] + [d for d in ordered if d.id != os_disk.id]
     return ordered
-
-
-def heartbeat_cutoff(lease_seconds: float) -> datetime:
-    return utcnow() - timedelta(seconds=lease_seconds)

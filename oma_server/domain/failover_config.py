@@ -29,6 +29,7 @@ from typing import Any
 
 from oma_server.db.models import FailoverJobType, NetworkMapping, VmReplicationContext, utcnow
 from oma_server.domain import network_mappings as mappings_domain
+from oma_server.domain.text_rules import quote
 from oma_server.errors import InvalidArgument, NotFound
 
 VERSION = "1.0"
@@ -184,28 +185,28 @@ def check(request: FailoverRequest, *, now: datetime | None = None) -> Checked:
             errors.append(f"{name} is required")
     kind = request.failover_type
     if kind not in set(FailoverJobType):
-        errors.append(f"failover_type must be 'live' or 'test' (got {kind!r})")
+        errors.append(f"failover_type must be 'live' or 'test' (got {quote(kind)})")
         kind = ""
     ctx = None
     if request.context_id.strip():
         ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == request.context_id)
         if ctx is None:
-            errors.append(f"no VM context {request.context_id!r}")
+            errors.append(f"no VM context {quote(request.context_id)}")
         else:
             if request.vmware_vm_id and request.vmware_vm_id != ctx.vmware_vm_id:
-                errors.append(f"vmware_vm_id {request.vmware_vm_id!r} is not the VMware id of context "
+                errors.append(f"vmware_vm_id {quote(request.vmware_vm_id)} is not the VMware id of context "
                               f"{ctx.context_id} ({ctx.vmware_vm_id})")
             if request.vm_name and request.vm_name != ctx.vm_name:
-                errors.append(f"vm_name {request.vm_name!r} is not the name of context {ctx.context_id} "
-                              f"({ctx.vm_name!r})")
+                errors.append(f"vm_name {quote(request.vm_name)} is not the name of context {ctx.context_id} "
+                              f"({quote(ctx.vm_name)})")
     strategy_in = request.network_strategy
     if strategy_in and strategy_in not in _STRATEGY_ALIASES:
-        errors.append(f"network_strategy must be one of {', '.join(_STRATEGY_ALIASES)} (got {strategy_in!r})")
+        errors.append(f"network_strategy must be one of {', '.join(_STRATEGY_ALIASES)} (got {quote(strategy_in)})")
     if request.vm_naming and request.vm_naming not in _NAMING:
-        errors.append(f"vm_naming must be 'exact' or 'suffixed' (got {request.vm_naming!r})")
+        errors.append(f"vm_naming must be 'exact' or 'suffixed' (got {quote(request.vm_naming)})")
     if request.test_duration and not _TEST_DURATION.match(request.test_duration):
         errors.append(f"test_duration must match {TEST_DURATION_PATTERN} (e.g. '2h', '90m'; got "
-                      f"{request.test_duration!r})")
+                      f"{quote(request.test_duration)})")
     for source, target in request.network_mappings.items():
         if not source.strip() or not target.strip():
             errors.append("network_mappings needs a source network name and a destination network id per entry")
@@ -233,14 +234,14 @@ def check(request: FailoverRequest, *, now: datetime | None = None) -> Checked:
     if kind:
         naming = request.vm_naming or _REQUIRED_NAMING[kind]
         if naming != _REQUIRED_NAMING[kind]:
-            errors.append(f"a {kind} failover names the destination VM {_REQUIRED_NAMING[kind]!r} (got {naming!r})")
+            errors.append(f"a {kind} failover names the destination VM {quote(_REQUIRED_NAMING[kind])} (got {quote(naming)})")
         if strategy_in in _STRATEGY_ALIASES:
             strategy = _STRATEGY_ALIASES[strategy_in]
         else:
             strategy = _derived_strategy(kind, rows)
         if strategy_in in _STRATEGY_ALIASES and strategy not in _ALLOWED_STRATEGIES[kind]:
             errors.append(f"a {kind} failover uses network strategy "
-                          f"{' or '.join(_ALLOWED_STRATEGIES[kind])} (got {strategy_in!r})")
+                          f"{' or '.join(_ALLOWED_STRATEGIES[kind])} (got {quote(strategy_in)})")
         if strategy == "custom" and not rows and not request.network_mappings and ctx is not None:
             errors.append("network_strategy 'custom' needs at least one network mapping for the VM")
         if not errors:
@@ -269,7 +270,7 @@ def resolve(request: FailoverRequest, *, now: datetime | None = None) -> tuple[F
     every other problem."""
     checked = check(request, now=now)
     if request.context_id.strip() and checked.context is None:
-        raise NotFound(f"no VM context {request.context_id!r}")
+        raise NotFound(f"no VM context {quote(request.context_id)}")
     if checked.errors:
         raise InvalidArgument("; ".join(checked.errors))
     assert checked.config is not None and checked.context is not None
@@ -294,7 +295,7 @@ def _option(default: Any, description: str, *, required: bool = False, options: 
 def preflight_options(failover_type: str) -> dict[str, dict[str, Any]]:
     """Per-option descriptors of a live or test failover (docs/design/failover.md#request-and-configuration)."""
     if failover_type not in set(FailoverJobType):
-        raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {failover_type!r})")
+        raise InvalidArgument(f"failover_type must be 'live' or 'test' (got {quote(failover_type)})")
     if failover_type == "live":
         options = {
             "power_off_source": _option(True, "Power off the source VM before the final sync", required=True),

@@ -26,7 +26,8 @@ from oma_server.db.models import (
     VmMachineGroup,
     VmReplicationContext,
 )
-from oma_server.domain import joblog, paging
+from oma_server.domain import joblog, paging, text_rules
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
 MAX_CONCURRENT_RANGE = (1, 100)
@@ -59,14 +60,14 @@ def get(group_id: str) -> VmMachineGroup:
     require(group_id, "group id is required")
     group = VmMachineGroup.get_or_none(VmMachineGroup.id == group_id)
     if group is None:
-        raise NotFound(f"no machine group {group_id!r}")
+        raise NotFound(f"no machine group {quote(group_id)}")
     return group
 
 
 def _schedule(schedule_id: str) -> ReplicationSchedule:
     schedule = ReplicationSchedule.get_or_none(ReplicationSchedule.id == schedule_id)
     if schedule is None:
-        raise NotFound(f"no schedule {schedule_id!r}")
+        raise NotFound(f"no schedule {quote(schedule_id)}")
     return schedule
 
 
@@ -74,7 +75,7 @@ def _context(context_id: str) -> VmReplicationContext:
     require(context_id, "vm_context_id is required")
     ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == context_id)
     if ctx is None:
-        raise NotFound(f"no VM context {context_id!r}")
+        raise NotFound(f"no VM context {quote(context_id)}")
     return ctx
 
 
@@ -130,16 +131,17 @@ def membership_query():
 
 def create_group(*, name: str, description: str = "", schedule_id: str = "", max_concurrent_vms: int | None,
                  priority: int | None, created_by: str) -> GroupSummary:
-    name = name.strip()
+    name = text_rules.name(name, VmMachineGroup.name)
     require(name, "name is required")
-    require(len(name) <= 255, "name is longer than 255 characters")
+    description = text_rules.free_text(description, VmMachineGroup.description)
+    created_by = text_rules.name(created_by, VmMachineGroup.created_by)
     max_vms = _check_range("max_concurrent_vms", 5 if max_concurrent_vms is None else max_concurrent_vms,
                            MAX_CONCURRENT_RANGE)
     prio = _check_range("priority", 0 if priority is None else priority, PRIORITY_RANGE)
     if schedule_id:
         _schedule(schedule_id)
     if VmMachineGroup.select().where(VmMachineGroup.name == name).exists():
-        raise AlreadyExists(f"a machine group named {name!r} already exists")
+        raise AlreadyExists(f"a machine group named {quote(name)} already exists")
     with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "create-group", owner=created_by,
                                    metadata={"name": name}, category=JobCategory.SYSTEM):
         group = VmMachineGroup.create(name=name, description=description or None, schedule=schedule_id or None,
@@ -164,13 +166,14 @@ def update_group(group_id: str, changes: dict[str, Any], actor: str) -> GroupSum
     group = get(group_id)
     values: dict[Any, Any] = {}
     if "name" in changes:
-        name = changes["name"].strip()
+        name = text_rules.name(changes["name"], VmMachineGroup.name)
         require(name, "name cannot be empty")
         if name != group.name and VmMachineGroup.select().where(VmMachineGroup.name == name).exists():
-            raise AlreadyExists(f"a machine group named {name!r} already exists")
+            raise AlreadyExists(f"a machine group named {quote(name)} already exists")
         values[VmMachineGroup.name] = name
     if "description" in changes:
-        values[VmMachineGroup.description] = changes["description"] or None
+        values[VmMachineGroup.description] = text_rules.free_text(changes["description"],
+                                                                  VmMachineGroup.description) or None
     if "schedule_id" in changes:
         # An explicit empty schedule_id clears the group's schedule.
         if changes["schedule_id"]:
@@ -193,11 +196,11 @@ def delete_group(group_id: str, actor: str) -> None:
     group = get(group_id)
     members = VmGroupMembership.select().where(VmGroupMembership.group == group_id).count()
     if members:
-        raise FailedPrecondition(f"cannot delete group {group.name!r} with {members} VMs; remove the VMs first")
+        raise FailedPrecondition(f"cannot delete group {quote(group.name)} with {members} VMs; remove the VMs first")
     recent = ScheduleExecution.select(ScheduleExecution.status).where(ScheduleExecution.group == group_id).order_by(
         ScheduleExecution.scheduled_at.desc()).limit(10)
     if any(e.status in (ScheduleExecutionStatus.RUNNING, ScheduleExecutionStatus.SCHEDULED) for e in recent):
-        raise FailedPrecondition(f"group {group.name!r} has a schedule execution in progress")
+        raise FailedPrecondition(f"group {quote(group.name)} has a schedule execution in progress")
     with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "delete-group", owner=actor,
                                    metadata={"group_id": group_id, "name": group.name}):
         VmMachineGroup.delete().where(VmMachineGroup.id == group_id).execute()
@@ -217,12 +220,13 @@ def _membership(group_id: str, context_id: str) -> VmGroupMembership:
     m = membership_query().where(VmGroupMembership.group == group_id,
                                  VmGroupMembership.vm_context == context_id).first()
     if m is None:
-        raise NotFound(f"VM context {context_id!r} is not a member of group {group_id!r}")
+        raise NotFound(f"VM context {quote(context_id)} is not a member of group {quote(group_id)}")
     return m
 
 
 def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: bool | None,
               schedule_override_id: str = "", added_by: str) -> VmGroupMembership:
+    added_by = text_rules.name(added_by, VmGroupMembership.added_by)
     group = get(group_id)
     ctx = _context(context_id)
     prio = 0 if priority is None else priority
@@ -234,9 +238,9 @@ def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: 
         existing = db_for_update(VmGroupMembership.select().where(VmGroupMembership.vm_context == context_id)).first()
         if existing is not None:
             if existing.group_id == group_id:
-                raise AlreadyExists(f"VM {ctx.vm_name!r} is already a member of group {group.name!r}")
+                raise AlreadyExists(f"VM {quote(ctx.vm_name)} is already a member of group {quote(group.name)}")
             raise FailedPrecondition(
-                f"VM {ctx.vm_name!r} already belongs to another group ({existing.group_id}); "
+                f"VM {quote(ctx.vm_name)} already belongs to another group ({existing.group_id}); "
                 "use SetVMGroup to move it"
             )
         with joblog.recorded_operation(JobType.GROUP_MANAGEMENT, "add-vm-membership", owner=added_by,
@@ -280,6 +284,7 @@ def update_membership(group_id: str, context_id: str, changes: dict[str, Any], a
 
 def set_vm_group(*, context_id: str, group_id: str, priority: int | None, enabled: bool | None,
                  added_by: str) -> tuple[VmGroupMembership, list[str]]:
+    added_by = text_rules.name(added_by, VmGroupMembership.added_by)
     """Put a VM into exactly this group, removing it from any other (one transaction)."""
     ctx = _context(context_id)
     get(group_id)

@@ -26,7 +26,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
-from oma_server.domain import joblog
+from oma_server.domain import joblog, nbd_access
 
 log = logging.getLogger("oma_server.replication")
 
@@ -81,6 +81,7 @@ def finish(job_id: str, status: JobStatus, error: str | None = None,
             joblog.end_job(tracking, _JOBLOG_STATUS[status], error)
     metrics.REPLICATION_JOBS.labels(status=status.value).inc()
     log.info("replication job %s %s%s", job_id, status.value, f": {error}" if error else "")
+    nbd_access.job_ended(job_id)  # its VMA may no longer reach the job's exports
     return True
 
 

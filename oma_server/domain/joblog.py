@@ -1,7 +1,7 @@
 """JobLog: every business operation is a job_tracking row with ordered job_steps and log_events.
 
-Workflows are written as an ordered list of named steps (:class:`Step`) run by :func:`run_steps`, so
-a reader sees the whole flow in one place and a failure names its step: each step is a job_steps
+Workflows (:mod:`oma_server.workflows`) are ordered lists of named steps, so a reader sees the whole
+flow in one place and a failure names its step: each step (:func:`step`, :func:`skip_step`) is a job_steps
 row (running → completed | failed | skipped), a failed step also writes an ERROR row to
 job_execution_log (that is what ``active_jobs.error_count`` counts), and log records emitted while a
 job or step is bound (see :mod:`oma_server.logs`) are stored in log_events by :class:`LogEventSink`.
@@ -17,7 +17,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from peewee import IntegrityError, fn
 
@@ -36,6 +36,7 @@ from oma_server.db.models import (
     StepStatus,
     utcnow,
 )
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, InvalidArgument, NotFound
 
 log = logging.getLogger("oma_server.joblog")
@@ -105,7 +106,7 @@ def _insert_step(job_id: str, name: str, status: StepStatus, metadata: dict | No
                     return JobStep.create(job=job_id, name=name[:200], seq=seq, status=status, metadata=metadata)
             except IntegrityError:
                 if not JobTracking.select().where(JobTracking.id == job_id).exists():
-                    raise NotFound(f"job {job_id} does not exist; the step {name!r} cannot be recorded") from None
+                    raise NotFound(f"job {job_id} does not exist; the step {quote(name)} cannot be recorded") from None
         raise RuntimeError(f"could not allocate a step number for job {job_id}")
 
 
@@ -133,7 +134,7 @@ class StepFailed(DomainError):
 
     def __init__(self, step: str, cause: BaseException):
         message = cause.message if isinstance(cause, DomainError) else str(cause) or type(cause).__name__
-        super().__init__(f"step {step!r} failed: {message}")
+        super().__init__(f"step {quote(step)} failed: {message}")
         self.step = step
         self.cause = cause
         self.code = cause.code if isinstance(cause, DomainError) else "INTERNAL"
@@ -164,27 +165,6 @@ def step(job_id: str, name: str, metadata: dict[str, Any] | None = None) -> Iter
 def skip_step(job_id: str, name: str, reason: str) -> None:
     row = _insert_step(job_id, name, StepStatus.SKIPPED, {"reason": reason})
     _finish_step(row, StepStatus.SKIPPED)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One named step of a workflow; ``run`` gets the workflow's state object and a StepHandle."""
-
-    name: str
-    run: Callable[[Any, StepHandle], None]
-    # Return a reason to skip the step (recorded as skipped), or None to run it.
-    skip_if: Callable[[Any], str | None] | None = None
-
-
-def run_steps(job_id: str, steps: Sequence[Step], state: Any) -> None:
-    """Run the steps in order; the first failure stops the flow (StepFailed names the step)."""
-    for s in steps:
-        reason = s.skip_if(state) if s.skip_if else None
-        if reason:
-            skip_step(job_id, s.name, reason)
-            continue
-        with step(job_id, s.name) as handle:
-            s.run(state, handle)
 
 
 @contextlib.contextmanager
@@ -220,7 +200,7 @@ def find_job(job_or_external_id: str) -> JobTracking:
             .first()
         )
     if job is None:
-        raise NotFound(f"no job with id or external id {job_or_external_id!r}")
+        raise NotFound(f"no job with id or external id {quote(job_or_external_id)}")
     return job
 
 
@@ -267,15 +247,15 @@ def list_jobs(
     if statuses:
         for s in statuses:
             if s not in set(JobTrackingStatus):
-                raise InvalidArgument(f"unknown job status {s!r}; one of {', '.join(JobTrackingStatus)}")
+                raise InvalidArgument(f"unknown job status {quote(s)}; one of {', '.join(JobTrackingStatus)}")
         query = query.where(JobTracking.status.in_(list(statuses)))
     if job_type:
         if job_type not in set(JobType):
-            raise InvalidArgument(f"unknown job type {job_type!r}")
+            raise InvalidArgument(f"unknown job type {quote(job_type)}")
         query = query.where(JobTracking.job_type == job_type)
     if category:
         if category not in set(JobCategory):
-            raise InvalidArgument(f"unknown job category {category!r}")
+            raise InvalidArgument(f"unknown job category {quote(category)}")
         query = query.where(JobTracking.job_category == category)
     if since:
         query = query.where(JobTracking.started_at >= since)
@@ -290,7 +270,7 @@ def job_logs(job_id: str, *, step_id: int = 0, min_level: str = "INFO", limit: i
     try:
         floor = _LEVEL_ORDER[LogLevel(min_level.upper() or "INFO")]
     except ValueError:
-        raise InvalidArgument(f"unknown log level {min_level!r}; one of DEBUG, INFO, WARN, ERROR") from None
+        raise InvalidArgument(f"unknown log level {quote(min_level)}; one of DEBUG, INFO, WARN, ERROR") from None
     levels = [lvl for lvl, order in _LEVEL_ORDER.items() if order >= floor]
     query = LogEvent.select().where(LogEvent.job == job.id, LogEvent.level.in_(levels))
     if step_id:

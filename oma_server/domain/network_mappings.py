@@ -21,7 +21,8 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
-from oma_server.domain import contexts, paging
+from oma_server.domain import contexts, paging, text_rules
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, InvalidArgument, NotFound, require
 
 # Looks up a CloudStack network by id: returns its name, or None when it does not exist.
@@ -59,6 +60,10 @@ def create(*, vm_id: str, vm_context_id: str, vcenter_host: str, source_network_
     """Insert or update the mapping for (VM, source network, test flag). Returns (row, created)."""
     require(source_network_name.strip(), "source_network_name is required")
     require(destination_network_id.strip(), "destination_network_id is required")
+    text_rules.fit(NetworkMapping, {"source_network_name": source_network_name.strip(),
+                                    "destination_network_id": destination_network_id.strip(),
+                                    "destination_network_name": destination_network_name.strip(),
+                                    "network_strategy": network_strategy})
     kind = mapping_type or (NetworkMappingType.TEST if is_test_network else NetworkMappingType.LIVE)
     if kind not in set(NetworkMappingType):
         raise InvalidArgument(f"mapping_type must be one of {', '.join(NetworkMappingType)}")
@@ -70,7 +75,7 @@ def create(*, vm_id: str, vm_context_id: str, vcenter_host: str, source_network_
         validated_at = utcnow()
         validation = NetworkValidationStatus.VALID if found is not None else NetworkValidationStatus.INVALID
         if found is None:
-            raise NotFound(f"CloudStack network {destination_network_id!r} does not exist")
+            raise NotFound(f"CloudStack network {quote(destination_network_id)} does not exist")
         name = name or found
     values = {
         "vm_id": ctx.vm_name, "vm_context": ctx.context_id, "vmware_vm_id": ctx.vmware_vm_id,
@@ -94,8 +99,8 @@ def create(*, vm_id: str, vm_context_id: str, vcenter_host: str, source_network_
             NetworkMapping.update(values).where(NetworkMapping.id == existing.id).execute()
         except IntegrityError:
             raise AlreadyExists(
-                f"another mapping already uses VM name {ctx.vm_name!r} with source network "
-                f"{values['source_network_name']!r}"
+                f"another mapping already uses VM name {quote(ctx.vm_name)} with source network "
+                f"{quote(values['source_network_name'])}"
             ) from None
     return NetworkMapping.get_by_id(existing.id), False
 
@@ -166,5 +171,5 @@ def delete(vm_id: str, source_network_name: str, is_test_network: bool | None) -
         condition &= NetworkMapping.is_test_network == is_test_network
     deleted = NetworkMapping.delete().where(condition).execute()
     if not deleted:
-        raise NotFound(f"no network mapping for VM {vm_id!r} and source network {source_network_name!r}")
+        raise NotFound(f"no network mapping for VM {quote(vm_id)} and source network {quote(source_network_name)}")
     return deleted

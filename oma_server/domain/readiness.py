@@ -37,6 +37,7 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.domain import cloudstack_config, contexts, debug, network_mappings, volumes
+from oma_server.domain.text_rules import quote
 from oma_server.errors import InvalidArgument
 
 FAILOVER_TYPES = ("live", "test")
@@ -105,7 +106,7 @@ def failover_type_or_default(value: str) -> str:
     """``live`` when empty; anything but live/test is rejected."""
     value = value or "live"
     if value not in FAILOVER_TYPES:
-        raise InvalidArgument(f"failover_type must be live or test, not {value!r}")
+        raise InvalidArgument(f"failover_type must be live or test, not {quote(value)}")
     return value
 
 
@@ -229,13 +230,13 @@ def vcenter_credential(ctx: VmReplicationContext) -> tuple[VmwareCredential | No
     if ctx.credential_id:
         cred = VmwareCredential.get_or_none(VmwareCredential.id == ctx.credential_id)
         if cred is not None and cred.is_active:
-            return cred, f"the VM's credential {cred.credential_name!r}"
-        return None, f"the VM's credential {cred.credential_name!r} is inactive" if cred else "the VM's credential is gone"
+            return cred, f"the VM's credential {quote(cred.credential_name)}"
+        return None, f"the VM's credential {quote(cred.credential_name)} is inactive" if cred else "the VM's credential is gone"
     cred = VmwareCredential.get_or_none(VmwareCredential.is_default == True,  # noqa: E712
                                         VmwareCredential.is_active == True)  # noqa: E712
     if cred is None:
         return None, "the VM has no credential of its own and no active default credential is set"
-    return cred, f"the default credential {cred.credential_name!r}"
+    return cred, f"the default credential {quote(cred.credential_name)}"
 
 
 def active_work(ctx: VmReplicationContext, own_failover_job_id: str | None = None
@@ -359,9 +360,9 @@ def _config_check(config: OsseaConfig | None) -> Check:
     details = {"config_id": config.id, "config_name": config.name, "missing": gaps}
     if gaps:
         return Check("OSSEA Config", CRITICAL, FAIL,
-                     f"CloudStack configuration {config.name!r} lacks {', '.join(gaps)}", details,
+                     f"CloudStack configuration {quote(config.name)} lacks {', '.join(gaps)}", details,
                      "Set them with OSSEAConfigService.UpdateConfig")
-    return Check("OSSEA Config", CRITICAL, PASS, f"CloudStack configuration {config.name!r} is complete", details)
+    return Check("OSSEA Config", CRITICAL, PASS, f"CloudStack configuration {quote(config.name)} is complete", details)
 
 
 def _credential_check(ctx: VmReplicationContext) -> Check:

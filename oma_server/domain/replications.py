@@ -4,7 +4,7 @@ deletion and the consolidated progress view.
 CreateReplication only validates, inserts the job (``pending``) and claims the context in one
 transaction (``UPDATE … SET current_job_id=:job WHERE current_job_id IS NULL`` — one row means the
 claim won, so two concurrent creates can never both start a job), then hands the job to the workflow
-(:mod:`oma_server.domain.replication_workflow`) and returns. Change ids are always keyed by
+(:mod:`oma_server.workflows.replication`) and returns. Change ids are always keyed by
 (context, disk id).
 """
 from __future__ import annotations
@@ -45,8 +45,9 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.db.prepared import PreparedSelect
-from oma_server.domain import cloudstack_config, contexts, credentials, joblog
+from oma_server.domain import cloudstack_config, contexts, credentials, joblog, text_rules
 from oma_server.domain.job_lifecycle import finish
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, require
 
 CHANGE_ID_PATTERN = re.compile(r"^[0-9a-fA-F -]{8,}/\d+$")
@@ -70,7 +71,7 @@ def get(job_id: str) -> ReplicationJob:
     require(job_id, "job_id is required")
     job = _JOB_BY_ID.first(job_id)
     if job is None:
-        raise NotFound(f"no replication job {job_id!r}")
+        raise NotFound(f"no replication job {quote(job_id)}")
     return job
 
 
@@ -102,7 +103,7 @@ def _check_prerequisites(config: Any) -> None:
     missing = [name for name in ("oma_vm_id", "disk_offering_id", "zone") if not getattr(config, name)]
     if missing:
         raise FailedPrecondition(
-            f"CloudStack prerequisites not met: configuration {config.name!r} has no {', '.join(missing)}"
+            f"CloudStack prerequisites not met: configuration {quote(config.name)} has no {', '.join(missing)}"
         )
 
 
@@ -131,6 +132,7 @@ def _created_for(request_id: str, context_id: str) -> Created | None:
 
 def create(request: CreateRequest, actor: str) -> Created:
     """Validate, insert the job and claim the VM atomically (see the module docstring)."""
+    text_rules.fit(ReplicationJob, {"scheduled_by": request.scheduled_by})
     ctx = contexts.get(request.context_id)
     if request.request_id:
         earlier = _created_for(request.request_id, ctx.context_id)
@@ -138,10 +140,10 @@ def create(request: CreateRequest, actor: str) -> Created:
             return earlier
     if ctx.current_status in CONTEXT_REPLICATION_BLOCKED_STATUSES:
         raise FailedPrecondition(
-            f"VM {ctx.vm_name!r} is {ctx.current_status}; replication is blocked until the failover is cleaned up"
+            f"VM {quote(ctx.vm_name)} is {ctx.current_status}; replication is blocked until the failover is cleaned up"
         )
     if ctx.current_job_id:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {ctx.current_job_id}")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has an active replication job {ctx.current_job_id}")
     if request.ossea_config_id:
         config = cloudstack_config.get(request.ossea_config_id)
     else:
@@ -152,17 +154,17 @@ def create(request: CreateRequest, actor: str) -> Created:
             credentials.get_default()
         except NotFound:
             raise FailedPrecondition(
-                f"VM {ctx.vm_name!r} has no vCenter credential and no default credential is set"
+                f"VM {quote(ctx.vm_name)} has no vCenter credential and no default credential is set"
             ) from None
     disks = list(VmDisk.select().where(VmDisk.vm_context == ctx.context_id))
     if not disks:
-        raise FailedPrecondition(f"VM {ctx.vm_name!r} has no recorded disks; add it through discovery first")
+        raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has no recorded disks; add it through discovery first")
     replication_type = _choose_type(request.replication_type, disks)
     if request.schedule_execution_id and not ScheduleExecution.select().where(
             ScheduleExecution.id == request.schedule_execution_id).exists():
-        raise NotFound(f"no schedule execution {request.schedule_execution_id!r}")
+        raise NotFound(f"no schedule execution {quote(request.schedule_execution_id)}")
     if request.vm_group_id and not VmMachineGroup.select().where(VmMachineGroup.id == request.vm_group_id).exists():
-        raise NotFound(f"no machine group {request.vm_group_id!r}")
+        raise NotFound(f"no machine group {quote(request.vm_group_id)}")
 
     job_id = new_job_id()
     now = utcnow()
@@ -173,13 +175,13 @@ def create(request: CreateRequest, actor: str) -> Created:
         locked = db_for_update(VmReplicationContext.select().where(
             VmReplicationContext.context_id == ctx.context_id)).get()
         if locked.current_job_id:
-            raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {locked.current_job_id}")
+            raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has an active replication job {locked.current_job_id}")
         # A failover still validating has not changed the context's status yet, but it owns the VM.
         failover = FailoverJob.select().where(
             FailoverJob.vm_context == ctx.context_id, FailoverJob.status.in_(list(FAILOVER_ACTIVE_STATUSES)),
             FailoverJob.job_id != request.for_failover_job).first()
         if failover is not None:
-            raise FailedPrecondition(f"VM {ctx.vm_name!r} has a {failover.job_type} failover in progress "
+            raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has a {failover.job_type} failover in progress "
                                      f"({failover.job_id}, {failover.status}); wait for it or cancel it")
         ReplicationJob.create(
             id=job_id, vm_context=ctx.context_id, source_vm_id=ctx.vmware_vm_id, source_vm_name=ctx.vm_name,
@@ -199,7 +201,7 @@ def create(request: CreateRequest, actor: str) -> Created:
         ).execute()
         if claimed != 1:  # another create won the claim: raising rolls this insert back
             current = VmReplicationContext.get_by_id(ctx.context_id).current_job_id
-            raise FailedPrecondition(f"VM {ctx.vm_name!r} has an active replication job {current}")
+            raise FailedPrecondition(f"VM {quote(ctx.vm_name)} has an active replication job {current}")
         VmDisk.update(job=job_id, sync_status=DiskSyncStatus.PENDING, sync_progress_percent=0,
                       bytes_synced=0).where(VmDisk.vm_context == ctx.context_id).execute()
         tracking = joblog.start_job(
@@ -220,7 +222,7 @@ def list_jobs(*, vm_context_id: str = "", statuses: Sequence[str] = (), since: d
         for status in statuses:
             status = LEGACY_JOB_STATUS_ALIASES.get(status, status)
             if status not in set(JobStatus):
-                raise InvalidArgument(f"unknown job status {status!r}; one of {', '.join(JobStatus)}")
+                raise InvalidArgument(f"unknown job status {quote(status)}; one of {', '.join(JobStatus)}")
             wanted.append(status)
         query = query.where(ReplicationJob.status.in_(wanted))
     if since:
@@ -256,14 +258,14 @@ def report_terminal(job_id: str, status: str, error_message: str) -> tuple[Repli
 
 def validate_change_id(change_id: str) -> None:
     if not CHANGE_ID_PATTERN.match(change_id or ""):
-        raise InvalidArgument(f"change_id {change_id!r} is not of the form <uuid>/<sequence>")
+        raise InvalidArgument(f"change_id {quote(change_id)} is not of the form <uuid>/<sequence>")
 
 
 def _disk_of_context(context_id: str, disk_id: str) -> VmDisk:
     require(disk_id, "disk_id is required (e.g. 'disk-2000'); change ids are stored per disk")
     disk = VmDisk.get_or_none(VmDisk.vm_context == context_id, VmDisk.disk_id == disk_id)
     if disk is None:
-        raise NotFound(f"VM context {context_id} has no disk {disk_id!r}")
+        raise NotFound(f"VM context {context_id} has no disk {quote(disk_id)}")
     return disk
 
 
@@ -274,21 +276,21 @@ def resolve_context_for_change_id(*, vm_context_id: str = "", job_id: str = "", 
     if job_id:
         job = get(job_id)
         if not job.vm_context_id:
-            raise NotFound(f"job {job_id} belongs to no VM context")
+            raise NotFound(f"job {quote(job_id)} belongs to no VM context")
         return contexts.get(job.vm_context_id)
     if vmware_vm_id and vcenter_host:
         ctx = VmReplicationContext.get_or_none(VmReplicationContext.vmware_vm_id == vmware_vm_id,
                                                VmReplicationContext.vcenter_host == vcenter_host)
         if ctx is None:
-            raise NotFound(f"no managed VM with VMware id {vmware_vm_id} in {vcenter_host}")
+            raise NotFound(f"no managed VM with VMware id {quote(vmware_vm_id)} in {quote(vcenter_host)}")
         return ctx
     if vm_path:  # legacy callers only
         found = list(VmReplicationContext.select().where(VmReplicationContext.vm_path == vm_path).limit(2))
         if len(found) == 1:
             return found[0]
         if found:
-            raise FailedPrecondition(f"several managed VMs have the path {vm_path!r}; give vm_context_id")
-        raise NotFound(f"no managed VM with path {vm_path!r}")
+            raise FailedPrecondition(f"several managed VMs have the path {quote(vm_path)}; give vm_context_id")
+        raise NotFound(f"no managed VM with path {quote(vm_path)}")
     raise InvalidArgument("give vm_context_id, job_id, vmware_vm_id + vcenter_host, or vm_path")
 
 
@@ -310,7 +312,7 @@ def store_change_id(job_id: str, disk_id: str, change_id: str, *, previous: str 
     validate_change_id(change_id)
     job = get(job_id)
     if not job.vm_context_id:
-        raise NotFound(f"job {job_id} belongs to no VM context")
+        raise NotFound(f"job {quote(job_id)} belongs to no VM context")
     disk = _disk_of_context(job.vm_context_id, disk_id)
     kind = sync_type or (CbtSyncType.INCREMENTAL if job.replication_type == "incremental" else CbtSyncType.FULL)
     if kind not in set(CbtSyncType):

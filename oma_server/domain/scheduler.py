@@ -44,11 +44,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from peewee import JOIN
-
+from oma_server.config import Settings
 from oma_server.db.database import database_proxy as db
 from oma_server.db.database import db_for_update
 from oma_server.db.fields import new_uuid
@@ -63,7 +61,6 @@ from oma_server.db.models import (
     JobType,
     ReplicationJob,
     ReplicationSchedule,
-    ReplicationType,
     ScheduleExecution,
     ScheduleExecutionStatus,
     ScheduleType,
@@ -73,9 +70,34 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.domain import joblog, replications, schedules
+from oma_server.domain.schedule_rules import (
+    CAPACITY_CONFLICTS,
+    REPLICATION_TYPE,
+    Attempt,
+    Capacity,
+    Conflict,
+    active_jobs,
+    conflict_of,
+    counter_columns,
+    counters,
+    current_job,
+    every_vm_completed,
+    has_open_work,
+    iso,
+    members_of,
+    parse_time,
+    refresh_counters,
+    summary_line,
+    vm_entry,
+    waiting,
+)
 from oma_server.domain.schedules import CHAIN_TRIGGER
 from oma_server.domain.schedules import SCHEDULER_OWNER as OWNER
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from oma_server.workflows.replication import ReplicationEngine
 
 log = logging.getLogger("oma_server.scheduler")
 
@@ -85,174 +107,6 @@ STALE_DISPATCH = timedelta(minutes=10)
 # Executions older than this are not looked at for unfinished work at start (retries and chain delays
 # are bounded well below it).
 OPEN_WORK_HORIZON = timedelta(days=30)
-
-_REPLICATION_TYPE = {"full": ReplicationType.INITIAL, "incremental": ReplicationType.INCREMENTAL, "auto": ""}
-
-
-class Conflict(StrEnum):
-    """Why a VM is not dispatched (docs/design/scheduler.md#one-firing, plus the retry- and failure-only ones)."""
-    SCHEDULE_DISABLED = "schedule_disabled"
-    VM_DISABLED = "vm_disabled"
-    VM_IN_FAILOVER = "vm_in_failover"
-    SKIP_IF_RUNNING = "skip_if_running"
-    ACTIVE_JOB = "active_job"
-    MAX_CONCURRENT = "max_concurrent"
-    GROUP_CONCURRENT = "group_concurrent"
-    NOT_MEMBER = "not_member"
-    GROUP_FAILED = "group_failed"
-
-
-_CAPACITY_CONFLICTS = (Conflict.MAX_CONCURRENT, Conflict.GROUP_CONCURRENT)
-
-
-class Attempt(StrEnum):
-    """``execution_details.vms[].attempts[].result``."""
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    DISPATCH_FAILED = "dispatch_failed"
-    SKIPPED = "skipped"
-    GONE = "gone"  # the replication job was deleted before its end was seen
-
-
-_FAILED_ATTEMPTS = (Attempt.FAILED, Attempt.CANCELLED, Attempt.DISPATCH_FAILED)
-
-
-def _iso(value: datetime) -> str:
-    return value.isoformat(timespec="milliseconds") + "Z"
-
-
-def _parse(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=None)
-
-
-# --- conflict rules ------------------------------------------------------------------------------
-
-@dataclass
-class Capacity:
-    schedule_jobs: int
-    group_jobs: int
-    max_group_jobs: int
-
-
-def active_jobs() -> list[dict[str, Any]]:
-    """Active replication jobs with their VM, group and (through the execution) schedule."""
-    return list(
-        ReplicationJob.select(ReplicationJob.id, ReplicationJob.status, ReplicationJob.vm_context.alias("context_id"),
-                              ReplicationJob.vm_group.alias("group_id"), ScheduleExecution.schedule.alias("schedule_id"))
-        .join(ScheduleExecution, JOIN.LEFT_OUTER, on=(ReplicationJob.schedule_execution == ScheduleExecution.id))
-        .where(ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)).dicts())
-
-
-def conflict_of(schedule: ReplicationSchedule, ctx: VmReplicationContext, job: dict[str, Any] | None,
-                capacity: Capacity) -> tuple[Conflict, str] | None:
-    """The first rule a VM breaks (docs/design/scheduler.md#one-firing), or None when it can be dispatched."""
-    if not schedule.enabled:
-        return Conflict.SCHEDULE_DISABLED, "the schedule is disabled"
-    if not ctx.scheduler_enabled:
-        return Conflict.VM_DISABLED, "scheduling is disabled for this VM"
-    if ctx.current_status in CONTEXT_REPLICATION_BLOCKED_STATUSES:
-        return Conflict.VM_IN_FAILOVER, f"the VM is {ctx.current_status}"
-    if job is not None:
-        kind = Conflict.SKIP_IF_RUNNING if schedule.skip_if_running else Conflict.ACTIVE_JOB
-        return kind, f"replication job {job['id']} of this VM is {job['status']}"
-    if capacity.schedule_jobs >= schedule.max_concurrent_jobs:
-        return Conflict.MAX_CONCURRENT, (f"{capacity.schedule_jobs} jobs of this schedule are active "
-                                         f"(max_concurrent_jobs {schedule.max_concurrent_jobs})")
-    if capacity.group_jobs >= capacity.max_group_jobs:
-        return Conflict.GROUP_CONCURRENT, (f"{capacity.group_jobs} jobs of this group are active "
-                                           f"(max_concurrent_vms {capacity.max_group_jobs})")
-    return None
-
-
-def _current_job(ctx: VmReplicationContext, by_context: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    job = by_context.get(ctx.context_id)
-    if job is None and ctx.current_job_id:  # claimed by a job the active list did not see yet
-        job = {"id": ctx.current_job_id, "status": "claimed"}
-    return job
-
-
-def _vm_entry(group: VmMachineGroup | None, ctx: VmReplicationContext, job: dict[str, Any] | None,
-              conflict: tuple[Conflict, str] | None) -> dict[str, Any]:
-    return {
-        "vm_context_id": ctx.context_id, "vm_name": ctx.vm_name,
-        "group_id": group.id if group else None, "group_name": group.name if group else None,
-        "has_conflict": conflict is not None, "can_schedule": conflict is None,
-        "conflict_type": conflict[0].value if conflict else None,
-        "conflict_reason": conflict[1] if conflict else None, "skipped_reason": conflict[1] if conflict else None,
-        "current_job_id": job["id"] if job else None, "current_job_status": job["status"] if job else None,
-        "attempts": [],
-    }
-
-
-def members_of(schedule_id: str) -> list[tuple[VmMachineGroup, list[VmReplicationContext]]]:
-    """Enabled members the schedule replicates, per group (group priority, name), each group's VMs by
-    membership priority then added_at: members of the schedule's groups without another schedule
-    override, and members of any group whose override is this schedule."""
-    rows = (
-        VmGroupMembership.select(VmGroupMembership, VmMachineGroup, VmReplicationContext)
-        .join(VmMachineGroup).switch(VmGroupMembership).join(VmReplicationContext)
-        .where(VmGroupMembership.enabled == True,  # noqa: E712
-               ((VmMachineGroup.schedule == schedule_id) & (VmGroupMembership.schedule_override.is_null()
-                                                            | (VmGroupMembership.schedule_override == schedule_id)))
-               | (VmGroupMembership.schedule_override == schedule_id))
-        .order_by(VmMachineGroup.priority, VmMachineGroup.name, VmMachineGroup.id, VmGroupMembership.priority,
-                  VmGroupMembership.added_at, VmGroupMembership.id))
-    grouped: dict[str, tuple[VmMachineGroup, list[VmReplicationContext]]] = {}
-    for m in rows:
-        grouped.setdefault(m.group.id, (m.group, []))[1].append(m.vm_context)
-    return list(grouped.values())
-
-
-# --- execution details ---------------------------------------------------------------------------
-
-def counters(vms: list[dict[str, Any]]) -> dict[str, int]:
-    attempts = [a for vm in vms for a in vm["attempts"]]
-    return {
-        "vms_eligible": len(vms),
-        "vms_processed": len(vms),
-        "jobs_created": sum(1 for a in attempts if a.get("job_id")),
-        "jobs_completed": sum(1 for a in attempts if a["result"] == Attempt.COMPLETED),
-        "jobs_failed": sum(1 for a in attempts if a["result"] in _FAILED_ATTEMPTS),
-        "jobs_skipped": sum(1 for vm in vms if not vm["can_schedule"])
-        + sum(1 for a in attempts if a["result"] == Attempt.SKIPPED),
-    }
-
-
-def _columns(c: dict[str, int]) -> dict[str, int]:
-    """The counters that are schedule_executions columns (vms_processed lives in the details)."""
-    return {k: v for k, v in c.items() if k != "vms_processed"}
-
-
-def _summary(c: dict[str, int]) -> str:
-    return (f"{c['vms_processed']} VMs: {c['jobs_created']} jobs created, {c['jobs_completed']} completed, "
-            f"{c['jobs_failed']} failed, {c['jobs_skipped']} skipped")
-
-
-def _refresh(details: dict[str, Any]) -> dict[str, int]:
-    """Recompute the counters, summary and created job ids of the details (in place); the counters."""
-    vms = details.get("vms", [])
-    c = counters(vms)
-    details.update(summary=_summary(c), vm_contexts_processed=[vm["vm_context_id"] for vm in vms],
-                   created_job_ids=[a["job_id"] for vm in vms for a in vm["attempts"] if a.get("job_id")], **c)
-    return c
-
-
-def _waiting(details: dict[str, Any]) -> bool:
-    """Replications still running or retries still due."""
-    return any(vm.get("retry_at") or any(a["result"] == Attempt.RUNNING for a in vm["attempts"])
-               for vm in details.get("vms", []))
-
-
-def _has_open_work(details: dict[str, Any]) -> bool:
-    return "settled_at" not in details or any("execution_id" not in c for c in details.get("chain", []))
-
-
-def _every_vm_completed(details: dict[str, Any]) -> bool:
-    return all(vm["attempts"][-1]["result"] == Attempt.COMPLETED
-               for vm in details.get("vms", []) if vm["attempts"])
-
 
 # --- the engine ----------------------------------------------------------------------------------
 
@@ -288,10 +142,9 @@ class SchedulerStatus:
 
 
 class Scheduler:
-    def __init__(self, runtime: Any):
-        settings = runtime.settings
-        self._runtime = runtime
-        self.instance = runtime.components["replication"].instance
+    def __init__(self, settings: Settings, replication: ReplicationEngine):
+        self._replication = replication
+        self.instance = replication.instance
         self.max_running = settings.scheduler_max_concurrent_executions
         self._reload_seconds = settings.scheduler_reload_seconds
         self._lock = threading.Lock()
@@ -305,10 +158,6 @@ class Scheduler:
         self.started_at: datetime | None = None
         self._last_reload: datetime | None = None
         self._last_reload_clock = 0.0
-
-    @property
-    def _replication(self) -> Any:
-        return self._runtime.components["replication"]
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -386,7 +235,7 @@ class Scheduler:
         """TriggerSchedule: admit a firing now (same rules as a timed one) and return at once."""
         schedule = schedules.get(schedule_id)
         if not schedule.enabled:
-            raise FailedPrecondition(f"cannot trigger disabled schedule {schedule.name!r}; enable it first")
+            raise FailedPrecondition(f"cannot trigger disabled schedule {quote(schedule.name)}; enable it first")
         admission = self._admit(schedule.id, utcnow(), triggered_by or "manual", reason)
         assert admission is not None  # only clock firings can be claimed by another process
         return admission
@@ -418,7 +267,7 @@ class Scheduler:
         with db.atomic():
             schedule = db_for_update(ReplicationSchedule.select().where(ReplicationSchedule.id == schedule_id)).first()
             if schedule is None:
-                raise NotFound(f"no schedule {schedule_id!r}")
+                raise NotFound(f"no schedule {quote(schedule_id)}")
             if triggered_by == OWNER and ScheduleExecution.select().where(
                     ScheduleExecution.schedule == schedule_id, ScheduleExecution.scheduled_at == scheduled_at,
                     ScheduleExecution.triggered_by == triggered_by).exists():
@@ -448,7 +297,7 @@ class Scheduler:
                 step = "fire-schedule" if triggered_by in (OWNER, CHAIN_TRIGGER) else "trigger-schedule"
                 with joblog.step(job_id, step) as handle:
                     handle.details.update(triggered_by=triggered_by, reason=reason or None,
-                                          scheduled_at=_iso(scheduled_at))
+                                          scheduled_at=iso(scheduled_at))
         with self._lock:
             registration = self._registrations.get(schedule.id)
             if registration is not None:
@@ -569,12 +418,12 @@ class Scheduler:
                                     sum(1 for j in active if j["group_id"] == group.id), group.max_concurrent_vms)
                 results = []
                 for ctx in contexts:
-                    job_now = _current_job(ctx, by_context)
+                    job_now = current_job(ctx, by_context)
                     conflict = conflict_of(schedule, ctx, job_now, capacity)
                     if conflict is None:  # reserve the capacity this VM's job will take
                         capacity.schedule_jobs += 1
                         capacity.group_jobs += 1
-                    results.append(_vm_entry(group, ctx, job_now, conflict))
+                    results.append(vm_entry(group, ctx, job_now, conflict))
                 conflicted = [r for r in results if r["has_conflict"]]
                 step.details.update(
                     total_vms=len(results), eligible_vms=len(results) - len(conflicted), conflicted_vms=len(conflicted),
@@ -592,7 +441,7 @@ class Scheduler:
                     error: str) -> list[dict[str, Any]]:
         """A group whose processing failed: every VM not dispatched yet is skipped with the error."""
         known = {r["vm_context_id"] for r in results}
-        results = results + [_vm_entry(group, c, None, None) for c in contexts if c.context_id not in known]
+        results = results + [vm_entry(group, c, None, None) for c in contexts if c.context_id not in known]
         for entry in results:
             if entry["can_schedule"] and not entry["attempts"]:
                 entry.update(has_conflict=True, can_schedule=False, conflict_type=Conflict.GROUP_FAILED.value,
@@ -603,10 +452,10 @@ class Scheduler:
                      ctx: VmReplicationContext, tracking: str | None, number: int) -> dict[str, Any]:
         """One attempt: create and start the VM's replication; a VM that turned busy meanwhile is a
         skip, not a failure."""
-        attempt: dict[str, Any] = {"attempt": number, "at": _iso(utcnow())}
+        attempt: dict[str, Any] = {"attempt": number, "at": iso(utcnow())}
         try:
             created = replications.create(replications.CreateRequest(
-                context_id=ctx.context_id, replication_type=_REPLICATION_TYPE[schedule.replication_type],
+                context_id=ctx.context_id, replication_type=REPLICATION_TYPE[schedule.replication_type],
                 schedule_execution_id=execution_id, vm_group_id=group_id or "", scheduled_by=OWNER), OWNER)
         except DomainError as exc:
             fresh = VmReplicationContext.get_or_none(VmReplicationContext.context_id == ctx.context_id)
@@ -633,7 +482,7 @@ class Scheduler:
                          group_failures: list[dict[str, Any]], group_id: str | None) -> None:
         now = utcnow()
         details["vms"] = vms
-        c = _refresh(details)
+        c = refresh_counters(details)
         failures = [{"vm_context_id": vm["vm_context_id"], "vm_name": vm["vm_name"], "error": a["error"]}
                     for vm in vms for a in vm["attempts"] if a["result"] == Attempt.DISPATCH_FAILED]
         failed = c["jobs_created"] == 0 and bool(failures or group_failures)
@@ -647,17 +496,17 @@ class Scheduler:
         for vm in vms:  # every failed first attempt may be retried
             if vm["attempts"] and vm["attempts"][-1]["result"] == Attempt.DISPATCH_FAILED:
                 self._plan_retry(vm, schedule, now)
-        details.update(groups=groups, status=status.value, group_id=group_id, started_at=_iso(execution.started_at),
-                       completed_at=_iso(now), execution_time=f"{duration}s")
+        details.update(groups=groups, status=status.value, group_id=group_id, started_at=iso(execution.started_at),
+                       completed_at=iso(now), execution_time=f"{duration}s")
         ScheduleExecution.update(
             status=status, completed_at=now, execution_duration_seconds=duration, execution_details=details,
             error_message=error, group=group_id,
             error_details={"dispatch_failures": failures, "group_failures": group_failures}
-            if failures or group_failures else None, **_columns(c),
+            if failures or group_failures else None, **counter_columns(c),
         ).where(ScheduleExecution.id == execution.id, ScheduleExecution.status == ScheduleExecutionStatus.RUNNING).execute()
         joblog.end_job(details["job_id"], JobTrackingStatus.FAILED if failed else JobTrackingStatus.COMPLETED, error)
         self._open.add(execution.id)
-        log.info("schedule %s: execution %s %s: %s", details["schedule_name"], execution.id, status.value, _summary(c))
+        log.info("schedule %s: execution %s %s: %s", details["schedule_name"], execution.id, status.value, summary_line(c))
 
     # --- following executions --------------------------------------------------------------------
     def _follow_open(self) -> None:
@@ -678,20 +527,20 @@ class Scheduler:
         now = utcnow()
         changed = self._see_ended_jobs(details, schedule, now)
         changed |= self._retry_due(execution, details, schedule, now)
-        if "settled_at" not in details and not _waiting(details):
-            details["settled_at"] = _iso(now)
+        if "settled_at" not in details and not waiting(details):
+            details["settled_at"] = iso(now)
             changed = True
-            if execution.status == ScheduleExecutionStatus.COMPLETED and _every_vm_completed(details):
-                details["chain"] = [{"schedule_id": child.id, "due_at": _iso(now + timedelta(minutes=child.chain_delay_minutes))}
+            if execution.status == ScheduleExecutionStatus.COMPLETED and every_vm_completed(details):
+                details["chain"] = [{"schedule_id": child.id, "due_at": iso(now + timedelta(minutes=child.chain_delay_minutes))}
                                     for child in self._chain_children(execution.schedule_id)]
         for entry in details.get("chain", []):
-            if "execution_id" not in entry and _parse(entry["due_at"]) <= now:
-                entry["execution_id"] = self._fire_chain(entry["schedule_id"], execution, _parse(entry["due_at"]))
+            if "execution_id" not in entry and parse_time(entry["due_at"]) <= now:
+                entry["execution_id"] = self._fire_chain(entry["schedule_id"], execution, parse_time(entry["due_at"]))
                 changed = True
         if changed:
-            c = _refresh(details)
-            ScheduleExecution.update(execution_details=details, **_columns(c)).where(ScheduleExecution.id == execution_id).execute()
-        return _has_open_work(details)
+            c = refresh_counters(details)
+            ScheduleExecution.update(execution_details=details, **counter_columns(c)).where(ScheduleExecution.id == execution_id).execute()
+        return has_open_work(details)
 
     def _see_ended_jobs(self, details: dict[str, Any], schedule: ReplicationSchedule | None, now: datetime) -> bool:
         running = [(vm, a) for vm in details.get("vms", []) for a in vm["attempts"] if a["result"] == Attempt.RUNNING]
@@ -705,7 +554,7 @@ class Scheduler:
             job = jobs.get(attempt["job_id"])
             if job is not None and job.status not in JOB_TERMINAL_STATUSES:
                 continue
-            attempt.update(result=Attempt(job.status).value if job else Attempt.GONE.value, ended_at=_iso(now))
+            attempt.update(result=Attempt(job.status).value if job else Attempt.GONE.value, ended_at=iso(now))
             if job is not None and job.status != JobStatus.COMPLETED and job.error_message:
                 attempt["error"] = job.error_message
             if job is not None and job.status == JobStatus.FAILED:
@@ -716,11 +565,11 @@ class Scheduler:
     @staticmethod
     def _plan_retry(vm: dict[str, Any], schedule: ReplicationSchedule | None, now: datetime) -> None:
         if schedule is not None and len(vm["attempts"]) <= schedule.retry_attempts:
-            vm["retry_at"] = _iso(now + timedelta(minutes=schedule.retry_delay_minutes))
+            vm["retry_at"] = iso(now + timedelta(minutes=schedule.retry_delay_minutes))
 
     def _retry_due(self, execution: ScheduleExecution, details: dict[str, Any], schedule: ReplicationSchedule | None,
                    now: datetime) -> bool:
-        due = [vm for vm in details.get("vms", []) if vm.get("retry_at") and _parse(vm["retry_at"]) <= now]
+        due = [vm for vm in details.get("vms", []) if vm.get("retry_at") and parse_time(vm["retry_at"]) <= now]
         if not due:
             return False
         active = active_jobs() if schedule is not None else []
@@ -729,12 +578,12 @@ class Scheduler:
             ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == vm["vm_context_id"])
             group = VmMachineGroup.get_or_none(VmMachineGroup.id == vm["group_id"]) if vm["group_id"] else None
             conflict = self._retry_conflict(schedule, group, ctx, by_context, active)
-            if conflict is not None and conflict[0] in _CAPACITY_CONFLICTS:
+            if conflict is not None and conflict[0] in CAPACITY_CONFLICTS:
                 continue  # capacity frees up as jobs end: try again on a later round
             vm.pop("retry_at")
             number = len(vm["attempts"]) + 1
             if conflict is not None:
-                vm["attempts"].append({"attempt": number, "at": _iso(now), "result": Attempt.SKIPPED.value,
+                vm["attempts"].append({"attempt": number, "at": iso(now), "result": Attempt.SKIPPED.value,
                                        "conflict_type": conflict[0].value, "reason": conflict[1]})
                 continue
             attempt = self._dispatch_vm(execution.id, schedule, vm["group_id"], ctx,
@@ -759,7 +608,7 @@ class Scheduler:
             return Conflict.NOT_MEMBER, "the VM is no longer an enabled member of the group"
         capacity = Capacity(sum(1 for j in active if j["schedule_id"] == schedule.id),
                             sum(1 for j in active if j["group_id"] == group.id), group.max_concurrent_vms)
-        return conflict_of(schedule, ctx, _current_job(ctx, by_context), capacity)
+        return conflict_of(schedule, ctx, current_job(ctx, by_context), capacity)
 
     @staticmethod
     def _chain_children(schedule_id: str) -> Iterable[ReplicationSchedule]:
@@ -812,4 +661,4 @@ class Scheduler:
             ScheduleExecution.status.in_([ScheduleExecutionStatus.COMPLETED, ScheduleExecutionStatus.FAILED]),
             ScheduleExecution.scheduled_at >= horizon)
         return {e.id for e in rows
-                if (e.execution_details or {}).get("instance") == self.instance and _has_open_work(e.execution_details)}
+                if (e.execution_details or {}).get("instance") == self.instance and has_open_work(e.execution_details)}

@@ -40,7 +40,8 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.db.views import ScheduleExecutionSummaryRow
-from oma_server.domain import joblog, paging
+from oma_server.domain import joblog, paging, text_rules
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 
 SCHEDULER_OWNER = "scheduler-service"
@@ -83,13 +84,13 @@ def parse_cron(text: str) -> Cron:
         minute_first = [*fields[1:], fields[0]]
     else:
         raise InvalidArgument(
-            f"cron_expression {stripped!r} must have 5 fields (minute hour day month weekday) or 6 "
+            f"cron_expression {quote(stripped)} must have 5 fields (minute hour day month weekday) or 6 "
             "(second minute hour day month weekday)")
     cron = Cron(" ".join(minute_first), minute_first[1] == "*")
     try:
         croniter(cron.expression, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
     except (CroniterError, ValueError, KeyError, IndexError, OverflowError) as exc:
-        raise InvalidArgument(f"cron_expression {stripped!r} is not valid: {exc}") from None
+        raise InvalidArgument(f"cron_expression {quote(stripped)} is not valid: {exc}") from None
     return cron
 
 
@@ -101,7 +102,7 @@ def _zone_names() -> frozenset[str]:
 def parse_timezone(name: str) -> zoneinfo.ZoneInfo:
     name = (name or "").strip() or "UTC"
     if name not in _zone_names():
-        raise InvalidArgument(f"timezone {name!r} is not an IANA time zone name (e.g. 'Europe/Berlin', 'UTC')")
+        raise InvalidArgument(f"timezone {quote(name)} is not an IANA time zone name (e.g. 'Europe/Berlin', 'UTC')")
     return zoneinfo.ZoneInfo(name)
 
 
@@ -139,7 +140,7 @@ def get(schedule_id: str) -> ReplicationSchedule:
     require(schedule_id, "schedule id is required")
     schedule = ReplicationSchedule.get_or_none(ReplicationSchedule.id == schedule_id)
     if schedule is None:
-        raise NotFound(f"no schedule {schedule_id!r}")
+        raise NotFound(f"no schedule {quote(schedule_id)}")
     return schedule
 
 
@@ -206,19 +207,18 @@ def _check_range(name: str, value: int, bounds: tuple[int, int]) -> int:
 def _choice(name: str, value: str, allowed: type, default: str) -> str:
     value = value or default
     if value not in set(allowed):
-        raise InvalidArgument(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        raise InvalidArgument(f"{name} must be one of {', '.join(allowed)}, got {quote(value)}")
     return value
 
 
 def _check_name(name: str, current_id: str | None = None) -> str:
-    name = (name or "").strip()
+    name = text_rules.name(name, ReplicationSchedule.name)
     require(name, "name is required")
-    require(len(name) <= 255, "name is longer than 255 characters")
     clash = ReplicationSchedule.select().where(ReplicationSchedule.name == name)
     if current_id:
         clash = clash.where(ReplicationSchedule.id != current_id)
     if clash.exists():
-        raise AlreadyExists(f"a schedule named {name!r} already exists")
+        raise AlreadyExists(f"a schedule named {quote(name)} already exists")
     return name
 
 
@@ -228,11 +228,11 @@ def _check_chain(schedule_id: str | None, parent_id: str) -> None:
     current: str | None = parent_id
     while current:
         if current in seen:
-            raise InvalidArgument(f"chain_parent_schedule_id {parent_id!r} would make a cycle of chain schedules")
+            raise InvalidArgument(f"chain_parent_schedule_id {quote(parent_id)} would make a cycle of chain schedules")
         seen.add(current)
         row = ReplicationSchedule.get_or_none(ReplicationSchedule.id == current)
         if row is None:
-            raise NotFound(f"no schedule {current!r} (chain_parent_schedule_id)")
+            raise NotFound(f"no schedule {quote(current)} (chain_parent_schedule_id)")
         current = row.chain_parent_schedule_id
 
 
@@ -256,9 +256,9 @@ def create(*, name: str, description: str = "", cron_expression: str, timezone: 
            max_concurrent_jobs: int | None = None, retry_attempts: int | None = None,
            retry_delay_minutes: int | None = None, enabled: bool | None = None, skip_if_running: bool | None = None,
            created_by: str) -> ScheduleView:
-    require(len(created_by) <= 255, "created_by is longer than 255 characters")
+    created_by = text_rules.name(created_by, ReplicationSchedule.created_by)
     values: dict[str, Any] = {
-        "description": description or None,
+        "description": text_rules.free_text(description, ReplicationSchedule.description) or None,
         "cron_expression": (cron_expression or "").strip(),
         "timezone": (timezone or "").strip() or "UTC",
         "schedule_type": _choice("schedule_type", schedule_type, ScheduleType, ScheduleType.CRON),
@@ -277,6 +277,7 @@ def create(*, name: str, description: str = "", cron_expression: str, timezone: 
         "created_by": created_by,
     }
     values["name"] = _check_name(name)
+    text_rules.fit(ReplicationSchedule, values)
     _check_shape(values, None)
     try:
         with joblog.recorded_operation(JobType.SCHEDULE_MANAGEMENT, "create-schedule", owner=created_by,
@@ -284,7 +285,7 @@ def create(*, name: str, description: str = "", cron_expression: str, timezone: 
             schedule = ReplicationSchedule.create(**values)
             step.details["schedule_id"] = schedule.id
     except IntegrityError:  # a concurrent create took the name between the check and the insert
-        raise AlreadyExists(f"a schedule named {values['name']!r} already exists") from None
+        raise AlreadyExists(f"a schedule named {quote(values['name'])} already exists") from None
     return get_view(schedule.id)
 
 
@@ -309,7 +310,7 @@ def update(schedule_id: str, changes: dict[str, Any], actor: str) -> ScheduleVie
     if "name" in changes:
         values["name"] = _check_name(changes["name"], schedule_id)
     if "description" in changes:
-        values["description"] = changes["description"] or None
+        values["description"] = text_rules.free_text(changes["description"], ReplicationSchedule.description) or None
     if "cron_expression" in changes:
         values["cron_expression"] = changes["cron_expression"].strip()
     if "timezone" in changes:
@@ -330,6 +331,7 @@ def update(schedule_id: str, changes: dict[str, Any], actor: str) -> ScheduleVie
     for name in ("enabled", "skip_if_running"):
         if name in changes:
             values[name] = bool(changes[name])
+    text_rules.fit(ReplicationSchedule, values)
     merged.update({k: v for k, v in values.items() if k in merged})
     _check_shape(merged, schedule_id)
     with joblog.recorded_operation(JobType.SCHEDULE_MANAGEMENT, "update-schedule", owner=actor,
@@ -346,7 +348,7 @@ def delete(schedule_id: str, actor: str) -> None:
     groups = VmMachineGroup.select().where(VmMachineGroup.schedule == schedule_id).count()
     if groups:
         raise FailedPrecondition(
-            f"cannot delete schedule {schedule.name!r}: {groups} machine groups are still using this schedule")
+            f"cannot delete schedule {quote(schedule.name)}: {groups} machine groups are still using this schedule")
     with joblog.recorded_operation(JobType.SCHEDULE_MANAGEMENT, "delete-schedule", owner=actor,
                                    metadata={"schedule_id": schedule_id, "name": schedule.name},
                                    category=JobCategory.SCHEDULER):

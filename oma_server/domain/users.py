@@ -22,6 +22,7 @@ from oma_server.domain.auth import (
     TokenAuthority,
     hash_password,
 )
+from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger("oma_server.auth")
@@ -33,7 +34,7 @@ def _role(value: str) -> UserRole:
     try:
         return UserRole(value)
     except ValueError:
-        raise InvalidArgument(f"role must be one of {', '.join(r.value for r in UserRole)}, not {value!r}") from None
+        raise InvalidArgument(f"role must be one of {', '.join(r.value for r in UserRole)}, not {quote(value)}") from None
 
 
 def check_new_password(password: str, min_length: int) -> None:
@@ -52,7 +53,7 @@ def get_user(username: str) -> ApiUser:
     _require_name(username)
     user = ApiUser.get_or_none(ApiUser.username == username)
     if user is None:
-        raise NotFound(f"no user named {username!r}")
+        raise NotFound(f"no user named {quote(username)}")
     return user
 
 
@@ -66,7 +67,7 @@ def create_user(username: str, password: str, role: str, tokens: TokenAuthority,
     now = utcnow()
     with db.atomic():
         if ApiUser.select().where(ApiUser.username == username).exists():
-            raise AlreadyExists(f"a user named {username!r} already exists")
+            raise AlreadyExists(f"a user named {quote(username)} already exists")
         user = ApiUser.create(username=username, password_hash=password_hash, role=role_value, is_active=True,
                               created_at=now, tokens_valid_after=now)
     tokens.invalidate()
@@ -85,14 +86,14 @@ def _locked_target(username: str) -> tuple[ApiUser, list[int]]:
         ApiUser.role == UserRole.ADMIN, ApiUser.is_active == True).order_by(ApiUser.id))]  # noqa: E712 - SQL
     user = db_for_update(ApiUser.select().where(ApiUser.username == username)).first()
     if user is None:
-        raise NotFound(f"no user named {username!r}")
+        raise NotFound(f"no user named {quote(username)}")
     return user, admin_ids
 
 
 def _keep_an_active_admin(user: ApiUser, active_admin_ids: list[int], action: str) -> None:
     """FailedPrecondition when ``user`` is the last active admin."""
     if user.id in active_admin_ids and len(active_admin_ids) == 1:
-        raise FailedPrecondition(f"cannot {action} {user.username!r}: it is the last active admin; create or "
+        raise FailedPrecondition(f"cannot {action} {quote(user.username)}: it is the last active admin; create or "
                                  "enable another admin first")
 
 
@@ -126,7 +127,7 @@ def revoke_tokens(username: str, tokens: TokenAuthority, *, actor: str) -> ApiUs
     _require_name(username)
     updated = ApiUser.update(tokens_valid_after=utcnow()).where(ApiUser.username == username).execute()
     if not updated:
-        raise NotFound(f"no user named {username!r}")
+        raise NotFound(f"no user named {quote(username)}")
     tokens.invalidate()
     log.info("all tokens of user %r ended by %r", username, actor)
     return get_user(username)

@@ -24,6 +24,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain import cloudstack_config, joblog, readiness
 from oma_server.domain.readiness import FAIL, PASS, WARN
+from oma_server.domain.text_rules import quote
 from oma_server.errors import FailedPrecondition, NotFound, require
 
 #: Progress shown for a failover record without a JobLog job (docs/design/failover.md#failover-job-status; anything else 50).
@@ -43,10 +44,10 @@ def resolve(vm_id: str) -> VmReplicationContext:
     found = list(VmReplicationContext.select().where(VmReplicationContext.vmware_vm_id == vm_id)
                  .order_by(VmReplicationContext.vcenter_host))
     if not found:
-        raise NotFound(f"no managed VM with context id or VMware id {vm_id!r}")
+        raise NotFound(f"no managed VM with context id or VMware id {quote(vm_id)}")
     if len(found) > 1:
         raise FailedPrecondition(
-            f"VMware id {vm_id!r} names VMs in several vCenters ({', '.join(c.vcenter_host for c in found)}); "
+            f"VMware id {quote(vm_id)} names VMs in several vCenters ({', '.join(c.vcenter_host for c in found)}); "
             "give the context id")
     return found[0]
 
@@ -195,11 +196,11 @@ def _config_check() -> dict[str, Any]:
     details = {"config_id": config.id, "config_name": config.name, "missing": gaps}
     # Replication needs the zone and the OMA VM; template and offering only matter for a failover.
     if {"zone", "oma_vm_id"} & set(gaps):
-        return _check("OSSEA Config", FAIL, f"configuration {config.name!r} lacks {', '.join(gaps)}", details)
+        return _check("OSSEA Config", FAIL, f"configuration {quote(config.name)} lacks {', '.join(gaps)}", details)
     if gaps:
-        return _check("OSSEA Config", WARN, f"configuration {config.name!r} lacks {', '.join(gaps)} "
+        return _check("OSSEA Config", WARN, f"configuration {quote(config.name)} lacks {', '.join(gaps)} "
                       "(needed for a failover)", details)
-    return _check("OSSEA Config", PASS, f"configuration {config.name!r} is complete", details)
+    return _check("OSSEA Config", PASS, f"configuration {quote(config.name)} is complete", details)
 
 
 def _credentials_check(ctx: VmReplicationContext) -> dict[str, Any]:
@@ -208,8 +209,8 @@ def _credentials_check(ctx: VmReplicationContext) -> dict[str, Any]:
         return _check("Credentials", FAIL, why)
     details = {"credential_id": cred.id, "vcenter_host": cred.vcenter_host}
     if cred.vcenter_host != ctx.vcenter_host and not ctx.credential_id:
-        return _check("Credentials", WARN, f"{why} is for vCenter {cred.vcenter_host!r}, the VM is in "
-                      f"{ctx.vcenter_host!r}", details)
+        return _check("Credentials", WARN, f"{why} is for vCenter {quote(cred.vcenter_host)}, the VM is in "
+                      f"{quote(ctx.vcenter_host)}", details)
     return _check("Credentials", PASS, f"vCenter calls use {why}", details)
 
 

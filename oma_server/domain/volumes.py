@@ -28,6 +28,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DeadlineExceeded, FailedPrecondition
 from oma_server.integrations.cloudstack import CloudStack
 from oma_server.integrations.nbd_exports import Export, ExportManager
@@ -101,7 +102,7 @@ def _zone_id(cs: CloudStack, config: OsseaConfig) -> str:
         if config.zone in (zone["id"], zone.get("name")):
             return zone["id"]
     raise FailedPrecondition(
-        f"CloudStack zone {config.zone!r} of configuration {config.name!r} does not exist "
+        f"CloudStack zone {quote(config.zone)} of configuration {quote(config.name)} does not exist "
         f"(zones: {', '.join(z.get('name', z['id']) for z in zones)})"
     )
 
@@ -122,7 +123,7 @@ def attach(cs: CloudStack, config: OsseaConfig, volume: OsseaVolume, *, device_d
            wait_seconds: float) -> DeviceMapping:
     """Attach to the OMA VM (unless already there), find the device, record the mapping."""
     if not config.oma_vm_id:
-        raise FailedPrecondition(f"configuration {config.name!r} has no oma_vm_id (detect the OMA VM first)")
+        raise FailedPrecondition(f"configuration {quote(config.name)} has no oma_vm_id (detect the OMA VM first)")
     remote = cs.get_volume(volume.volume_id) or {}
     attached_to = remote.get("virtualmachineid")
     if attached_to and attached_to != config.oma_vm_id:
@@ -151,9 +152,10 @@ def attach(cs: CloudStack, config: OsseaConfig, volume: OsseaVolume, *, device_d
 
 
 def export(exports: ExportManager, mapping: DeviceMapping, disk: VmDisk, job_id: str) -> Export:
-    """Serve the device over NBD and record it in nbd_exports (one row per volume, reused)."""
+    """Serve the device over NBD for ``job_id`` (with TLS: that job's key) and record it in nbd_exports
+    (one row per volume, reused)."""
     name = export_name(mapping.volume_uuid)
-    served = exports.ensure(name, mapping.device_path)
+    served = exports.ensure(name, mapping.device_path, job_id=job_id)
     values = {
         "vm_context": disk.vm_context_id, "job": job_id, "volume_id": mapping.volume_uuid, "vm_disk": disk.id,
         "device_mapping": mapping.volume_uuid, "port": served.port, "device_path": mapping.device_path,
@@ -172,7 +174,7 @@ def restore_exports(exports: ExportManager, job_id: str) -> list[Export]:
     copying into them and reconnects to the same URIs)."""
     restored = []
     for row in NbdExport.select().where(NbdExport.job == job_id):
-        served = exports.ensure(row.export_name, row.device_path, port=row.port)
+        served = exports.ensure(row.export_name, row.device_path, port=row.port, job_id=job_id)
         if served.port != row.port:
             NbdExport.update(port=served.port).where(NbdExport.id == row.id).execute()
         restored.append(served)

@@ -17,7 +17,9 @@ from typing import Any, Callable, TypeVar
 import requests
 from cs import CloudStack as _CsClient
 from cs import CloudStackApiException, CloudStackException
+from urllib3.exceptions import LocationValueError
 
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
 
 log = logging.getLogger("oma_server.cloudstack")
@@ -85,6 +87,8 @@ def translate_errors(fn: Callable[..., T]) -> Callable[..., T]:
             if "Timeout waiting for async job" in str(exc):
                 raise DeadlineExceeded(f"CloudStack did not finish the job in time ({exc})") from None
             raise CloudStackError(f"unexpected answer from CloudStack at {self.endpoint.api_url}: {exc}") from None
+        except LocationValueError:  # an address that passed no input check (e.g. a row older than the checks)
+            raise InvalidArgument(f"the CloudStack API URL {quote(self.endpoint.api_url)} cannot be parsed") from None
         except requests.exceptions.Timeout:
             raise Unavailable(f"CloudStack at {self.endpoint.api_url} did not answer in time") from None
         except requests.exceptions.RequestException as exc:

@@ -10,7 +10,8 @@ like the old file or, for a new one, like its directory) renamed into place, so 
 
 Each line restricts the key to exactly what the tunnel needs: ``restrict`` (no PTY, no agent/X11
 forwarding, no port forwarding), then ``port-forwarding`` to allow forwarding again, limited by
-``permitopen`` to the targets the VMA may reach (the OMA's NBD exports) and by ``permitlisten`` to the one
+``permitopen`` to the targets the VMA may reach — only the NBD export ports of its own running jobs,
+rewritten when a job starts or ends (:meth:`AuthorizedKeys.set_open_ports`) — and by ``permitlisten`` to the one
 OMA-side port this VMA may reverse-forward to its API, and a forced ``command`` (the wrapper), so the key
 never gets a shell. (``restrict`` with only ``permitlisten`` refuses every forward: sshd tells the client
 "remote port forwarding failed" — the original's E-10; the tests run a real sshd to keep this true.)
@@ -47,6 +48,11 @@ _KEY_BYTES = 32
 REVERSE_LISTEN_HOST = "127.0.0.1"
 # Comment of every line this module writes (followed by the fingerprint), for people reading the file.
 LINE_COMMENT = "vma-enrollment"
+# The permitopen target of a key that may open nothing. sshd has no "none" for the key option (it refuses
+# the whole line), and a key without any permitopen may open everything sshd's PermitOpen allows (every
+# export port). So: one target that can never be reached — the reserved .invalid domain (RFC 6761) never
+# resolves, and sshd only allows a request naming exactly this host and port.
+NO_OPEN_TARGET = "nothing.invalid:1"
 
 
 class SshKeyError(Exception):
@@ -192,9 +198,19 @@ class AuthorizedKeys:
         self._permit_open = tuple(permit_open)
         self._file_lock = _file_lock(self.path.absolute())
 
-    def options(self, reverse_port: int) -> str:
-        """The forwarding restrictions of a VMA whose API is reverse-forwarded to ``reverse_port``."""
-        opens = ",".join(f'permitopen="{target}"' for target in self._permit_open)
+    def open_targets(self, ports: Sequence[int]) -> list[str]:
+        """The ``host:port`` targets of sshd's PermitOpen list on these ports (others are never granted)."""
+        wanted = {int(port) for port in ports}
+        return [target for target in self._permit_open if int(target.rpartition(":")[2]) in wanted]
+
+    def options(self, reverse_port: int, open_ports: Sequence[int] | None = None) -> str:
+        """The forwarding restrictions of a VMA whose API is reverse-forwarded to ``reverse_port`` and that
+        may reach the NBD exports on ``open_ports`` (empty: none, :data:`NO_OPEN_TARGET`). ``None``: every
+        export port sshd allows — what the VMA is told to set its local forwards up for (the enrollment
+        result); the key's own line grants only its jobs' ports."""
+        targets = list(self._permit_open) if open_ports is None else self.open_targets(open_ports)
+        targets = targets or [NO_OPEN_TARGET]
+        opens = ",".join(f'permitopen="{target}"' for target in targets)
         return f'restrict,port-forwarding,{opens},permitlisten="{REVERSE_LISTEN_HOST}:{reverse_port}"'
 
     def sshd_config(self, ssh_user: str, ssh_port: int, reverse_ports: range) -> str:
@@ -227,8 +243,8 @@ class AuthorizedKeys:
             "",
         ])
 
-    def line(self, key: Ed25519PublicKey, reverse_port: int) -> str:
-        return (f'command="{self._forced_command}",{self.options(reverse_port)} '
+    def line(self, key: Ed25519PublicKey, reverse_port: int, open_ports: Sequence[int] = ()) -> str:
+        return (f'command="{self._forced_command}",{self.options(reverse_port, list(open_ports))} '
                 f"{key.openssh(f'{LINE_COMMENT} {key.fingerprint}')}")
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
@@ -271,11 +287,24 @@ class AuthorizedKeys:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
 
-    def add(self, key: Ed25519PublicKey, reverse_port: int) -> None:
+    def add(self, key: Ed25519PublicKey, reverse_port: int, open_ports: Sequence[int] = ()) -> None:
         """Install ``key`` with the tunnel options (a line with the same blob is replaced)."""
         with self.locked():
             kept = [line for line in self._read_lines() if _line_blob(line) != key.blob]
-            self._write_lines([*kept, self.line(key, reverse_port)])
+            self._write_lines([*kept, self.line(key, reverse_port, open_ports)])
+
+    def set_open_ports(self, grants: Sequence[tuple[Ed25519PublicKey, int, Sequence[int]]]) -> int:
+        """Rewrite the lines of these keys — ``(key, reverse_port, open_ports)`` each — so each may reach
+        exactly its ``open_ports``; lines of other keys are kept as they are, a key without a line is not
+        added (it was revoked). One atomic write, only when something changed; returns the lines changed."""
+        wanted = {key.blob: self.line(key, reverse_port, open_ports) for key, reverse_port, open_ports in grants}
+        with self.locked():
+            lines = self._read_lines()
+            rewritten = [wanted.get(_line_blob(line), line) for line in lines]
+            changed = sum(old != new for old, new in zip(lines, rewritten, strict=True))
+            if changed:
+                self._write_lines(rewritten)
+            return changed
 
     def remove(self, key: Ed25519PublicKey) -> int:
         """Remove every line of exactly this key blob; returns how many there were."""

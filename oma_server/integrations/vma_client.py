@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,6 +49,11 @@ def connection(login: VCenterLogin) -> vcenter_pb2.VCenterConnection:
         host=login.host, username=login.username, password=login.password, datacenter=login.datacenter,
         thumbprint=login.thumbprint, insecure=login.insecure,
     )
+
+
+def target_tls(tls: Any) -> replication_pb2.NbdTargetTls | None:
+    """The TLS-PSK of a job's NBD targets for the agent (an ``nbd_exports.ExportTls``; None: plain NBD)."""
+    return None if tls is None else replication_pb2.NbdTargetTls(psk_identity=tls.identity, psk=tls.psk)
 
 
 class VmaClient:

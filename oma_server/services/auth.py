@@ -22,7 +22,6 @@ def _user(row) -> users_pb2.User:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
-    service_name = "oma.v1.AuthService"
 
     def __init__(self, runtime):
         self._tokens = runtime.tokens
@@ -49,8 +48,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
 
 class UserServicer(users_pb2_grpc.UserServiceServicer):
-    service_name = "oma.v1.UserService"
-
     def __init__(self, runtime):
         self._tokens = runtime.tokens
         self._settings = runtime.settings

@@ -40,7 +40,6 @@ def _network(n):
 
 
 class CloudStackSettingsServicer(cloudstack_settings_pb2_grpc.CloudStackSettingsServiceServicer):
-    service_name = "oma.v1.CloudStackSettingsService"
 
     def __init__(self, runtime):
         self._runtime = runtime
@@ -56,8 +55,9 @@ class CloudStackSettingsServicer(cloudstack_settings_pb2_grpc.CloudStackSettings
                                          error="" if ok else message, zone_count=zones)
 
     def DetectOMAVM(self, request, context):
+        cs = self._client(request)  # bad input is an error, not a failed detection
         try:
-            found = cloudstack_settings.find_oma_vm(self._client(request), local_mac_addresses())
+            found = cloudstack_settings.find_oma_vm(cs, local_mac_addresses())
         except DomainError as exc:
             return pb.DetectOMAVMResponse(success=False, message="detection failed",
                                           error=cloudstack_settings.friendly_error(exc))

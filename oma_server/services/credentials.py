@@ -6,6 +6,7 @@ from oma.v1 import vmware_credentials_pb2_grpc
 from oma_server import errors
 from oma_server.convert import optional_fields
 from oma_server.domain import credentials
+from oma_server.integrations.vma_client import VmaClient
 from oma_server.rpc import caller_name
 from oma_server.services import messages
 
@@ -23,11 +24,11 @@ def _counted(cred) -> pb.VMwareCredential:
 
 
 class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServiceServicer):
-    service_name = "oma.v1.VMwareCredentialService"
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, vma: VmaClient):
         self._runtime = runtime
         self._box = runtime.secrets
+        self._vma = vma
 
     def ListCredentials(self, request, context):
         rows = credentials.list_credentials(request.active_only)
@@ -61,7 +62,7 @@ class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServi
         """Logs in through the VMA; vCenter-side failures are a normal answer with the reason."""
         login = credentials.login_for(self._box, request.id)
         try:
-            checked = self._runtime.components["vma"].check_connection(login)
+            checked = self._vma.check_connection(login)
         except errors.Unavailable as exc:
             if "VMA agent" in exc.message:
                 raise

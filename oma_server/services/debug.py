@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from oma.v1 import debug_pb2 as pb
 from oma.v1 import debug_pb2_grpc
@@ -11,17 +12,19 @@ from oma_server.domain import cloudstack_config, debug
 from oma_server.rpc import PUBLIC_METHOD_PREFIXES, current_identity
 from oma_server.services.validation import details_struct
 
+if TYPE_CHECKING:
+    from oma_server.startup import Components
+
 
 def _component(probe: debug.Probe) -> pb.DebugComponentHealth:
     return fill(pb.DebugComponentHealth(), vars(probe), details=details_struct(probe.details))
 
 
 class DebugServicer(debug_pb2_grpc.DebugServiceServicer):
-    service_name = "oma.v1.DebugService"
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, parts: Components):
         # Servicers are built when the server starts: this is the server's start time.
-        self._runtime = runtime
+        self._runtime, self._parts = runtime, parts
         self._started_at = utcnow()
         self._started = time.monotonic()
 
@@ -29,25 +32,23 @@ class DebugServicer(debug_pb2_grpc.DebugServiceServicer):
         if current_identity.get() is None:  # anonymous: liveness only, no internals
             return pb.GetSystemHealthResponse(system_health=debug.overall([debug.database_health()]),
                                               version=debug.version(), checked_at=timestamp(utcnow()))
-        components = self._runtime.components
-        engine, sink = components.get("replication"), components.get("log_events")
+        parts, sink = self._parts, self._parts.log_events
         probes = [
             debug.database_health(),
-            debug.replication_health(engine.instance if engine else None,
-                                     self._runtime.settings.worker_lease_seconds),
-            debug.vma_health(components.get("vma")),
+            debug.replication_health(parts.replication.instance, self._runtime.settings.worker_lease_seconds),
+            debug.vma_health(parts.vma),
             debug.cloudstack_health(cloudstack_config.active_config(), self._runtime.secrets),
-            debug.log_sink_health(sink.dropped if sink else None),
-            debug.vma_connections_health("vma_connection_monitor" in components),
+            debug.log_sink_health(sink.dropped),
+            debug.vma_connections_health(parts.vma_monitor is not None),
         ]
-        scheduler_probe, scheduler = debug.scheduler_health(components.get("scheduler"))
+        scheduler_probe, scheduler = debug.scheduler_health(parts.scheduler)
         probes.append(scheduler_probe)
         return pb.GetSystemHealthResponse(
             system_health=debug.overall(probes), version=debug.version(), started_at=timestamp(self._started_at),
             uptime_seconds=int(time.monotonic() - self._started), components=[_component(p) for p in probes],
             runtime=fill(pb.DebugRuntimeStats(), debug.runtime_stats()),
             scheduler=fill(pb.DebugSchedulerHealth(), scheduler),
-            log_sink_dropped_records=sink.dropped if sink else 0, checked_at=timestamp(utcnow()),
+            log_sink_dropped_records=sink.dropped, checked_at=timestamp(utcnow()),
         )
 
     def GetFailoverJobsDebug(self, request, context):

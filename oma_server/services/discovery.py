@@ -7,6 +7,7 @@ from oma_server.convert import fill, timestamp
 from oma_server.db.models import utcnow
 from oma_server.domain import discovery, groups
 from oma_server.errors import require
+from oma_server.integrations.vma_client import VmaClient
 from oma_server.rpc import caller_name
 
 
@@ -39,15 +40,11 @@ def _discovered(inventory: discovery.Inventory) -> list[pb.DiscoveredVM]:
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    service_name = "oma.v1.DiscoveryService"
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, vma: VmaClient):
         self._runtime = runtime
         self._box = runtime.secrets
-
-    @property
-    def _vma(self):
-        return self._runtime.components["vma"]
+        self._vma = vma
 
     def DiscoverVMs(self, request, context):
         require(not request.create_context or request.selected_vms,

@@ -23,8 +23,8 @@ from oma.v1 import enrollment_pb2 as pb
 from oma_server.config import Settings
 from oma_server.convert import fill, timestamp, to_datetime
 from oma_server.db.database import db
-from oma_server.domain import enrollment, vma_connections
-from oma_server.integrations import tunnel_sessions, vma_client
+from oma_server.domain import enrollment
+from oma_server.integrations import tunnel_sessions
 from oma_server.rpc import caller_name
 
 log = logging.getLogger("oma_server.enrollment")
@@ -91,10 +91,6 @@ class TunnelConfig:
         return enrollment.tunnel_for(self._settings, end_sessions=tunnel_sessions.end_sessions)
 
 
-def _tunnel_config(runtime) -> TunnelConfig:
-    return runtime.components.setdefault("enrollment_tunnel", TunnelConfig(runtime.settings))
-
-
 def _enrollment(row) -> admin_pb.VMAEnrollment:
     return fill(admin_pb.VMAEnrollment(), row, status=enrollment.effective_status(row))
 
@@ -110,11 +106,11 @@ def _audit_event(row) -> admin_pb.VMAAuditEvent:
 
 
 class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceServicer):
-    service_name = "oma.v1.EnrollmentAdminService"
 
-    def __init__(self, runtime):
-        self._tunnel = _tunnel_config(runtime)
+    def __init__(self, runtime, tunnel: TunnelConfig):
+        self._tunnel = tunnel
         self._tls_fingerprint = runtime.tls_fingerprint
+        self._secrets = runtime.secrets
 
     @staticmethod
     def _caller(context) -> enrollment.Caller:
@@ -122,8 +118,9 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
 
     def GeneratePairingCode(self, request, context):
         valid_for = request.valid_for if request.HasField("valid_for") else None
-        row, valid_for = enrollment.generate_pairing_code(self._caller(context), request.generated_by, valid_for)
-        return admin_pb.GeneratePairingCodeResponse(pairing_code=row.pairing_code, expires_at=timestamp(row.expires_at),
+        row, code, valid_for = enrollment.generate_pairing_code(self._secrets, self._caller(context),
+                                                                request.generated_by, valid_for)
+        return admin_pb.GeneratePairingCodeResponse(pairing_code=code, expires_at=timestamp(row.expires_at),
                                                     valid_for=valid_for, pairing_code_id=row.id,
                                                     oma_certificate_sha256=self._tls_fingerprint)
 
@@ -168,11 +165,11 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
 
 
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
-    service_name = "oma.v1.EnrollmentService"
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, tunnel: TunnelConfig):
         settings = runtime.settings
-        self._tunnel = _tunnel_config(runtime)
+        self._tunnel = tunnel
+        self._secrets = runtime.secrets
         self._limiter = RateLimiter(settings.enrollment_rate_limit_per_minute)
         self._windows = enrollment.Windows(verify=timedelta(seconds=settings.enrollment_verify_window_seconds),
                                            approval=timedelta(seconds=settings.enrollment_approval_window_seconds))
@@ -187,7 +184,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
 
     def Enroll(self, request, context):
         row = enrollment.enroll(
-            self._source(context), self._windows, pairing_code=request.pairing_code,
+            self._secrets, self._source(context), self._windows, pairing_code=request.pairing_code,
             public_key=request.vma_public_key, vma_name=request.vma_name, vma_version=request.vma_version,
             client_fingerprint=request.vma_fingerprint)
         return pb.EnrollResponse(enrollment_id=row.id, challenge=row.challenge_nonce, status=str(row.status),
@@ -239,14 +236,3 @@ class ExpirySweep:
         self._stop.set()
         self._thread.join(timeout=10)
 
-
-def start_component(runtime) -> None:
-    settings = runtime.settings
-    sweep = ExpirySweep(settings.enrollment_sweep_interval_seconds)
-    sweep.start()
-    runtime.components["enrollment_expiry"] = sweep
-    monitor = vma_connections.ConnectionMonitor(
-        vma_client.tunnel_probe(settings.tunnel_reverse_host, settings.vma_monitor_probe_timeout_seconds),
-        settings.vma_monitor_interval_seconds, settings.vma_disconnect_after_seconds)
-    monitor.start()
-    runtime.components["vma_connection_monitor"] = monitor

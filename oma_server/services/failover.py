@@ -12,21 +12,15 @@ from oma_server.db.database import database_proxy as db
 from oma_server.db.models import FailoverJob, JobTracking, VmDisk, utcnow
 from oma_server.domain import failover, failover_config, joblog, paging, readiness
 from oma_server.domain.failover_config import FailoverConfig, FailoverRequest
-from oma_server.domain.failover_workflow import FailoverEngine
 from oma_server.domain.step_names import friendly_step_name
 from oma_server.errors import require
+from oma_server.integrations.vma_client import VmaClient
 from oma_server.rpc import caller_name
+from oma_server.workflows.failover import FailoverEngine
 
 # How often a watcher re-reads the database without a wake-up (another OMA may run the job).
 _WATCH_POLL_SECONDS = 0.5
 _BYTES_PER_SECOND = 100 * 1024 * 1024  # rough copy/boot rate for the readiness estimate
-
-
-def start_component(runtime: Any) -> None:
-    """The failover engine: recovers interrupted jobs, then runs failovers, cleanups and rollbacks."""
-    engine = FailoverEngine(runtime)
-    runtime.components["failover"] = engine
-    engine.start()
 
 
 def _struct(value: Any) -> struct_pb2.Struct:
@@ -86,14 +80,9 @@ def record_message(record: FailoverJob, progress: int | None = None) -> pb.Failo
 
 
 class FailoverServicer(failover_pb2_grpc.FailoverServiceServicer):
-    service_name = "oma.v1.FailoverService"
 
-    def __init__(self, runtime):
-        self._runtime = runtime
-
-    @property
-    def _engine(self) -> FailoverEngine:
-        return self._runtime.components["failover"]
+    def __init__(self, engine: FailoverEngine, vma: VmaClient):
+        self._engine, self._vma = engine, vma
 
     def _submit(self, started: failover.Started) -> failover.Started:
         if not started.existing:
@@ -226,7 +215,7 @@ class FailoverServicer(failover_pb2_grpc.FailoverServiceServicer):
     def GetFailoverReadiness(self, request, context):
         ctx = failover.readiness_context(request.vm_id)
         kind = readiness.failover_type_or_default(request.failover_type)
-        result = readiness.failover_readiness(ctx, kind, vma=self._runtime.components.get("vma") if kind == "live" else None)
+        result = readiness.failover_readiness(ctx, kind, vma=self._vma if kind == "live" else None)
         capacity = sum(d.capacity_bytes or 0 for d in VmDisk.select().where(VmDisk.vm_context == ctx.context_id))
         estimate = 120 + capacity // _BYTES_PER_SECOND if capacity else 0
         return pb.GetFailoverReadinessResponse(

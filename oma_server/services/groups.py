@@ -11,7 +11,6 @@ from oma_server.services import messages
 
 
 class MachineGroupServicer(machine_groups_pb2_grpc.MachineGroupServiceServicer):
-    service_name = "oma.v1.MachineGroupService"
 
     def __init__(self, runtime):
         self._runtime = runtime

@@ -9,7 +9,6 @@ from oma_server.services import messages
 
 
 class JobLogServicer(job_log_pb2_grpc.JobLogServiceServicer):
-    service_name = "oma.v1.JobLogService"
 
     def __init__(self, runtime):
         self._runtime = runtime

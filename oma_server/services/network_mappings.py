@@ -5,6 +5,7 @@ from oma.v1 import network_mappings_pb2_grpc
 
 from oma_server.convert import fill
 from oma_server.domain import cloudstack_config, cloudstack_settings, network_mappings, paging
+from oma_server.domain.text_rules import quote
 from oma_server.errors import NotFound, require
 from oma_server.services import messages
 
@@ -21,7 +22,6 @@ def _test_flag(request):
 
 
 class NetworkMappingServicer(network_mappings_pb2_grpc.NetworkMappingServiceServicer):
-    service_name = "oma.v1.NetworkMappingService"
 
     def __init__(self, runtime):
         self._runtime = runtime
@@ -45,7 +45,7 @@ class NetworkMappingServicer(network_mappings_pb2_grpc.NetworkMappingServiceServ
             if network.get("name") == request.network_name:
                 return pb.ResolveNetworkResponse(network_name=request.network_name, network_id=network["id"],
                                                  network=_network(network))
-        raise NotFound(f"no CloudStack network named {request.network_name!r}")
+        raise NotFound(f"no CloudStack network named {quote(request.network_name)}")
 
     def ListServiceOfferings(self, request, context):
         page = paging.paginate_list(self._cloudstack().list_service_offerings(), request.page_size,

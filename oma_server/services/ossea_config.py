@@ -6,8 +6,9 @@ from oma.v1 import ossea_config_pb2_grpc
 from oma_server.convert import fill, optional_fields, timestamp
 from oma_server.db.models import OsseaConfig, utcnow
 from oma_server.domain import cloudstack_config, cloudstack_settings, paging
+from oma_server.domain.text_rules import quote
 from oma_server.errors import DomainError, InvalidArgument, require
-from oma_server.integrations.cloudstack import CloudStack, Endpoint, normalise_api_url
+from oma_server.integrations.cloudstack import CloudStack, Endpoint
 from oma_server.integrations.host import local_mac_addresses
 
 _FIELDS = ("name", "api_url", "api_key", "secret_key", "zone", "domain", "oma_vm_id", "template_id",
@@ -16,7 +17,6 @@ STREAMLINED_NAME = "production-ossea"
 
 
 class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
-    service_name = "oma.v1.OSSEAConfigService"
 
     def __init__(self, runtime):
         self._runtime = runtime
@@ -70,8 +70,8 @@ class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
         names = [z.get("name", z["id"]) for z in zones]
         match = next((z for z in zones if zone in (z["id"], z.get("name"))), None)
         if match is None:
-            return pb.TestConfigResponse(success=False, message=f"zone {zone!r} not found", zone=zone,
-                                         available_zones=names, error=f"zone {zone!r} not found",
+            return pb.TestConfigResponse(success=False, message=f"zone {quote(zone)} not found", zone=zone,
+                                         available_zones=names, error=f"zone {quote(zone)} not found",
                                          tested_at=timestamp(utcnow()))
         return pb.TestConfigResponse(success=True, message=f"connected; zone {match.get('name')} found", zone=zone,
                                      zone_id=match["id"], zone_name=match.get("name", ""), available_zones=names,
@@ -80,7 +80,8 @@ class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
     def DiscoverResources(self, request, context):
         require(request.base_url and request.api_key and request.secret_key,
                 "base_url, api_key and secret_key are required")
-        cs = CloudStack(Endpoint(normalise_api_url(request.base_url), request.api_key, request.secret_key), timeout=15)
+        cs = CloudStack(cloudstack_settings.endpoint(request.base_url, request.api_key, request.secret_key,
+                                                     "base_url"), timeout=15)
         try:
             found = cloudstack_settings.discover_all(cs, local_mac_addresses())
         except DomainError as exc:
@@ -110,14 +111,14 @@ class OSSEAConfigServicer(ossea_config_pb2_grpc.OSSEAConfigServiceServicer):
                    if not getattr(request, name)]
         if missing:
             raise InvalidArgument(f"missing required fields: {', '.join(missing)}")
-        url = normalise_api_url(request.base_url)
+        url = cloudstack_settings.api_url(request.base_url, "base_url")
         cs = CloudStack(Endpoint(url, request.api_key, request.secret_key), timeout=15)
         try:
             zone = cloudstack_settings.resolve_zone(cs, request.zone_id)
         except DomainError as exc:
             raise InvalidArgument(f"CloudStack connection test failed: {cloudstack_settings.friendly_error(exc)}") from None
         if zone is None:
-            raise InvalidArgument(f"zone {request.zone_id!r} does not exist in CloudStack")
+            raise InvalidArgument(f"zone {quote(request.zone_id)} does not exist in CloudStack")
         values = {"name": STREAMLINED_NAME, "api_url": url, "api_key": request.api_key,
                   "secret_key": request.secret_key, "zone": zone[0], "domain": request.domain or request.domain_name,
                   "template_id": request.template_id, "service_offering_id": request.service_offering_id,

@@ -6,27 +6,28 @@ from oma.v1 import progress_pb2_grpc
 from oma_server.db.database import database_proxy as db
 from oma_server.domain import replications
 from oma_server.errors import require
+from oma_server.integrations.vma_client import VmaClient
 from oma_server.services.replications import progress_message
+from oma_server.workflows.hub import ProgressHub
 
 # How often a watcher re-reads the database even without a wake-up (another OMA may own the job).
 _POLL_SECONDS = 1.0
 
 
 class ProgressServicer(progress_pb2_grpc.ProgressServiceServicer):
-    service_name = "oma.v1.ProgressService"
 
-    def __init__(self, runtime):
-        self._runtime = runtime
+    def __init__(self, vma: VmaClient, hub: ProgressHub):
+        self._vma, self._hub = vma, hub
 
     def GetVMAProgress(self, request, context):
         require(request.job_id, "job_id is required")
-        return pb.GetVMAProgressResponse(progress=self._runtime.components["vma"].get_progress(request.job_id))
+        return pb.GetVMAProgressResponse(progress=self._vma.get_progress(request.job_id))
 
     def WatchReplicationProgress(self, request, context):
         """The job's progress now, then on every change, until it ends. One short database read per
         change; no connection is held between updates."""
         require(request.job_id, "job_id is required")
-        hub = self._runtime.components["replication"].hub
+        hub = self._hub
         last = None
         seen = hub.version(request.job_id)
         while context.is_active():

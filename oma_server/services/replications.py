@@ -7,8 +7,10 @@ from oma_server.convert import fill, to_datetime
 from oma_server.domain import cloudstack_config, paging, replications, volumes
 from oma_server.domain.job_lifecycle import tracking_job_id
 from oma_server.errors import InvalidArgument, require
+from oma_server.integrations.nbd_exports import ExportManager
 from oma_server.rpc import caller_name
 from oma_server.services import messages
+from oma_server.workflows.replication import ReplicationEngine
 
 
 def progress_message(job, disks=None, cbt_history=None) -> resources_pb2.ReplicationProgress:
@@ -22,14 +24,10 @@ def progress_message(job, disks=None, cbt_history=None) -> resources_pb2.Replica
 
 
 class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
-    service_name = "oma.v1.ReplicationService"
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, engine: ReplicationEngine, exports: ExportManager):
         self._runtime = runtime
-
-    @property
-    def _engine(self):
-        return self._runtime.components["replication"]
+        self._engine, self._exports = engine, exports
 
     def CreateReplication(self, request, context):
         if request.HasField("source_vm") and not request.context_id:
@@ -82,7 +80,7 @@ class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
         remove_volume = None
         if request.delete_volumes:
             cs = cloudstack_config.client(cloudstack_config.require_active(), self._runtime.secrets)
-            exports = self._runtime.components["exports"]
+            exports = self._exports
 
             def remove_volume(volume):
                 volumes.remove(cs, exports, volume)

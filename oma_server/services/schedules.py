@@ -16,12 +16,6 @@ from oma_server.domain.scheduler import Scheduler
 from oma_server.rpc import caller_name
 
 
-def start_component(runtime: Any) -> None:
-    scheduler = Scheduler(runtime)
-    runtime.components["scheduler"] = scheduler
-    scheduler.start()
-
-
 def _struct(value: Any) -> struct_pb2.Struct | None:
     if value is None:
         return None
@@ -48,14 +42,9 @@ def execution_message(view: schedules.ExecutionView) -> pb.ScheduleExecution:
 
 
 class ScheduleServicer(schedules_pb2_grpc.ScheduleServiceServicer):
-    service_name = "oma.v1.ScheduleService"
 
-    def __init__(self, runtime):
-        self._runtime = runtime
-
-    @property
-    def _scheduler(self) -> Scheduler:
-        return self._runtime.components["scheduler"]
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
 
     def CreateSchedule(self, request, context):
         view = schedules.create(

@@ -9,6 +9,7 @@ from oma.v1 import validation_pb2_grpc
 
 from oma_server.convert import fill, timestamp
 from oma_server.domain import readiness, validation
+from oma_server.integrations.vma_client import VmaClient
 
 
 def details_struct(details: dict[str, Any] | None) -> struct_pb2.Struct | None:
@@ -31,14 +32,13 @@ def _readiness_message(result: readiness.ReadinessResult) -> str:
 
 
 class ValidationServicer(validation_pb2_grpc.ValidationServiceServicer):
-    service_name = "oma.v1.ValidationService"
 
-    def __init__(self, runtime):
-        self._runtime = runtime
+    def __init__(self, vma: VmaClient):
+        self._vma = vma
 
     def GetVMFailoverReadiness(self, request, context):
         ctx, result = validation.failover_readiness(request.vm_id, request.failover_type,
-                                                    self._runtime.components.get("vma"))
+                                                    self._vma)
         checks = [_check(vars(c)) for c in result.checks]
         return pb.GetVMFailoverReadinessResponse(
             vm_id=request.vm_id, context_id=ctx.context_id, vm_name=ctx.vm_name, is_ready=result.is_valid,

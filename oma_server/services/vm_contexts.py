@@ -9,7 +9,6 @@ from oma_server.services import messages
 
 
 class VMContextServicer(vm_contexts_pb2_grpc.VMContextServiceServicer):
-    service_name = "oma.v1.VMContextService"
 
     def __init__(self, runtime):
         self._runtime = runtime

@@ -100,7 +100,7 @@ def status_moves(job_id, until="completed", timeout=10):
 
 def assert_back_on_oma(lab, ctx):
     """Every replica volume attached to the OMA, its device present, mapping 'oma', export served, no snapshot."""
-    exports = lab.oma.runtime.components["exports"]
+    exports = lab.oma.components.exports
     for disk, volume in disk_volumes(ctx):
         remote = lab.cloudstack.get("volume", volume.volume_id)
         assert remote["virtualmachineid"] == lab.cloudstack.oma_vm_id, disk.disk_id
@@ -117,4 +117,4 @@ def assert_back_on_oma(lab, ctx):
 
 def power_state(lab, ctx):
     login = credentials.login_for(lab.oma.runtime.secrets, lab.credential_id)
-    return lab.oma.runtime.components["vma"].power_state(login, ctx.vmware_vm_id).power_state
+    return lab.oma.components.vma.power_state(login, ctx.vmware_vm_id).power_state

@@ -9,6 +9,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from oma.v1 import enrollment_admin_pb2 as apb
 from oma.v1 import enrollment_pb2 as pb
 
+from oma_server.db import models
+from oma_server.domain import enrollment as enrollment_domain
+
 
 class Vma:
     """A VMA as the OMA sees it: an Ed25519 key pair and an enrollment."""
@@ -25,6 +28,12 @@ class Vma:
 
     def sign(self, challenge: str | None = None) -> str:
         return base64.b64encode(self.private.sign(base64.b64decode(challenge or self.challenge))).decode()
+
+
+def code_row(server, code: str) -> models.VmaPairingCode:
+    """The row of a pairing code, found as the OMA finds it: by its keyed hash."""
+    return models.VmaPairingCode.get(models.VmaPairingCode.pairing_code == enrollment_domain.code_hash(
+        server.runtime.secrets, enrollment_domain.normalise_code(code)))
 
 
 def new_code(admin, **kw) -> str:

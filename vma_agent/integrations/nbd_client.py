@@ -188,6 +188,10 @@ class NbdConnection:
 
     def _connect(self, uri: str, timeout: float | None) -> None:
         h = self._h
+        if "tls-psk-file=" in uri:
+            # libnbd reads a local file named in a URI only when allowed; the agent composes such URIs
+            # itself (the OMA's are refused when they name one: vma_agent.replication).
+            h.set_uri_allow_local_file(True)
         if timeout is None:
             h.connect_uri(uri)
             return

@@ -5,7 +5,7 @@ from vma.v1 import replication_pb2_grpc
 
 from vma_agent import errors, validation
 from vma_agent.integrations import vsphere
-from vma_agent.replication import SNAPSHOT_PREFIX, DiskRequest, JobRequest, ReplicationJobs
+from vma_agent.replication import SNAPSHOT_PREFIX, DiskRequest, JobRequest, ReplicationJobs, TargetTls
 from vma_agent.services import timestamp
 
 
@@ -36,6 +36,8 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
             disks=tuple(DiskRequest(d.disk_id, d.vmware_disk_key, d.target_nbd_uri, d.previous_change_id)
                         for d in request.disks),
             quiesce=request.quiesce, enable_cbt=request.enable_cbt,
+            target_tls=TargetTls(request.target_tls.psk_identity, request.target_tls.psk)
+            if request.HasField("target_tls") else None,
         ))
         return pb.StartReplicationResponse(job_id=request.job_id, started_at=timestamp(job.started_at),
                                            snapshot_name=SNAPSHOT_PREFIX + request.job_id)

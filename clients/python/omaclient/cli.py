@@ -153,11 +153,20 @@ class Session:
         return method(request, timeout=self.slow_timeout if slow else self.timeout)
 
     def show(self, message: Message, render: Callable[[Any], str]) -> None:
-        print(output.to_json(message) if self.json else render(message))
+        if self.json:
+            print(output.to_json(message))
+        else:
+            say(render(message))
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def say(text: str, **print_options: Any) -> None:
+    """Print text for a person: control and invisible characters in it (from names, messages, any
+    value the server returned) are shown escaped, never sent to the terminal raw."""
+    print(output.printable(text, keep_newlines=True), **print_options)
 
 
 # --- secrets --------------------------------------------------------------------------------------
@@ -249,7 +258,7 @@ def _login(s: Session, args: argparse.Namespace) -> None:
 def _logout(s: Session, args: argparse.Namespace) -> int:
     settings = saved_settings()
     if not settings.get("token"):
-        print("not logged in")
+        say("not logged in")
         return EXIT_OK
     target = settings.get("target") or s.target
     failure: grpc.RpcError | None = None
@@ -262,9 +271,9 @@ def _logout(s: Session, args: argparse.Namespace) -> int:
     _write_private(config_path(), {key: settings[key] for key in ("target", "tls_ca", "tls_server_name")
                                    if key in settings} or {"target": s.target})
     if failure is None or failure.code() == grpc.StatusCode.UNAUTHENTICATED:  # ended, expired or revoked already
-        print(f"logged out of {target}: the server ended the token; removed the saved token")
+        say(f"logged out of {target}: the server ended the token; removed the saved token")
         return EXIT_OK
-    print(f"removed the saved token for {target}, but the server could not end it "
+    say(f"removed the saved token for {target}, but the server could not end it "
           f"({failure.code().name}: {failure.details()}); it stays valid until "
           f"{settings.get('expires_at', 'it expires')}", file=sys.stderr)
     return exit_code_for(failure.code())
@@ -430,11 +439,12 @@ def _register_credentials(commands: Any) -> None:
     p = _command(actions, "update", _credentials_update, "change a credential (only the given fields)")
     p.add_argument("id", type=int)
     p.add_argument("--name")
-    p.add_argument("--vcenter")
+    retarget = "; changing it needs the password again (--password-stdin, -env or -prompt)"
+    p.add_argument("--vcenter", help="vCenter host[:port]" + retarget)
     p.add_argument("--username")
     p.add_argument("--datacenter")
-    p.add_argument("--thumbprint")
-    p.add_argument("--insecure", action=argparse.BooleanOptionalAction)
+    p.add_argument("--thumbprint", help="SHA-1/SHA-256 certificate fingerprint" + retarget)
+    p.add_argument("--insecure", action=argparse.BooleanOptionalAction, help="skip certificate checks" + retarget)
     p.add_argument("--active", action=argparse.BooleanOptionalAction)
     add_secret_options(p, "password", "vCenter password", prompt_flag=True)
     p = _command(actions, "delete", _credentials_delete, "delete a credential")
@@ -680,10 +690,10 @@ def _replicate(s: Session, args: argparse.Namespace) -> int:
     if s.json:
         print(output.to_json(response, compact=not args.no_follow))
     else:
-        print(f"started {response.replication_type or 'a'} replication of {args.vm}: job {response.job_id}")
+        say(f"started {response.replication_type or 'a'} replication of {args.vm}: job {response.job_id}")
     if args.no_follow:
         if not s.json:
-            print(f"follow it with: omactl watch {response.job_id}")
+            say(f"follow it with: omactl watch {response.job_id}")
         return EXIT_OK
     return _follow(s, response.job_id)
 
@@ -700,7 +710,7 @@ def _display(s: Session, terminal: Callable[[Any], Any], plain: Callable[[Any], 
 
 
 def _stopped_watching(job_id: str, resume: str) -> int:
-    print(f"\nstopped watching; job {job_id} keeps running. Resume with: {resume}", file=sys.stderr)
+    say(f"\nstopped watching; job {job_id} keeps running. Resume with: {resume}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
@@ -712,10 +722,10 @@ def _follow(s: Session, job_id: str) -> int:
         return _stopped_watching(job_id, f"omactl watch {job_id}")
     if not s.json:
         if final.status == "completed":
-            print(f"job {job_id} completed: {output.size(final.bytes_transferred)} in "
+            say(f"job {job_id} completed: {output.size(final.bytes_transferred)} in "
                   f"{output.elapsed(final.started_at, final.completed_at)}")
         else:
-            print(f"job {job_id} {final.status}: {final.error_message or 'no error message'}")
+            say(f"job {job_id} {final.status}: {final.error_message or 'no error message'}")
     return EXIT_OK if final.status == "completed" else EXIT_FAILED
 
 
@@ -894,7 +904,7 @@ def _groups_assign(s: Session, args: argparse.Namespace) -> None:
         )
         membership = s.call(s.client.groups.AssignVM, request).membership
         if not s.json:
-            print(f"assigned {membership.vm_name} to {membership.group_name}")
+            say(f"assigned {membership.vm_name} to {membership.group_name}")
     if s.json:
         print(output.to_json(s.call(s.client.groups.GetGroup, groups_pb.GetGroupRequest(id=group_id))))
 
@@ -905,7 +915,7 @@ def _groups_unassign(s: Session, args: argparse.Namespace) -> None:
         request = groups_pb.UnassignVMRequest(group_id=group_id, vm_context_id=_context_id(s, vm, args.vcenter))
         s.call(s.client.groups.UnassignVM, request)
         if not s.json:
-            print(f"removed {vm} from {args.group}")
+            say(f"removed {vm} from {args.group}")
     if s.json:
         print(output.to_json(s.call(s.client.groups.GetGroup, groups_pb.GetGroupRequest(id=group_id))))
 
@@ -972,10 +982,10 @@ def _confirm(args: argparse.Namespace, question: str, refusal: str) -> bool:
         return True
     if not sys.stdin.isatty():
         raise UsageError(f"{refusal}: confirm with --yes (there is no terminal to ask on)")
-    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    say(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     if sys.stdin.readline().strip().lower() in ("y", "yes"):
         return True
-    print("not confirmed; nothing was started", file=sys.stderr)
+    say("not confirmed; nothing was started", file=sys.stderr)
     return False
 
 
@@ -994,10 +1004,10 @@ def _started(s: Session, args: argparse.Namespace, response: Any, text: str) -> 
     if s.json:
         print(output.to_json(response, compact=args.wait))
     else:
-        print(text + (" (already started by an earlier request)" if getattr(response, "existing", False) else ""))
+        say(text + (" (already started by an earlier request)" if getattr(response, "existing", False) else ""))
     if not args.wait:
         if not s.json:
-            print(f"follow it with: omactl failover watch {response.job_id}")
+            say(f"follow it with: omactl failover watch {response.job_id}")
         return EXIT_OK
     return _follow_failover(s, response.job_id)
 
@@ -1010,7 +1020,7 @@ def _follow_failover(s: Session, job_id: str) -> int:
         return _stopped_watching(job_id, f"omactl failover watch {job_id}")
     job = final.job
     if not s.json:
-        print(_outcome(final))
+        say(_outcome(final))
     return EXIT_OK if job.status == "completed" else EXIT_FAILED
 
 
@@ -1546,7 +1556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         return _report(session, err.code, err.details)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -1555,9 +1565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(session: Session, code: grpc.StatusCode, details: str, *, hint: bool = True) -> int:
-    print(f"error: {code.name}: {details}", file=sys.stderr)
+    say(f"error: {code.name}: {details}", file=sys.stderr)
     if hint and code in _HINTS:
-        print(f"hint: {_HINTS[code].format(target=session.target)}", file=sys.stderr)
+        say(f"hint: {_HINTS[code].format(target=session.target)}", file=sys.stderr)
     return exit_code_for(code)
 
 

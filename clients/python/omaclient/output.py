@@ -8,6 +8,7 @@ the handful of columns an operator needs at a glance; the full record is always 
 """
 from __future__ import annotations
 
+import unicodedata
 from datetime import timezone
 from typing import Any, Callable, Iterable, Sequence
 
@@ -20,13 +21,58 @@ Column = tuple[str, Callable[[Any], Any]]
 _SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
+# --- terminal safety ------------------------------------------------------------------------------
+# Characters that must never reach a terminal raw: control characters (ESC sequences, CR, NUL …),
+# invisible format characters (bidi overrides such as U+202E, zero-width characters), line and
+# paragraph separators, and code points that are private or unassigned. A server may hold such text
+# from before it checked its input, or a peer (vCenter, CloudStack) may have sent it.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _unsafe(char: str) -> bool:
+    return unicodedata.category(char) in _UNSAFE_CATEGORIES
+
+
+def printable(value: str, *, keep_newlines: bool = False) -> str:
+    """``value`` with every unsafe character written as a visible escape (``\\x1b``, ``\\u202e``);
+    ``keep_newlines`` leaves line feeds of multi-line output alone."""
+    if value.isprintable():
+        return value
+    out = []
+    for char in value:
+        if (keep_newlines and char == "\n") or not _unsafe(char):
+            out.append(char)
+        elif char in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a UTF-16 surrogate pair, as JSON spells characters beyond the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 # --- JSON -----------------------------------------------------------------------------------------
 def to_json(message: Message, *, compact: bool = False) -> str:
-    """The message in proto3 JSON with proto field names; ``compact`` gives one line (JSON Lines)."""
-    return json_format.MessageToJson(
+    """The message in proto3 JSON with proto field names; ``compact`` gives one line (JSON Lines).
+
+    Unsafe characters are written as ``\\uXXXX`` escapes: the same JSON value, safe on a terminal
+    (the encoder already escapes ASCII controls; this covers the rest, e.g. U+202E).
+    """
+    text = json_format.MessageToJson(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
         indent=None if compact else 2, ensure_ascii=False,
     )
+    if text.isprintable() or all(c == "\n" or not _unsafe(c) for c in text):
+        return text
+    return "".join(_json_escape(c) if c != "\n" and _unsafe(c) else c for c in text)
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -40,7 +86,7 @@ def text(value: Any) -> str:
         return when(value)
     if isinstance(value, float):
         return f"{value:.1f}"
-    return str(value)
+    return printable(str(value))
 
 
 def when(ts: Timestamp) -> str:

@@ -75,7 +75,7 @@ class _Redrawing:
     def _redraw(self, lines: list[str]) -> None:
         width = _columns(self._stream)
         erase = f"\x1b[{self._lines_on_screen}F\x1b[J" if self._lines_on_screen else ""
-        self._stream.write(erase + "".join(line[:width] + "\n" for line in lines))
+        self._stream.write(erase + "".join(output.printable(line)[:width] + "\n" for line in lines))
         self._stream.flush()
         self._lines_on_screen = len(lines)
 
@@ -102,7 +102,7 @@ class PlainDisplay:
         if state == self._last_state and not progress.terminal and now - self._last_written < self._interval:
             return
         self._last_state, self._last_written = state, now
-        self._stream.write(f"{time.strftime('%H:%M:%S')} {job_line(progress)}\n")
+        self._stream.write(f"{time.strftime('%H:%M:%S')} {output.printable(job_line(progress))}\n")
         self._stream.flush()
 
 
@@ -212,5 +212,5 @@ class FailoverPlainDisplay:
             self._job_status = job.status
             lines.insert(len(lines) if update.terminal else 0, failover_job_line(update))
         stamp = time.strftime("%H:%M:%S")
-        self._stream.write("".join(f"{stamp} {line}\n" for line in lines))
+        self._stream.write("".join(f"{stamp} {output.printable(line)}\n" for line in lines))
         self._stream.flush()

@@ -53,6 +53,34 @@ class ReplicationDisk(_message.Message):
 Global___ReplicationDisk: _TypeAlias = ReplicationDisk  # noqa: Y015
 
 @_typing.final
+class NbdTargetTls(_message.Message):
+    """TLS with a pre-shared key for a job's NBD targets (the OMA's nbdkit runs with --tls=require and a
+    PSK file): the agent connects with TLS, names psk_identity and proves it holds psk.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PSK_IDENTITY_FIELD_NUMBER: _builtins.int
+    PSK_FIELD_NUMBER: _builtins.int
+    psk_identity: _builtins.str
+    """The PSK identity (the OMA uses the job id)."""
+    psk: _builtins.bytes
+    """The raw pre-shared key (32 bytes). A secret: never logged, kept in a 0600 file while the job runs."""
+    def __init__(
+        self,
+        *,
+        psk_identity: _builtins.str = ...,
+        psk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["psk", b"psk", "psk_identity", b"psk_identity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NbdTargetTls: _TypeAlias = NbdTargetTls  # noqa: Y015
+
+@_typing.final
 class StartReplicationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -63,6 +91,7 @@ class StartReplicationRequest(_message.Message):
     DISKS_FIELD_NUMBER: _builtins.int
     QUIESCE_FIELD_NUMBER: _builtins.int
     ENABLE_CBT_FIELD_NUMBER: _builtins.int
+    TARGET_TLS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     context_id: _builtins.str
     quiesce: _builtins.bool
@@ -75,6 +104,10 @@ class StartReplicationRequest(_message.Message):
     def vm(self) -> _vcenter_pb2.VMReference: ...
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicationDisk]: ...
+    @_builtins.property
+    def target_tls(self) -> Global___NbdTargetTls:
+        """TLS-PSK for every target of the job; unset = plain NBD targets."""
+
     def __init__(
         self,
         *,
@@ -85,10 +118,11 @@ class StartReplicationRequest(_message.Message):
         disks: _abc.Iterable[Global___ReplicationDisk] | None = ...,
         quiesce: _builtins.bool = ...,
         enable_cbt: _builtins.bool = ...,
+        target_tls: Global___NbdTargetTls | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "target_tls", b"target_tls", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "context_id", b"context_id", "disks", b"disks", "enable_cbt", b"enable_cbt", "job_id", b"job_id", "quiesce", b"quiesce", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "context_id", b"context_id", "disks", b"disks", "enable_cbt", b"enable_cbt", "job_id", b"job_id", "quiesce", b"quiesce", "target_tls", b"target_tls", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,8 +12,10 @@ Each step is a job_steps row of the job's JobLog job, so a failure names its ste
 success, a failed step, the VMA reporting failure, a stalled or lost job, a cancel — ends in
 :func:`job_lifecycle.finish`, which releases the VM in the same transaction.
 
-The engine runs workflows on a bounded thread pool. On start it recovers: jobs whose setup was cut by
-a restart fail ("interrupted"), jobs that were replicating resume following the VMA's stream.
+The engine runs workflows on its :class:`~oma_server.workflows.runner.WorkflowRunner`, leased on the
+replication_jobs row. On start it recovers: jobs whose setup was cut by a restart fail
+("interrupted"), jobs that were replicating resume following the VMA's stream; every half lease it
+takes over the jobs of a process that died.
 """
 from __future__ import annotations
 
@@ -22,14 +24,13 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from vma.v1 import progress_pb2, replication_pb2, vcenter_pb2
 
 from oma_server import errors, logs, metrics
+from oma_server.config import Settings
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import (
     REPLICATION_ACTIVE_STATUSES,
@@ -48,11 +49,18 @@ from oma_server.domain import (
     credentials,
     discovery,
     joblog,
+    nbd_access,
     replications,
     volumes,
 )
+from oma_server.domain.crypto import SecretBox
 from oma_server.domain.job_lifecycle import finish, tracking_job_id
+from oma_server.domain.text_rules import quote
 from oma_server.integrations import vma_client
+from oma_server.integrations.nbd_exports import ExportManager
+from oma_server.workflows.lease import Lease
+from oma_server.workflows.runner import WorkflowRunner
+from oma_server.workflows.steps import JobLogRecorder, Step, Stopping, run_steps
 
 log = logging.getLogger("oma_server.replication")
 
@@ -74,6 +82,16 @@ class EndedElsewhere(Exception):
 
 
 @dataclass
+class ReplicationDeps:
+    """What a replication needs: settings, the secret box, the VMA client and the NBD exports."""
+
+    settings: Settings
+    secrets: SecretBox
+    vma: vma_client.VmaClient
+    exports: ExportManager
+
+
+@dataclass
 class _Control:
     """How the engine talks to a running workflow: cancel it, or tell it the OMA is stopping."""
 
@@ -82,28 +100,6 @@ class _Control:
     stopping: bool = False
     # The VMA progress stream being followed, so stopping can end it at once.
     watch: Any = None
-
-
-class ProgressHub:
-    """Wakes progress watchers of a job when its persisted progress changes (in this process)."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._versions: dict[str, int] = {}
-
-    def notify(self, job_id: str) -> None:
-        with self._changed:
-            self._versions[job_id] = self._versions.get(job_id, 0) + 1
-            self._changed.notify_all()
-
-    def version(self, job_id: str) -> int:
-        with self._changed:
-            return self._versions.get(job_id, 0)
-
-    def wait(self, job_id: str, seen: int, timeout: float) -> int:
-        with self._changed:
-            self._changed.wait_for(lambda: self._versions.get(job_id, 0) != seen, timeout)
-            return self._versions.get(job_id, 0)
 
 
 @dataclass
@@ -127,43 +123,40 @@ class JobState:
     stored_change_ids: set[str] = field(default_factory=set)
 
 
-class ReplicationEngine:
-    def __init__(self, runtime: Any):
-        s = runtime.settings
-        self._runtime, self._settings, self._box = runtime, s, runtime.secrets
-        self._pool = ThreadPoolExecutor(max_workers=s.replication_workers, thread_name_prefix="replication")
-        self._controls: dict[str, _Control] = {}
-        self._lock = threading.Lock()
-        self.hub = ProgressHub()
-        self.exports = runtime.components["exports"]
-        self.instance = s.instance_name or socket.gethostname()
-        self._lease = s.worker_lease_seconds
-        self._stopped = threading.Event()
-        self._lease_keeper = threading.Thread(target=self._keep_leases, name="replication-leases", daemon=True)
+def replication_lease(instance: str, seconds: float) -> Lease:
+    """Replications are leased on their replication_jobs row (docs/design/workflows.md)."""
+    return Lease(ReplicationJob, ReplicationJob.worker, ReplicationJob.worker_heartbeat_at,
+                 lambda: ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES), instance, seconds)
 
-    @property
-    def _vma(self) -> vma_client.VmaClient:
-        return self._runtime.components["vma"]
+
+class ReplicationEngine:
+    def __init__(self, deps: ReplicationDeps):
+        s = deps.settings
+        self._deps, self._settings, self._box = deps, s, deps.secrets
+        self._vma, self.exports = deps.vma, deps.exports
+        self.runner = WorkflowRunner("replication", s.replication_workers,
+                                     replication_lease(s.instance_name or socket.gethostname(),
+                                                       s.worker_lease_seconds))
+        self.hub = self.runner.hub
+        self.instance = self.runner.instance
+        self._lease = self.runner.lease
 
     # --- public ---------------------------------------------------------------------------------
     def submit(self, job_id: str, *, resume: bool = False) -> None:
         """Run a job's workflow here. A new job is leased to this process first (a resumed job was
-        leased by :meth:`_take_over`)."""
+        claimed by :meth:`_take_over`)."""
         if not resume:
             with db.connection_context():
-                ReplicationJob.update(worker=self.instance, worker_heartbeat_at=utcnow()).where(
-                    ReplicationJob.id == job_id).execute()
-        with self._lock:
-            self._controls[job_id] = _Control()
-        self._pool.submit(self._run, job_id, resume)
+                self._lease.take(job_id)
+        control = _Control()
+        self.runner.submit(job_id, lambda: self._run(job_id, resume, control), control)
 
     def cancel(self, job_id: str, reason: str) -> None:
         """Ask a running workflow to stop; the VMA stops copying; the job ends cancelled."""
         job = replications.get(job_id)
         if job.status not in REPLICATION_ACTIVE_STATUSES:
             raise errors.FailedPrecondition(f"job {job_id} already ended ({job.status})")
-        with self._lock:
-            control = self._controls.get(job_id)
+        control = self.runner.control(job_id)
         if control is None:  # no workflow in this process drives it: stop the copy and end it here
             if job.status == JobStatus.REPLICATING:
                 with contextlib.suppress(errors.DomainError):
@@ -178,30 +171,21 @@ class ReplicationEngine:
             except errors.DomainError as exc:
                 log.warning("VMA could not cancel %s: %s", job_id, exc.message)
 
-    def recover(self) -> None:
-        """At start: take over the active jobs this process owned before a restart or nobody owns
-        (setups cut short fail "interrupted", copies are followed again), then keep the leases."""
+    def start(self) -> None:
+        """Take over the active jobs this process owned before a restart or nobody owns (setups cut
+        short fail "interrupted", copies are followed again), then keep the leases and, every half
+        lease, take over jobs whose process died."""
         self._take_over(startup=True)
-        self._lease_keeper.start()
+        self.runner.every(self._lease.seconds / 2, self._take_over)
+        self.runner.start()
 
     def _take_over(self, startup: bool = False) -> None:
-        cutoff = utcnow() - timedelta(seconds=self._lease)
-        orphaned = ReplicationJob.worker.is_null() | (ReplicationJob.worker_heartbeat_at < cutoff)
-        if startup:
-            orphaned |= ReplicationJob.worker == self.instance
         with db.connection_context():
-            candidates = list(ReplicationJob.select(ReplicationJob.id, ReplicationJob.status).where(
-                ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES), orphaned))
+            candidates = [job for job in self._lease.orphans(startup=startup) if not self.runner.is_running(job.id)]
         for job in candidates:
-            with self._lock:
-                if job.id in self._controls:
-                    continue
             with db.connection_context():
                 # The conditional update is the claim: of several processes only one gets the row.
-                claimed = ReplicationJob.update(worker=self.instance, worker_heartbeat_at=utcnow()).where(
-                    ReplicationJob.id == job.id, ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES), orphaned,
-                ).execute()
-                if not claimed:
+                if not self._lease.claim(job.id, startup=startup):
                     continue
                 if job.status != JobStatus.REPLICATING:
                     finish(job.id, JobStatus.FAILED,
@@ -210,74 +194,46 @@ class ReplicationEngine:
             log.info("following replication job %s again (worker %s)", job.id, self.instance)
             self.submit(job.id, resume=True)
 
-    def _keep_leases(self) -> None:
-        """Renew the leases of the jobs running here; take over orphaned ones."""
-        renew_every = max(0.2, self._lease / 3)
-        last_sweep = time.monotonic()
-        while not self._stopped.wait(renew_every):
-            try:
-                with self._lock:
-                    mine = list(self._controls)
-                if mine:
-                    with db.connection_context():
-                        ReplicationJob.update(worker_heartbeat_at=utcnow()).where(
-                            ReplicationJob.id.in_(mine), ReplicationJob.worker == self.instance).execute()
-                if time.monotonic() - last_sweep >= self._lease / 2:
-                    last_sweep = time.monotonic()
-                    self._take_over()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end lease keeping
-                log.exception("renewing replication leases failed; trying again")
-
     def stop(self) -> None:
         """Stop following (jobs keep running on the VMA) and hand the leases back, so another
         process, or this one after a restart, takes the jobs over at once."""
-        self._stopped.set()
-        with self._lock:
-            controls = list(self._controls.items())
-        for _, control in controls:
+        for control in self.runner.running().values():
             control.stopping = True
             control.requested.set()
             if control.watch is not None:
                 control.watch.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._lease_keeper.is_alive():
-            self._lease_keeper.join(timeout=5)
+        self.runner.stop()
         # Exports go before the leases: whoever takes the jobs over serves them on the same ports.
         self.exports.stop()
         with db.connection_context():
-            ReplicationJob.update(worker=None).where(
-                ReplicationJob.worker == self.instance, ReplicationJob.status.in_(REPLICATION_ACTIVE_STATUSES)).execute()
+            self._lease.release_all()
 
     # --- the workflow ---------------------------------------------------------------------------
-    def _steps(self, resume: bool) -> list[joblog.Step]:
+    def _steps(self, resume: bool) -> list[Step]:
         setup = [
-            joblog.Step("prepare-disks", self._prepare_disks),
-            joblog.Step("provision-volumes", self._provision_volumes),
-            joblog.Step("attach-volumes", self._attach_volumes),
-            joblog.Step("start-exports", self._start_exports),
-            joblog.Step("start-transfer", self._start_transfer),
+            Step("prepare-disks", self._prepare_disks),
+            Step("provision-volumes", self._provision_volumes),
+            Step("attach-volumes", self._attach_volumes),
+            Step("start-exports", self._start_exports),
+            Step("start-transfer", self._start_transfer),
         ]
-        follow = [joblog.Step("transfer", self._transfer), joblog.Step("finalize", self._finalize)]
+        follow = [Step("transfer", self._transfer), Step("finalize", self._finalize)]
         if resume:
-            return [joblog.Step("restore-exports", self._restore_exports), *follow]
+            return [Step("restore-exports", self._restore_exports), *follow]
         return setup + follow
 
-    def _run(self, job_id: str, resume: bool) -> None:
-        control = self._controls[job_id]
+    def _run(self, job_id: str, resume: bool, control: _Control) -> None:
         try:
             with db.connection_context():
                 state = self._load(job_id)
             with logs.bind(job_id=job_id, context_id=state.ctx.context_id, external_job_id=job_id):
-                for step in self._steps(resume):
-                    if control.requested.is_set():
-                        raise Cancelled(control.reason or "the OMA is stopping")
-                    with db.connection_context():
-                        with joblog.step(state.tracking_id, step.name) as handle:
-                            step.run(state, handle)
+                run_steps(self._steps(resume), state, JobLogRecorder(state.tracking_id),
+                          stop_reason=lambda: (control.reason or "the OMA is stopping")
+                          if control.requested.is_set() else None)
             with db.connection_context():
                 finish(job_id, JobStatus.COMPLETED)
-        except (Cancelled, joblog.StepFailed) as exc:
-            cause = exc.cause if isinstance(exc, joblog.StepFailed) else exc
+        except (Stopping, joblog.StepFailed) as exc:
+            cause = exc.cause if isinstance(exc, joblog.StepFailed) else Cancelled(str(exc))
             if isinstance(cause, EndedElsewhere):
                 log.info("job %s ended outside its workflow; the workflow stops", job_id)
             elif control.stopping and not isinstance(cause, _VmaReportedFailure):
@@ -298,11 +254,8 @@ class ReplicationEngine:
             with db.connection_context():
                 finish(job_id, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self.hub.notify(job_id)
             with contextlib.suppress(KeyError):
                 metrics.REPLICATION_RATE.remove(job_id)
-            with self._lock:
-                self._controls.pop(job_id, None)
 
     def _load(self, job_id: str) -> JobState:
         job = replications.get(job_id)
@@ -335,9 +288,9 @@ class ReplicationEngine:
         vm = next((v for v in inventory.vms if v.id == state.ctx.vmware_vm_id), None) or next(
             (v for v in inventory.vms if v.name == state.ctx.vm_name), None)
         if vm is None:
-            raise errors.NotFound(f"VM {state.ctx.vm_name!r} is no longer in vCenter {state.ctx.vcenter_host}")
+            raise errors.NotFound(f"VM {quote(state.ctx.vm_name)} is no longer in vCenter {state.ctx.vcenter_host}")
         if not vm.disks:
-            raise errors.FailedPrecondition(f"VM {vm.name!r} has no disks to replicate")
+            raise errors.FailedPrecondition(f"VM {quote(vm.name)} has no disks to replicate")
         rows = discovery.disk_rows(state.ctx.context_id, vm)
         with db.atomic():
             for row in rows:
@@ -401,6 +354,7 @@ class ReplicationEngine:
         for target in state.targets:
             target.export = volumes.export(self.exports, target.mapping, target.disk, state.job_id)
             step.details[target.disk.disk_id] = target.export.uri
+        nbd_access.job_started(state.job_id)
         first = state.targets[0].export
         self._set(state, nbd_export_name=first.name, nbd_port=first.port, target_device=state.targets[0].mapping.device_path,
                   setup_progress_percent=80)
@@ -417,7 +371,7 @@ class ReplicationEngine:
         request = replication_pb2.StartReplicationRequest(
             job_id=state.job_id, context_id=state.ctx.context_id, connection=vma_client.connection(state.login),
             vm=vcenter_pb2.VMReference(uuid=state.ctx.vmware_vm_id, path=state.ctx.vm_path), disks=disks,
-            enable_cbt=True,
+            enable_cbt=True, target_tls=vma_client.target_tls(self.exports.tls_for(state.job_id)),
         )
         started = self._vma.start_replication(request)
         self._set(state, status=JobStatus.REPLICATING, started_at=utcnow(), progress_percent=0,
@@ -428,6 +382,7 @@ class ReplicationEngine:
     # after a restart, before following again
     def _restore_exports(self, state: JobState, step: joblog.StepHandle) -> None:
         restored = volumes.restore_exports(self.exports, state.job_id)
+        nbd_access.job_started(state.job_id)
         step.details["exports"] = [e.uri for e in restored]
 
     # step 6
@@ -475,7 +430,7 @@ class _Follower:
     def run(self) -> None:
         backoff = 0.5
         not_found_since: float | None = None
-        control = self.engine._controls.get(self.state.job_id)
+        control = self.engine.runner.control(self.state.job_id)
         while True:
             try:
                 watch = self.engine._vma.watch_progress(self.state.job_id)
