@@ -21,8 +21,8 @@ from oma.v1 import vmware_credentials_pb2 as vpb
 
 from oma_server.db import connect, models
 from oma_server.db import database as db_module
-from oma_server.domain import contexts
-from oma_server.errors import InvalidArgument
+from oma_server.domain import auth, contexts
+from oma_server.errors import InvalidArgument, Unauthenticated
 from omaclient.client import OmaClient
 from tests import factories
 from tests.fixtures.databases import fresh_database_url, reset_database
@@ -292,3 +292,22 @@ def test_a_mariadb_pool_bound_at_start_is_already_open(mariadb_test_server):
             pool.close_all()
         finally:
             db_module.database_proxy.initialize(previous)
+
+
+def test_a_token_verified_once_is_still_refused_when_it_expires_or_is_altered(db):
+    """The token check remembers verified claims by the exact token text; that must not outlive the token's
+    expiry nor accept any other text."""
+    with db.connection_context():
+        auth.ensure_admin_user(ADMIN_PASSWORD)
+        user_id = models.ApiUser.get(models.ApiUser.username == "admin").id
+        authority = auth.TokenAuthority(b"s" * 32, 1)
+        token = authority.issue("admin", user_id).token
+        assert authority.verify(token).username == "admin"
+        assert authority.verify(token).username == "admin"  # from the cache
+        header, payload, signature = token.split(".")
+        altered = ".".join((header, payload, ("A" if signature[0] != "A" else "B") + signature[1:]))
+        with pytest.raises(Unauthenticated, match="not valid"):
+            authority.verify(altered)
+        time.sleep(2.1)
+        with pytest.raises(Unauthenticated, match="expired"):
+            authority.verify(token)
