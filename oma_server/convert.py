@@ -1,18 +1,19 @@
 """Rows ↔ protobuf messages, once for every service.
 
 Message fields are named after the database's columns, so one generic converter fills a message from a
-row (a Peewee model, read by column name) or a dict; callers pass ``overrides`` only for what differs
+row (a Peewee model, read by column name), a domain dataclass or a dict; callers pass ``overrides`` only for what differs
 (renamed columns, nested messages, computed values).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import functools
 import json
 from typing import Any, Mapping, TypeVar
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from peewee import ForeignKeyField
@@ -24,9 +25,12 @@ _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 
 def row_values(row: Any) -> dict[str, Any]:
     """Raw values of a Peewee model instance under the column name and the attribute name
-    (foreign keys only as ``<x>_id``, read without a query)."""
+    (foreign keys only as ``<x>_id``, read without a query); a dict or a dataclass (a domain result)
+    by its keys or field names."""
     if isinstance(row, Mapping):
         return dict(row)
+    if dataclasses.is_dataclass(row) and not isinstance(row, type):
+        return {f.name: getattr(row, f.name) for f in dataclasses.fields(row)}
     data = row.__data__
     values = {}
     for name, column_name, is_relation in _model_columns(type(row)):
@@ -123,11 +127,39 @@ def _message_fields(descriptor: Any) -> tuple[tuple[str, FieldDescriptor, int], 
     return tuple(fields)
 
 
-def present(message: Message, field_name: str) -> bool:
-    """True when an ``optional`` field was sent by the caller."""
-    return message.HasField(field_name)
+def optional(message: Message, field_name: str, default: Any = None) -> Any:
+    """An ``optional`` field's value when the caller sent it, else ``default`` (a Timestamp as a naive
+    UTC datetime)."""
+    if not message.HasField(field_name):
+        return default
+    value = getattr(message, field_name)
+    if isinstance(value, timestamp_pb2.Timestamp):
+        return to_datetime(value)
+    return value
 
 
 def optional_fields(message: Message, *names: str) -> dict[str, Any]:
     """The subset of ``names`` the caller actually sent (for partial updates)."""
     return {n: getattr(message, n) for n in names if message.HasField(n)}
+
+
+def struct(value: Any, *, keep_empty: bool = False) -> struct_pb2.Struct | None:
+    """A JSON-like value as a google.protobuf.Struct, for a details/metadata field.
+
+    A mapping gives its keys (values JSON-normalised: datetimes and other objects as text); any other
+    value is wrapped as ``{"details": value}``. None, and an empty mapping unless ``keep_empty``, give
+    None: the field stays unset (``keep_empty``: an empty mapping is sent as an empty Struct).
+    """
+    if value is None:
+        return None
+    data = value if isinstance(value, Mapping) else {"details": value}
+    if not data and not keep_empty:
+        return None
+    message = struct_pb2.Struct()
+    message.update(json.loads(json.dumps(data, default=str)))
+    return message
+
+
+def struct_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct from a request as a plain dict."""
+    return json_format.MessageToDict(message)

@@ -10,7 +10,7 @@ from typing import Any
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import OsseaConfig
-from oma_server.domain import text_rules
+from oma_server.domain import paging, text_rules
 from oma_server.domain.crypto import SecretBox, slot_of
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
@@ -142,3 +142,11 @@ def deactivate_or_purge(config_id: int, purge: bool) -> OsseaConfig:
     OsseaConfig.update(is_active=False).where(OsseaConfig.id == config_id).execute()
     return get(config_id)
 
+
+
+def list_configs(include_inactive: bool, page_size: int, page_token: str) -> paging.Page:
+    """The configurations by id (only the active one unless ``include_inactive``), one page."""
+    query = OsseaConfig.select()
+    if not include_inactive:
+        query = query.where(OsseaConfig.is_active == True)  # noqa: E712
+    return paging.paginate(query.order_by(OsseaConfig.id), page_size, page_token)

@@ -12,7 +12,6 @@ to a host of their choosing; every use (:func:`login_for`) takes host and pin fr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from peewee import IntegrityError, fn
@@ -24,26 +23,11 @@ from oma_server.domain import text_rules
 from oma_server.domain.crypto import SecretBox, slot_of
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
+from oma_server.integrations.vcenter_login import VCenterLogin
 
 _REQUIRED = ("credential_name", "vcenter_host", "username", "datacenter")
 # What decides where the stored password is sent: changing any of them needs the password again.
 _PASSWORD_TARGET = ("vcenter_host", "tls_thumbprint", "tls_insecure")
-
-
-@dataclass(frozen=True)
-class VCenterLogin:
-    """Decrypted connection details for one call to vCenter (never stored, never logged)."""
-
-    credential_id: int | None
-    host: str
-    username: str
-    password: str
-    datacenter: str
-    thumbprint: str = ""
-    insecure: bool = False
-
-    def __repr__(self) -> str:  # keep the password out of logs and tracebacks
-        return f"VCenterLogin(host={quote(self.host)}, username={quote(self.username)}, datacenter={quote(self.datacenter)})"
 
 
 def _checked(name: str, value: str) -> str:

@@ -30,9 +30,9 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.domain import cloudstack_config, credentials, joblog, text_rules
-from oma_server.domain.credentials import VCenterLogin
 from oma_server.domain.crypto import SecretBox
 from oma_server.errors import InvalidArgument, require
+from oma_server.integrations.vcenter_login import VCenterLogin
 
 CONTEXT_ID_MAX = 64
 

@@ -1,8 +1,8 @@
-"""The rules of a schedule firing (docs/design/scheduler.md#one-firing) and the bookkeeping of its execution details.
+"""The rules of a schedule firing (docs/design/scheduler.md#one-firing).
 
-Which VMs of a schedule's groups may be dispatched (:func:`conflict_of`, with :class:`Capacity`), and
-the per-VM attempts, counters and summary kept in ``schedule_executions.execution_details``. Pure
-functions over rows and dicts; the scheduler thread (:mod:`oma_server.domain.scheduler`) applies them.
+Which VMs of a schedule's groups may be dispatched (:func:`conflict_of`, with :class:`Capacity`).
+Pure functions over rows; the scheduler thread (:mod:`oma_server.domain.scheduler`) applies them and
+keeps the outcome in an :class:`~oma_server.domain.schedule_state.ExecutionState`.
 """
 from __future__ import annotations
 
@@ -53,9 +53,6 @@ class Attempt(StrEnum):
     DISPATCH_FAILED = "dispatch_failed"
     SKIPPED = "skipped"
     GONE = "gone"  # the replication job was deleted before its end was seen
-
-
-FAILED_ATTEMPTS = (Attempt.FAILED, Attempt.CANCELLED, Attempt.DISPATCH_FAILED)
 
 
 def iso(value: datetime) -> str:
@@ -112,19 +109,6 @@ def current_job(ctx: VmReplicationContext, by_context: dict[str, dict[str, Any]]
     return job
 
 
-def vm_entry(group: VmMachineGroup | None, ctx: VmReplicationContext, job: dict[str, Any] | None,
-              conflict: tuple[Conflict, str] | None) -> dict[str, Any]:
-    return {
-        "vm_context_id": ctx.context_id, "vm_name": ctx.vm_name,
-        "group_id": group.id if group else None, "group_name": group.name if group else None,
-        "has_conflict": conflict is not None, "can_schedule": conflict is None,
-        "conflict_type": conflict[0].value if conflict else None,
-        "conflict_reason": conflict[1] if conflict else None, "skipped_reason": conflict[1] if conflict else None,
-        "current_job_id": job["id"] if job else None, "current_job_status": job["status"] if job else None,
-        "attempts": [],
-    }
-
-
 def members_of(schedule_id: str) -> list[tuple[VmMachineGroup, list[VmReplicationContext]]]:
     """Enabled members the schedule replicates, per group (group priority, name), each group's VMs by
     membership priority then added_at: members of the schedule's groups without another schedule
@@ -142,52 +126,3 @@ def members_of(schedule_id: str) -> list[tuple[VmMachineGroup, list[VmReplicatio
     for m in rows:
         grouped.setdefault(m.group.id, (m.group, []))[1].append(m.vm_context)
     return list(grouped.values())
-
-
-# --- execution details ---------------------------------------------------------------------------
-
-def counters(vms: list[dict[str, Any]]) -> dict[str, int]:
-    attempts = [a for vm in vms for a in vm["attempts"]]
-    return {
-        "vms_eligible": len(vms),
-        "vms_processed": len(vms),
-        "jobs_created": sum(1 for a in attempts if a.get("job_id")),
-        "jobs_completed": sum(1 for a in attempts if a["result"] == Attempt.COMPLETED),
-        "jobs_failed": sum(1 for a in attempts if a["result"] in FAILED_ATTEMPTS),
-        "jobs_skipped": sum(1 for vm in vms if not vm["can_schedule"])
-        + sum(1 for a in attempts if a["result"] == Attempt.SKIPPED),
-    }
-
-
-def counter_columns(c: dict[str, int]) -> dict[str, int]:
-    """The counters that are schedule_executions columns (vms_processed lives in the details)."""
-    return {k: v for k, v in c.items() if k != "vms_processed"}
-
-
-def summary_line(c: dict[str, int]) -> str:
-    return (f"{c['vms_processed']} VMs: {c['jobs_created']} jobs created, {c['jobs_completed']} completed, "
-            f"{c['jobs_failed']} failed, {c['jobs_skipped']} skipped")
-
-
-def refresh_counters(details: dict[str, Any]) -> dict[str, int]:
-    """Recompute the counters, summary and created job ids of the details (in place); the counters."""
-    vms = details.get("vms", [])
-    c = counters(vms)
-    details.update(summary=summary_line(c), vm_contexts_processed=[vm["vm_context_id"] for vm in vms],
-                   created_job_ids=[a["job_id"] for vm in vms for a in vm["attempts"] if a.get("job_id")], **c)
-    return c
-
-
-def waiting(details: dict[str, Any]) -> bool:
-    """Replications still running or retries still due."""
-    return any(vm.get("retry_at") or any(a["result"] == Attempt.RUNNING for a in vm["attempts"])
-               for vm in details.get("vms", []))
-
-
-def has_open_work(details: dict[str, Any]) -> bool:
-    return "settled_at" not in details or any("execution_id" not in c for c in details.get("chain", []))
-
-
-def every_vm_completed(details: dict[str, Any]) -> bool:
-    return all(vm["attempts"][-1]["result"] == Attempt.COMPLETED
-               for vm in details.get("vms", []) if vm["attempts"])

@@ -21,7 +21,8 @@ A firing is one ``schedule_executions`` row (uuid) and one ``scheduler/schedule-
    replication through :func:`replications.create` (which claims the VM atomically), linked to the
    execution, the group and, in the JobLog, to the execution's job;
 3. the execution ends ``completed`` (``failed`` when no job could be created because of failures);
-   its per-VM results, attempts and counters are in ``execution_details``.
+   its per-VM results, attempts and counters are in ``execution_details`` (read and written as an
+   :class:`~oma_server.domain.schedule_state.ExecutionState`).
 
 Afterwards the thread keeps following the execution: attempts whose replication ended update
 ``jobs_completed``/``jobs_failed``; a failed attempt (dispatch or replication; a cancelled one is
@@ -42,7 +43,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -78,19 +79,12 @@ from oma_server.domain.schedule_rules import (
     Conflict,
     active_jobs,
     conflict_of,
-    counter_columns,
-    counters,
     current_job,
-    every_vm_completed,
-    has_open_work,
     iso,
     members_of,
     parse_time,
-    refresh_counters,
-    summary_line,
-    vm_entry,
-    waiting,
 )
+from oma_server.domain.schedule_state import AttemptRecord, ChainFiring, Counters, ExecutionState, GroupSummary, VmState
 from oma_server.domain.schedules import CHAIN_TRIGGER
 from oma_server.domain.schedules import SCHEDULER_OWNER as OWNER
 from oma_server.domain.text_rules import quote
@@ -370,39 +364,38 @@ class Scheduler:
         if execution is None or execution.status != ScheduleExecutionStatus.RUNNING:
             return  # the schedule was deleted meanwhile (executions cascade)
         schedule = ReplicationSchedule.get_by_id(execution.schedule_id)
-        details = dict(execution.execution_details or {})
-        tracking = details["job_id"]
-        vms: list[dict[str, Any]] = []
-        groups: list[dict[str, Any]] = []
+        state = ExecutionState.from_json(execution.execution_details)
+        tracking = state.job_id
+        state.vms, state.groups = [], []
         group_failures: list[dict[str, Any]] = []
         processed = members_of(schedule.id)
         for group, contexts in processed:
             by_id = {c.context_id: c for c in contexts}
-            results: list[dict[str, Any]] = []
+            results: list[VmState] = []
             try:
                 with joblog.step(tracking, "dispatch-group", {"group_id": group.id, "group_name": group.name}) as step:
                     results = self._detect(execution.id, schedule, group, contexts, tracking)
                     for entry in results:
-                        if entry["can_schedule"]:
-                            entry["attempts"].append(self._dispatch_vm(
-                                execution.id, schedule, group.id, by_id[entry["vm_context_id"]], tracking, 1))
-                    step.details.update(counters(results))
+                        if entry.can_schedule:
+                            entry.attempts.append(self._dispatch_vm(
+                                execution.id, schedule, group.id, by_id[entry.vm_context_id], tracking, 1))
+                    step.details.update(asdict(Counters.of(results)))
             except joblog.StepFailed as exc:  # fail the group closed: nothing of it runs unchecked
                 results = self._fail_group(group, contexts, results, exc.message)
                 group_failures.append({"group_id": group.id, "group_name": group.name, "error": exc.message})
-            vms.extend(results)
-            groups.append({"group_id": group.id, "group_name": group.name, **counters(results)})
-            ScheduleExecution.update(execution_details={**details, "vms": vms, "groups": groups}).where(
+            state.vms.extend(results)
+            state.groups.append(GroupSummary(group.id, group.name, Counters.of(results)))
+            ScheduleExecution.update(execution_details=state.to_json()).where(
                 ScheduleExecution.id == execution.id).execute()
         next_run = schedules.next_execution(schedule)
-        if vms:
+        if state.vms:
             VmReplicationContext.update(next_scheduled_at=next_run).where(
-                VmReplicationContext.context_id.in_([vm["vm_context_id"] for vm in vms])).execute()
-        self._finish_dispatch(execution, schedule, details, vms, groups, group_failures,
+                VmReplicationContext.context_id.in_([vm.vm_context_id for vm in state.vms])).execute()
+        self._finish_dispatch(execution, schedule, state, group_failures,
                               processed[0][0].id if len(processed) == 1 else None)
 
     def _detect(self, execution_id: str, schedule: ReplicationSchedule, group: VmMachineGroup,
-                contexts: list[VmReplicationContext], parent_job: str) -> list[dict[str, Any]]:
+                contexts: list[VmReplicationContext], parent_job: str) -> list[VmState]:
         """The group's conflict detection as a child JobLog job; results keyed by context id."""
         started = time.monotonic()
         job = joblog.start_job(JobType.CONFLICT_DETECTION, "check-vm-conflicts", owner=OWNER, parent_job_id=parent_job,
@@ -423,12 +416,12 @@ class Scheduler:
                     if conflict is None:  # reserve the capacity this VM's job will take
                         capacity.schedule_jobs += 1
                         capacity.group_jobs += 1
-                    results.append(vm_entry(group, ctx, job_now, conflict))
-                conflicted = [r for r in results if r["has_conflict"]]
+                    results.append(VmState.new(group, ctx, job_now, conflict))
+                conflicted = [r for r in results if not r.can_schedule]
                 step.details.update(
                     total_vms=len(results), eligible_vms=len(results) - len(conflicted), conflicted_vms=len(conflicted),
-                    disabled_vms=sum(1 for r in conflicted if r["conflict_type"] == Conflict.VM_DISABLED),
-                    conflict_counts=dict(Counter(r["conflict_type"] for r in conflicted)),
+                    disabled_vms=sum(1 for r in conflicted if r.conflict_type == Conflict.VM_DISABLED),
+                    conflict_counts=dict(Counter(r.conflict_type.value for r in conflicted if r.conflict_type)),
                     scan_duration=round(time.monotonic() - started, 3))
         except joblog.StepFailed as exc:
             joblog.end_job(job, JobTrackingStatus.FAILED, exc.message)
@@ -437,22 +430,21 @@ class Scheduler:
         return results
 
     @staticmethod
-    def _fail_group(group: VmMachineGroup, contexts: list[VmReplicationContext], results: list[dict[str, Any]],
-                    error: str) -> list[dict[str, Any]]:
+    def _fail_group(group: VmMachineGroup, contexts: list[VmReplicationContext], results: list[VmState],
+                    error: str) -> list[VmState]:
         """A group whose processing failed: every VM not dispatched yet is skipped with the error."""
-        known = {r["vm_context_id"] for r in results}
-        results = results + [vm_entry(group, c, None, None) for c in contexts if c.context_id not in known]
+        known = {r.vm_context_id for r in results}
+        results = results + [VmState.new(group, c, None, None) for c in contexts if c.context_id not in known]
         for entry in results:
-            if entry["can_schedule"] and not entry["attempts"]:
-                entry.update(has_conflict=True, can_schedule=False, conflict_type=Conflict.GROUP_FAILED.value,
-                             conflict_reason=error, skipped_reason=error)
+            if entry.can_schedule and not entry.attempts:
+                entry.skip(Conflict.GROUP_FAILED, error)
         return results
 
     def _dispatch_vm(self, execution_id: str, schedule: ReplicationSchedule, group_id: str | None,
-                     ctx: VmReplicationContext, tracking: str | None, number: int) -> dict[str, Any]:
+                     ctx: VmReplicationContext, tracking: str | None, number: int) -> AttemptRecord:
         """One attempt: create and start the VM's replication; a VM that turned busy meanwhile is a
         skip, not a failure."""
-        attempt: dict[str, Any] = {"attempt": number, "at": iso(utcnow())}
+        at = iso(utcnow())
         try:
             created = replications.create(replications.CreateRequest(
                 context_id=ctx.context_id, replication_type=REPLICATION_TYPE[schedule.replication_type],
@@ -460,32 +452,28 @@ class Scheduler:
         except DomainError as exc:
             fresh = VmReplicationContext.get_or_none(VmReplicationContext.context_id == ctx.context_id)
             if fresh is not None and fresh.current_job_id:
-                attempt.update(result=Attempt.SKIPPED.value, conflict_type=Conflict.ACTIVE_JOB.value,
-                               reason=f"replication job {fresh.current_job_id} of this VM started meanwhile")
-            elif fresh is not None and fresh.current_status in CONTEXT_REPLICATION_BLOCKED_STATUSES:
-                attempt.update(result=Attempt.SKIPPED.value, conflict_type=Conflict.VM_IN_FAILOVER.value,
-                               reason=f"the VM is {fresh.current_status}")
-            else:
-                attempt.update(result=Attempt.DISPATCH_FAILED.value, error=exc.message)
-                log.warning("schedule %s: replication of %s not started: %s", schedule.name, ctx.vm_name, exc.message)
-            return attempt
+                return AttemptRecord(number, at, Attempt.SKIPPED, conflict_type=Conflict.ACTIVE_JOB,
+                                     reason=f"replication job {fresh.current_job_id} of this VM started meanwhile")
+            if fresh is not None and fresh.current_status in CONTEXT_REPLICATION_BLOCKED_STATUSES:
+                return AttemptRecord(number, at, Attempt.SKIPPED, conflict_type=Conflict.VM_IN_FAILOVER,
+                                     reason=f"the VM is {fresh.current_status}")
+            log.warning("schedule %s: replication of %s not started: %s", schedule.name, ctx.vm_name, exc.message)
+            return AttemptRecord(number, at, Attempt.DISPATCH_FAILED, error=exc.message)
         if tracking:
             JobTracking.update(parent_job=tracking).where(JobTracking.id == created.tracking_job_id).execute()
         VmReplicationContext.update(last_scheduled_job_id=created.job.id).where(
             VmReplicationContext.context_id == ctx.context_id).execute()
         self._replication.submit(created.job.id)
-        attempt.update(result=Attempt.RUNNING.value, job_id=created.job.id)
-        return attempt
+        return AttemptRecord(number, at, Attempt.RUNNING, job_id=created.job.id)
 
-    def _finish_dispatch(self, execution: ScheduleExecution, schedule: ReplicationSchedule, details: dict[str, Any],
-                         vms: list[dict[str, Any]], groups: list[dict[str, Any]],
+    def _finish_dispatch(self, execution: ScheduleExecution, schedule: ReplicationSchedule, state: ExecutionState,
                          group_failures: list[dict[str, Any]], group_id: str | None) -> None:
         now = utcnow()
-        details["vms"] = vms
-        c = refresh_counters(details)
-        failures = [{"vm_context_id": vm["vm_context_id"], "vm_name": vm["vm_name"], "error": a["error"]}
-                    for vm in vms for a in vm["attempts"] if a["result"] == Attempt.DISPATCH_FAILED]
-        failed = c["jobs_created"] == 0 and bool(failures or group_failures)
+        vms = state.vms or []
+        c = state.refresh_counters()
+        failures = [{"vm_context_id": vm.vm_context_id, "vm_name": vm.vm_name, "error": a.error}
+                    for vm in vms for a in vm.attempts if a.result == Attempt.DISPATCH_FAILED]
+        failed = c.jobs_created == 0 and bool(failures or group_failures)
         status = ScheduleExecutionStatus.FAILED if failed else ScheduleExecutionStatus.COMPLETED
         error = None
         if failed:
@@ -494,19 +482,19 @@ class Scheduler:
             error = "no replication could be started: " + "; ".join(reasons)
         duration = int((now - execution.started_at).total_seconds())
         for vm in vms:  # every failed first attempt may be retried
-            if vm["attempts"] and vm["attempts"][-1]["result"] == Attempt.DISPATCH_FAILED:
+            if vm.last_result == Attempt.DISPATCH_FAILED:
                 self._plan_retry(vm, schedule, now)
-        details.update(groups=groups, status=status.value, group_id=group_id, started_at=iso(execution.started_at),
-                       completed_at=iso(now), execution_time=f"{duration}s")
+        state.record(status=status.value, group_id=group_id, started_at=iso(execution.started_at),
+                     completed_at=iso(now), execution_time=f"{duration}s")
         ScheduleExecution.update(
-            status=status, completed_at=now, execution_duration_seconds=duration, execution_details=details,
+            status=status, completed_at=now, execution_duration_seconds=duration, execution_details=state.to_json(),
             error_message=error, group=group_id,
             error_details={"dispatch_failures": failures, "group_failures": group_failures}
-            if failures or group_failures else None, **counter_columns(c),
+            if failures or group_failures else None, **c.columns(),
         ).where(ScheduleExecution.id == execution.id, ScheduleExecution.status == ScheduleExecutionStatus.RUNNING).execute()
-        joblog.end_job(details["job_id"], JobTrackingStatus.FAILED if failed else JobTrackingStatus.COMPLETED, error)
+        joblog.end_job(state.job_id, JobTrackingStatus.FAILED if failed else JobTrackingStatus.COMPLETED, error)
         self._open.add(execution.id)
-        log.info("schedule %s: execution %s %s: %s", details["schedule_name"], execution.id, status.value, summary_line(c))
+        log.info("schedule %s: execution %s %s: %s", state.schedule_name, execution.id, status.value, c.summary())
 
     # --- following executions --------------------------------------------------------------------
     def _follow_open(self) -> None:
@@ -522,78 +510,78 @@ class Scheduler:
         execution = ScheduleExecution.get_or_none(ScheduleExecution.id == execution_id)
         if execution is None:
             return False
-        details = dict(execution.execution_details or {})
+        state = ExecutionState.from_json(execution.execution_details)
         schedule = ReplicationSchedule.get_or_none(ReplicationSchedule.id == execution.schedule_id)
         now = utcnow()
-        changed = self._see_ended_jobs(details, schedule, now)
-        changed |= self._retry_due(execution, details, schedule, now)
-        if "settled_at" not in details and not waiting(details):
-            details["settled_at"] = iso(now)
+        changed = self._see_ended_jobs(state, schedule, now)
+        changed |= self._retry_due(execution, state, schedule, now)
+        if state.settled_at is None and not state.waiting():
+            state.settled_at = iso(now)
             changed = True
-            if execution.status == ScheduleExecutionStatus.COMPLETED and every_vm_completed(details):
-                details["chain"] = [{"schedule_id": child.id, "due_at": iso(now + timedelta(minutes=child.chain_delay_minutes))}
-                                    for child in self._chain_children(execution.schedule_id)]
-        for entry in details.get("chain", []):
-            if "execution_id" not in entry and parse_time(entry["due_at"]) <= now:
-                entry["execution_id"] = self._fire_chain(entry["schedule_id"], execution, parse_time(entry["due_at"]))
+            if execution.status == ScheduleExecutionStatus.COMPLETED and state.every_vm_completed():
+                state.chain = [ChainFiring(child.id, iso(now + timedelta(minutes=child.chain_delay_minutes)))
+                               for child in self._chain_children(execution.schedule_id)]
+        for entry in state.chain or []:
+            if entry.execution_id is None and parse_time(entry.due_at) <= now:
+                entry.execution_id = self._fire_chain(entry.schedule_id, execution, parse_time(entry.due_at))
                 changed = True
         if changed:
-            c = refresh_counters(details)
-            ScheduleExecution.update(execution_details=details, **counter_columns(c)).where(ScheduleExecution.id == execution_id).execute()
-        return has_open_work(details)
+            c = state.refresh_counters()
+            ScheduleExecution.update(execution_details=state.to_json(), **c.columns()).where(
+                ScheduleExecution.id == execution_id).execute()
+        return state.has_open_work()
 
-    def _see_ended_jobs(self, details: dict[str, Any], schedule: ReplicationSchedule | None, now: datetime) -> bool:
-        running = [(vm, a) for vm in details.get("vms", []) for a in vm["attempts"] if a["result"] == Attempt.RUNNING]
+    def _see_ended_jobs(self, state: ExecutionState, schedule: ReplicationSchedule | None, now: datetime) -> bool:
+        running = state.running_attempts()
         if not running:
             return False
         jobs = {j.id: j for j in ReplicationJob.select(ReplicationJob.id, ReplicationJob.status,
                                                        ReplicationJob.error_message)
-                .where(ReplicationJob.id.in_([a["job_id"] for _, a in running]))}
+                .where(ReplicationJob.id.in_([a.job_id for _, a in running]))}
         changed = False
         for vm, attempt in running:
-            job = jobs.get(attempt["job_id"])
+            job = jobs.get(attempt.job_id)
             if job is not None and job.status not in JOB_TERMINAL_STATUSES:
                 continue
-            attempt.update(result=Attempt(job.status).value if job else Attempt.GONE.value, ended_at=iso(now))
+            attempt.result, attempt.ended_at = (Attempt(job.status) if job else Attempt.GONE), iso(now)
             if job is not None and job.status != JobStatus.COMPLETED and job.error_message:
-                attempt["error"] = job.error_message
+                attempt.error = job.error_message
             if job is not None and job.status == JobStatus.FAILED:
                 self._plan_retry(vm, schedule, now)
             changed = True
         return changed
 
     @staticmethod
-    def _plan_retry(vm: dict[str, Any], schedule: ReplicationSchedule | None, now: datetime) -> None:
-        if schedule is not None and len(vm["attempts"]) <= schedule.retry_attempts:
-            vm["retry_at"] = iso(now + timedelta(minutes=schedule.retry_delay_minutes))
+    def _plan_retry(vm: VmState, schedule: ReplicationSchedule | None, now: datetime) -> None:
+        if schedule is not None and len(vm.attempts) <= schedule.retry_attempts:
+            vm.retry_at = iso(now + timedelta(minutes=schedule.retry_delay_minutes))
 
-    def _retry_due(self, execution: ScheduleExecution, details: dict[str, Any], schedule: ReplicationSchedule | None,
+    def _retry_due(self, execution: ScheduleExecution, state: ExecutionState, schedule: ReplicationSchedule | None,
                    now: datetime) -> bool:
-        due = [vm for vm in details.get("vms", []) if vm.get("retry_at") and parse_time(vm["retry_at"]) <= now]
+        due = [vm for vm in state.vms or [] if vm.retry_at and parse_time(vm.retry_at) <= now]
         if not due:
             return False
         active = active_jobs() if schedule is not None else []
         by_context = {j["context_id"]: j for j in active if j["context_id"]}
         for vm in due:
-            ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == vm["vm_context_id"])
-            group = VmMachineGroup.get_or_none(VmMachineGroup.id == vm["group_id"]) if vm["group_id"] else None
+            ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == vm.vm_context_id)
+            group = VmMachineGroup.get_or_none(VmMachineGroup.id == vm.group_id) if vm.group_id else None
             conflict = self._retry_conflict(schedule, group, ctx, by_context, active)
             if conflict is not None and conflict[0] in CAPACITY_CONFLICTS:
                 continue  # capacity frees up as jobs end: try again on a later round
-            vm.pop("retry_at")
-            number = len(vm["attempts"]) + 1
+            vm.retry_at = None
+            number = len(vm.attempts) + 1
             if conflict is not None:
-                vm["attempts"].append({"attempt": number, "at": iso(now), "result": Attempt.SKIPPED.value,
-                                       "conflict_type": conflict[0].value, "reason": conflict[1]})
+                vm.attempts.append(AttemptRecord(number, iso(now), Attempt.SKIPPED, conflict_type=conflict[0],
+                                                 reason=conflict[1]))
                 continue
-            attempt = self._dispatch_vm(execution.id, schedule, vm["group_id"], ctx,
-                                        details.get("job_id"), number)
-            vm["attempts"].append(attempt)
-            if attempt["result"] == Attempt.DISPATCH_FAILED:
+            attempt = self._dispatch_vm(execution.id, schedule, vm.group_id, ctx, state.job_id, number)
+            vm.attempts.append(attempt)
+            if attempt.result == Attempt.DISPATCH_FAILED:
                 self._plan_retry(vm, schedule, now)
-            elif attempt.get("job_id"):  # counts against the capacity of later retries in this round
-                active.append({"id": attempt["job_id"], "status": "pending", "context_id": ctx.context_id,
-                               "group_id": vm["group_id"], "schedule_id": schedule.id})
+            elif attempt.job_id:  # counts against the capacity of later retries in this round
+                active.append({"id": attempt.job_id, "status": "pending", "context_id": ctx.context_id,
+                               "group_id": vm.group_id, "schedule_id": schedule.id})
         return True
 
     @staticmethod
@@ -635,7 +623,7 @@ class Scheduler:
         now = utcnow()
         ended = ScheduleExecution.update(status=status, completed_at=now, error_message=error).where(
             ScheduleExecution.id == execution_id, ScheduleExecution.status == ScheduleExecutionStatus.RUNNING).execute()
-        job_id = (execution.execution_details or {}).get("job_id")
+        job_id = ExecutionState.from_json(execution.execution_details).job_id
         if ended and job_id:
             joblog.end_job(job_id, JobTrackingStatus.CANCELLED if status == ScheduleExecutionStatus.CANCELLED
                            else JobTrackingStatus.FAILED, error)
@@ -648,7 +636,7 @@ class Scheduler:
         cutoff = utcnow() - STALE_DISPATCH
         interrupted = 0
         for execution in ScheduleExecution.select().where(ScheduleExecution.status == ScheduleExecutionStatus.RUNNING):
-            owner = (execution.execution_details or {}).get("instance")
+            owner = ExecutionState.from_json(execution.execution_details).instance
             if owner in (None, self.instance) or (execution.started_at or execution.scheduled_at) < cutoff:
                 self._cancel(execution.id, "interrupted: the OMA server stopped during this execution")
                 interrupted += 1
@@ -660,5 +648,6 @@ class Scheduler:
         rows = ScheduleExecution.select(ScheduleExecution.id, ScheduleExecution.execution_details).where(
             ScheduleExecution.status.in_([ScheduleExecutionStatus.COMPLETED, ScheduleExecutionStatus.FAILED]),
             ScheduleExecution.scheduled_at >= horizon)
-        return {e.id for e in rows
-                if (e.execution_details or {}).get("instance") == self.instance and has_open_work(e.execution_details)}
+        states = {e.id: ExecutionState.from_json(e.execution_details) for e in rows}
+        return {execution_id for execution_id, state in states.items()
+                if state.instance == self.instance and state.has_open_work()}

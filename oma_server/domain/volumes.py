@@ -76,7 +76,7 @@ def provision(cs: CloudStack, config: OsseaConfig, ctx: VmReplicationContext, di
                         volume.volume_id, disk.disk_id)
             volume.delete_instance()
             volume = None
-        elif int(remote.get("size") or 0) < needed:
+        elif remote.size_bytes < needed:
             cs.resize_volume(volume.volume_id, size_gb, config.disk_offering_id or "")
             OsseaVolume.update(size_gb=size_gb).where(OsseaVolume.id == volume.id).execute()
             return Provisioned(OsseaVolume.get_by_id(volume.id), created=False, resized=True)
@@ -86,8 +86,8 @@ def provision(cs: CloudStack, config: OsseaConfig, ctx: VmReplicationContext, di
                                disk_offering_id=config.disk_offering_id, size_gb=size_gb)
     with db.atomic():
         volume = OsseaVolume.create(
-            vm_context=ctx.context_id, volume_id=created["id"], volume_name=created.get("name") or volume_name(ctx, disk),
-            size_gb=math.ceil(int(created.get("size") or size_gb * GIB) / GIB), ossea_config=config.id,
+            vm_context=ctx.context_id, volume_id=created.id, volume_name=created.name or volume_name(ctx, disk),
+            size_gb=math.ceil((created.size_bytes or size_gb * GIB) / GIB), ossea_config=config.id,
             volume_type="DATADISK", status=OsseaVolumeStatus.AVAILABLE,
         )
         # A new target: the stored change id described the old volume, so the next copy is full.
@@ -99,11 +99,11 @@ def _zone_id(cs: CloudStack, config: OsseaConfig) -> str:
     """The configured zone may be an id or a name (older configurations stored names)."""
     zones = cs.list_zones()
     for zone in zones:
-        if config.zone in (zone["id"], zone.get("name")):
-            return zone["id"]
+        if zone.matches(config.zone):
+            return zone.id
     raise FailedPrecondition(
         f"CloudStack zone {quote(config.zone)} of configuration {quote(config.name)} does not exist "
-        f"(zones: {', '.join(z.get('name', z['id']) for z in zones)})"
+        f"(zones: {', '.join(z.name or z.id for z in zones)})"
     )
 
 
@@ -124,8 +124,8 @@ def attach(cs: CloudStack, config: OsseaConfig, volume: OsseaVolume, *, device_d
     """Attach to the OMA VM (unless already there), find the device, record the mapping."""
     if not config.oma_vm_id:
         raise FailedPrecondition(f"configuration {quote(config.name)} has no oma_vm_id (detect the OMA VM first)")
-    remote = cs.get_volume(volume.volume_id) or {}
-    attached_to = remote.get("virtualmachineid")
+    remote = cs.get_volume(volume.volume_id)
+    attached_to = remote.virtual_machine_id if remote else None
     if attached_to and attached_to != config.oma_vm_id:
         raise FailedPrecondition(
             f"volume {volume.volume_id} is attached to VM {attached_to}, not to the OMA; a failover may be using it"
@@ -133,10 +133,10 @@ def attach(cs: CloudStack, config: OsseaConfig, volume: OsseaVolume, *, device_d
     if not attached_to:
         remote = cs.attach_volume(volume.volume_id, config.oma_vm_id)
     path = wait_for_device(device_dir, volume.volume_id, wait_seconds)
-    size = int(remote.get("size") or volume.size_gb * GIB)
+    size = (remote.size_bytes if remote else 0) or volume.size_gb * GIB
     values = {
         "vm_context": volume.vm_context_id, "volume_id_numeric": volume.id, "vm_id": config.oma_vm_id,
-        "operation_mode": DeviceOperationMode.OMA, "cloudstack_device_id": remote.get("deviceid"),
+        "operation_mode": DeviceOperationMode.OMA, "cloudstack_device_id": remote.device_id if remote else None,
         "requires_device_correlation": False, "device_path": str(path), "cloudstack_state": "attached",
         "linux_state": "present", "size": size, "last_sync": utcnow(),
     }
@@ -186,7 +186,7 @@ def remove(cs: CloudStack, exports: ExportManager, volume: OsseaVolume) -> None:
     exports.remove(export_name(volume.volume_id))
     remote = cs.get_volume(volume.volume_id)
     if remote is not None:
-        if remote.get("virtualmachineid"):
+        if remote.virtual_machine_id:
             cs.detach_volume(volume.volume_id)
         cs.delete_volume(volume.volume_id)
     with db.atomic():

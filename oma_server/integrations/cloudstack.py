@@ -6,13 +6,21 @@ empty lists, job results unwrapped) and maps failures to domain errors that say 
 unreachable → UNAVAILABLE, refused credentials → FAILED_PRECONDITION, parameter errors (431) →
 INVALID_ARGUMENT, resource errors (530) → FAILED_PRECONDITION, job timeout → DEADLINE_EXCEEDED.
 Secret keys never appear in messages.
+
+CloudStack answers in JSON; this module turns each answer into a frozen dataclass with only the fields
+the OMA reads (:class:`Zone`, :class:`Network`, :class:`ServiceOffering`, :class:`DiskOffering`,
+:class:`Template`, :class:`VirtualMachine`, :class:`Volume`, :class:`Snapshot`, :class:`Account`), so
+CloudStack's key names (``cpunumber``, ``virtualmachineid`` …) are spelled here and nowhere else.
+Async calls (create/attach/detach/resize a volume, deploy/start/stop a VM, snapshots) return the job's
+result as the same dataclasses.
 """
 from __future__ import annotations
 
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, TypeVar
 
 import requests
 from cs import CloudStack as _CsClient
@@ -47,6 +55,177 @@ class Endpoint:
 
     def __repr__(self) -> str:  # keep the keys out of logs
         return f"Endpoint({self.api_url!r})"
+
+
+
+# --- what CloudStack answers, typed ---------------------------------------------------------------------
+def _text(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    return "" if value is None else str(value)
+
+
+def _int(data: Mapping[str, Any], key: str) -> int:
+    try:
+        return int(data.get(key) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _time(data: Mapping[str, Any], key: str) -> datetime | None:
+    """CloudStack's timestamps (``2024-01-01T10:00:00+0000``) as naive UTC, the database's convention."""
+    try:
+        parsed = datetime.strptime(_text(data, key), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return None
+    return parsed.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Zone:
+    id: str
+    name: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Zone":
+        return cls(id=_text(data, "id"), name=_text(data, "name"))
+
+    def matches(self, ref: str) -> bool:
+        """A configuration may name its zone by id or by name (older ones stored names)."""
+        return ref in (self.id, self.name)
+
+
+@dataclass(frozen=True)
+class Network:
+    id: str
+    name: str
+    display_text: str
+    zone_id: str
+    zone_name: str
+    state: str
+    network_type: str
+    is_default: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Network":
+        return cls(id=_text(data, "id"), name=_text(data, "name"), display_text=_text(data, "displaytext"),
+                   zone_id=_text(data, "zoneid"), zone_name=_text(data, "zonename"), state=_text(data, "state"),
+                   network_type=_text(data, "type"), is_default=bool(data.get("isdefault")))
+
+
+@dataclass(frozen=True)
+class ServiceOffering:
+    id: str
+    name: str
+    display_text: str
+    cpu_number: int
+    cpu_speed_mhz: int
+    memory_mb: int
+    is_customized: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ServiceOffering":
+        return cls(id=_text(data, "id"), name=_text(data, "name"), display_text=_text(data, "displaytext"),
+                   cpu_number=_int(data, "cpunumber"), cpu_speed_mhz=_int(data, "cpuspeed"),
+                   memory_mb=_int(data, "memory"), is_customized=bool(data.get("iscustomized")))
+
+
+@dataclass(frozen=True)
+class DiskOffering:
+    id: str
+    name: str
+    display_text: str
+    disk_size_gb: int
+    is_customized: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "DiskOffering":
+        return cls(id=_text(data, "id"), name=_text(data, "name"), display_text=_text(data, "displaytext"),
+                   disk_size_gb=_int(data, "disksize"), is_customized=bool(data.get("iscustomized")))
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    name: str
+    display_text: str
+    os_type_name: str
+    size_bytes: int
+    is_ready: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Template":
+        return cls(id=_text(data, "id"), name=_text(data, "name"), display_text=_text(data, "displaytext"),
+                   os_type_name=_text(data, "ostypename"), size_bytes=_int(data, "size"),
+                   is_ready=bool(data.get("isready")))
+
+
+@dataclass(frozen=True)
+class Nic:
+    network_id: str
+    ip_address: str
+    mac_address: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Nic":
+        return cls(network_id=_text(data, "networkid"), ip_address=_text(data, "ipaddress"),
+                   mac_address=_text(data, "macaddress"))
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    id: str
+    name: str
+    display_name: str
+    state: str
+    account: str
+    cpu_number: int
+    memory_mb: int
+    created: datetime | None  # naive UTC; None when CloudStack gave none or an unreadable one
+    nics: tuple[Nic, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "VirtualMachine":
+        return cls(id=_text(data, "id"), name=_text(data, "name"), display_name=_text(data, "displayname"),
+                   state=_text(data, "state"), account=_text(data, "account"), cpu_number=_int(data, "cpunumber"),
+                   memory_mb=_int(data, "memory"), created=_time(data, "created"),
+                   nics=tuple(Nic.from_json(n) for n in data.get("nic") or () if isinstance(n, Mapping)))
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str
+    name: str
+    type: str  # ROOT | DATADISK
+    size_bytes: int
+    virtual_machine_id: str | None  # None: detached
+    device_id: int | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Volume":
+        device = data.get("deviceid")
+        return cls(id=_text(data, "id"), name=_text(data, "name"), type=_text(data, "type"),
+                   size_bytes=_int(data, "size"), virtual_machine_id=_text(data, "virtualmachineid") or None,
+                   device_id=None if device is None or device == "" else int(device))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    state: str
+    volume_id: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Snapshot":
+        return cls(id=_text(data, "id"), state=_text(data, "state"), volume_id=_text(data, "volumeid"))
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Account":
+        return cls(name=_text(data, "name"))
 
 
 def normalise_api_url(url: str) -> str:
@@ -119,42 +298,45 @@ class CloudStack:
 
     # --- lookups ------------------------------------------------------------------------------
     @translate_errors
-    def list_zones(self) -> list[dict[str, Any]]:
-        return _items(self._cs.listZones(fetch_list=True), "zone")
+    def list_zones(self) -> list[Zone]:
+        return [Zone.from_json(z) for z in _items(self._cs.listZones(fetch_list=True), "zone")]
 
     @translate_errors
-    def list_networks(self, zone_id: str = "") -> list[dict[str, Any]]:
+    def list_networks(self, zone_id: str = "") -> list[Network]:
         params = {"listall": True, **({"zoneid": zone_id} if zone_id else {})}
-        return _items(self._cs.listNetworks(fetch_list=True, **params), "network")
+        return [Network.from_json(n) for n in _items(self._cs.listNetworks(fetch_list=True, **params), "network")]
 
     @translate_errors
-    def list_service_offerings(self) -> list[dict[str, Any]]:
-        return _items(self._cs.listServiceOfferings(fetch_list=True), "serviceoffering")
+    def list_service_offerings(self) -> list[ServiceOffering]:
+        return [ServiceOffering.from_json(o)
+                for o in _items(self._cs.listServiceOfferings(fetch_list=True), "serviceoffering")]
 
     @translate_errors
-    def list_disk_offerings(self) -> list[dict[str, Any]]:
-        return _items(self._cs.listDiskOfferings(fetch_list=True), "diskoffering")
+    def list_disk_offerings(self) -> list[DiskOffering]:
+        return [DiskOffering.from_json(o) for o in _items(self._cs.listDiskOfferings(fetch_list=True), "diskoffering")]
 
     @translate_errors
-    def list_templates(self, template_filter: str = "executable") -> list[dict[str, Any]]:
-        seen: dict[str, dict[str, Any]] = {}
+    def list_templates(self, template_filter: str = "executable") -> list[Template]:
+        seen: dict[str, Template] = {}
         for t in _items(self._cs.listTemplates(fetch_list=True, templatefilter=template_filter), "template"):
-            seen.setdefault(t["id"], t)  # CloudStack lists a template once per zone
+            template = Template.from_json(t)
+            seen.setdefault(template.id, template)  # CloudStack lists a template once per zone
         return list(seen.values())
 
     @translate_errors
-    def list_virtual_machines(self, **filters: Any) -> list[dict[str, Any]]:
-        return _items(self._cs.listVirtualMachines(fetch_list=True, listall=True, **filters), "virtualmachine")
+    def list_virtual_machines(self, **filters: Any) -> list[VirtualMachine]:
+        return [VirtualMachine.from_json(vm) for vm in
+                _items(self._cs.listVirtualMachines(fetch_list=True, listall=True, **filters), "virtualmachine")]
 
     @translate_errors
-    def list_accounts(self) -> list[dict[str, Any]]:
-        return _items(self._cs.listAccounts(fetch_list=True), "account")
+    def list_accounts(self) -> list[Account]:
+        return [Account.from_json(a) for a in _items(self._cs.listAccounts(fetch_list=True), "account")]
 
     @translate_errors
-    def list_volumes(self, **filters: Any) -> list[dict[str, Any]]:
-        return _items(self._cs.listVolumes(fetch_list=True, listall=True, **filters), "volume")
+    def list_volumes(self, **filters: Any) -> list[Volume]:
+        return [Volume.from_json(v) for v in _items(self._cs.listVolumes(fetch_list=True, listall=True, **filters), "volume")]
 
-    def get_volume(self, volume_id: str) -> dict[str, Any] | None:
+    def get_volume(self, volume_id: str) -> Volume | None:
         try:
             found = self.list_volumes(id=volume_id)
         except CloudStackError as exc:
@@ -163,7 +345,7 @@ class CloudStack:
             raise
         return found[0] if found else None
 
-    def get_virtual_machine(self, vm_id: str) -> dict[str, Any] | None:
+    def get_virtual_machine(self, vm_id: str) -> VirtualMachine | None:
         try:
             found = self.list_virtual_machines(id=vm_id)
         except CloudStackError as exc:
@@ -174,43 +356,50 @@ class CloudStack:
 
     def network_name(self, network_id: str) -> str | None:
         for network in self.list_networks():
-            if network["id"] == network_id:
-                return network.get("name") or network_id
+            if network.id == network_id:
+                return network.name or network_id
         return None
+
+    def find_zone(self, ref: str) -> Zone | None:
+        """The zone whose id or name is ``ref``."""
+        return next((z for z in self.list_zones() if z.matches(ref)), None)
+
+    def find_service_offering(self, offering_id: str) -> ServiceOffering | None:
+        return next((o for o in self.list_service_offerings() if o.id == offering_id), None)
 
     # --- volumes -----------------------------------------------------------------------------
     @translate_errors
-    def create_volume(self, *, name: str, zone_id: str, disk_offering_id: str, size_gb: int) -> dict[str, Any]:
+    def create_volume(self, *, name: str, zone_id: str, disk_offering_id: str, size_gb: int) -> Volume:
         result = self._cs.createVolume(name=name, zoneid=zone_id, diskofferingid=disk_offering_id, size=size_gb)
-        return result["volume"]
+        return Volume.from_json(result["volume"])
 
     @translate_errors
-    def attach_volume(self, volume_id: str, vm_id: str, device_id: int | None = None) -> dict[str, Any]:
+    def attach_volume(self, volume_id: str, vm_id: str, device_id: int | None = None) -> Volume:
         params = {"id": volume_id, "virtualmachineid": vm_id}
         if device_id is not None:
             params["deviceid"] = device_id
-        return self._cs.attachVolume(**params)["volume"]
+        return Volume.from_json(self._cs.attachVolume(**params)["volume"])
 
     @translate_errors
-    def detach_volume(self, volume_id: str) -> dict[str, Any]:
-        return self._cs.detachVolume(id=volume_id)["volume"]
+    def detach_volume(self, volume_id: str) -> Volume:
+        return Volume.from_json(self._cs.detachVolume(id=volume_id)["volume"])
 
     @translate_errors
     def delete_volume(self, volume_id: str) -> None:
         self._cs.deleteVolume(id=volume_id)
 
     @translate_errors
-    def resize_volume(self, volume_id: str, size_gb: int, disk_offering_id: str = "") -> dict[str, Any]:
+    def resize_volume(self, volume_id: str, size_gb: int, disk_offering_id: str = "") -> Volume:
         params: dict[str, Any] = {"id": volume_id, "size": size_gb}
         if disk_offering_id:
             params["diskofferingid"] = disk_offering_id
-        return self._cs.resizeVolume(**params)["volume"]
+        return Volume.from_json(self._cs.resizeVolume(**params)["volume"])
 
     # --- virtual machines ------------------------------------------------------------------------
     @translate_errors
     def deploy_virtual_machine(self, *, name: str, display_name: str, zone_id: str, service_offering_id: str,
                                template_id: str, network_ids: list[str], details: dict[str, Any] | None = None,
-                               start: bool = False) -> dict[str, Any]:
+                               start: bool = False) -> VirtualMachine:
         """deployVirtualMachine (one NIC per network, in order); ``startvm=false`` by default."""
         params: dict[str, Any] = {
             "name": name, "displayname": display_name, "zoneid": zone_id, "serviceofferingid": service_offering_id,
@@ -218,19 +407,19 @@ class CloudStack:
         }
         if details:
             params["details"] = {k: str(v) for k, v in details.items()}
-        return self._cs.deployVirtualMachine(**params)["virtualmachine"]
+        return VirtualMachine.from_json(self._cs.deployVirtualMachine(**params)["virtualmachine"])
 
-    def find_virtual_machines(self, name: str) -> list[dict[str, Any]]:
+    def find_virtual_machines(self, name: str) -> list[VirtualMachine]:
         """VMs whose name is exactly ``name`` (``listVirtualMachines name=`` matches substrings)."""
-        return [vm for vm in self.list_virtual_machines(name=name) if vm.get("name") == name]
+        return [vm for vm in self.list_virtual_machines(name=name) if vm.name == name]
 
     @translate_errors
-    def start_virtual_machine(self, vm_id: str) -> dict[str, Any]:
-        return self._cs.startVirtualMachine(id=vm_id)["virtualmachine"]
+    def start_virtual_machine(self, vm_id: str) -> VirtualMachine:
+        return VirtualMachine.from_json(self._cs.startVirtualMachine(id=vm_id)["virtualmachine"])
 
     @translate_errors
-    def stop_virtual_machine(self, vm_id: str, forced: bool = False) -> dict[str, Any]:
-        return self._cs.stopVirtualMachine(id=vm_id, forced=forced)["virtualmachine"]
+    def stop_virtual_machine(self, vm_id: str, forced: bool = False) -> VirtualMachine:
+        return VirtualMachine.from_json(self._cs.stopVirtualMachine(id=vm_id, forced=forced)["virtualmachine"])
 
     @translate_errors
     def destroy_virtual_machine(self, vm_id: str, expunge: bool = True) -> None:
@@ -238,22 +427,22 @@ class CloudStack:
 
     # --- volume snapshots --------------------------------------------------------------------------
     @translate_errors
-    def create_snapshot(self, volume_id: str, name: str) -> dict[str, Any]:
-        return self._cs.createSnapshot(volumeid=volume_id, name=name, quiescevm=False)["snapshot"]
+    def create_snapshot(self, volume_id: str, name: str) -> Snapshot:
+        return Snapshot.from_json(self._cs.createSnapshot(volumeid=volume_id, name=name, quiescevm=False)["snapshot"])
 
     @translate_errors
-    def revert_snapshot(self, snapshot_id: str) -> dict[str, Any]:
-        return self._cs.revertSnapshot(id=snapshot_id)["snapshot"]
+    def revert_snapshot(self, snapshot_id: str) -> Snapshot:
+        return Snapshot.from_json(self._cs.revertSnapshot(id=snapshot_id)["snapshot"])
 
     @translate_errors
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._cs.deleteSnapshot(id=snapshot_id)
 
     @translate_errors
-    def list_snapshots(self, **filters: Any) -> list[dict[str, Any]]:
-        return _items(self._cs.listSnapshots(fetch_list=True, listall=True, **filters), "snapshot")
+    def list_snapshots(self, **filters: Any) -> list[Snapshot]:
+        return [Snapshot.from_json(s) for s in _items(self._cs.listSnapshots(fetch_list=True, listall=True, **filters), "snapshot")]
 
-    def get_snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
         try:
             found = self.list_snapshots(id=snapshot_id)
         except CloudStackError as exc:

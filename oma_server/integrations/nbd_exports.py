@@ -62,6 +62,7 @@ class ExportManager:
         self._servers: dict[str, tuple[NbdkitServer, Export]] = {}
         self._lock = threading.Lock()
         self._psk_dir, self._psk_for = psk_dir, psk_for
+        self._psk_files: dict[str, Path] = {}  # export name → the key file its running nbdkit reads
 
     def tls_for(self, job_id: str | None) -> ExportTls | None:
         """The TLS-PSK of a job's exports (None without TLS or without a job)."""
@@ -69,14 +70,14 @@ class ExportManager:
             return None
         return ExportTls(job_id, self._psk_for(job_id))
 
-    def _psk_file(self, name: str) -> Path:
-        assert self._psk_dir is not None
-        return self._psk_dir / f"{name}.psk"
-
     def _write_psk_file(self, name: str, tls: ExportTls) -> Path:
+        """A key file for one nbdkit run. Its name is unique to this run: several OMA processes of one
+        appliance share the data dir, and one process stopping its server for an export must never remove
+        the file another process's nbdkit of the same export reads (nbdkit reads it at start and on every
+        TLS handshake)."""
         self._psk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._psk_dir.chmod(0o700)
-        path = self._psk_file(name)
+        path = self._psk_dir / f"{name}.{os.getpid()}-{secrets.token_hex(4)}.psk"
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -86,8 +87,9 @@ class ExportManager:
 
     def _stop_server(self, name: str, server: NbdkitServer) -> None:
         server.stop()
-        if self._psk_dir is not None:
-            self._psk_file(name).unlink(missing_ok=True)
+        psk_file = self._psk_files.pop(name, None)
+        if psk_file is not None:
+            psk_file.unlink(missing_ok=True)
 
     def _bindable(self, port: int) -> bool:
         with socket.socket() as probe:
@@ -134,18 +136,22 @@ class ExportManager:
                 port = port or export.port
             port = self._free_port(port)
             extra_args: list[str] = []
+            psk_file: Path | None = None
             if tls is not None:
-                extra_args = ["--tls=require", f"--tls-psk={self._write_psk_file(name, tls)}"]
+                psk_file = self._write_psk_file(name, tls)
+                extra_args = ["--tls=require", f"--tls-psk={psk_file}"]
             server = NbdkitServer(file_plugin_args(device_path), tcp_host=self._bind, tcp_port=port,
                                   export_name=name, extra_args=extra_args)
             try:
                 server.start()
             except NbdkitError as exc:
-                if self._psk_dir is not None:
-                    self._psk_file(name).unlink(missing_ok=True)
+                if psk_file is not None:
+                    psk_file.unlink(missing_ok=True)
                 raise FailedPrecondition(f"cannot export {device_path} over NBD: {exc}") from None
             export = Export(name, device_path, port, f"nbd://{self._public}:{port}/{name}", tls)
             self._servers[name] = (server, export)
+            if psk_file is not None:
+                self._psk_files[name] = psk_file
             log.info("NBD export %s of %s on port %d", name, device_path, port)
             return export
 

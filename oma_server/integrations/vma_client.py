@@ -29,7 +29,7 @@ from vma.v1 import (
 )
 
 from oma_server import errors
-from oma_server.domain.credentials import VCenterLogin
+from oma_server.integrations.vcenter_login import VCenterLogin
 
 log = logging.getLogger("oma_server.vma")
 

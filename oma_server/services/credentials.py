@@ -4,7 +4,7 @@ from oma.v1 import vmware_credentials_pb2 as pb
 from oma.v1 import vmware_credentials_pb2_grpc
 
 from oma_server import errors
-from oma_server.convert import optional_fields
+from oma_server.convert import optional, optional_fields
 from oma_server.domain import credentials
 from oma_server.integrations.vma_client import VmaClient
 from oma_server.rpc import caller_name
@@ -38,7 +38,7 @@ class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServi
         cred = credentials.create(
             self._box, credential_name=request.credential_name, vcenter_host=request.vcenter_host,
             username=request.username, password=request.password, datacenter=request.datacenter,
-            is_active=request.is_active if request.HasField("is_active") else True,
+            is_active=optional(request, "is_active", True),
             is_default=request.is_default, tls_thumbprint=request.tls_thumbprint,
             tls_insecure=request.tls_insecure, created_by=caller_name(),
         )

@@ -6,18 +6,17 @@ from typing import TYPE_CHECKING
 from oma.v1 import debug_pb2 as pb
 from oma.v1 import debug_pb2_grpc
 
-from oma_server.convert import fill, timestamp, to_datetime
+from oma_server.convert import fill, optional, struct, timestamp
 from oma_server.db.models import utcnow
 from oma_server.domain import cloudstack_config, debug
 from oma_server.rpc import PUBLIC_METHOD_PREFIXES, current_identity
-from oma_server.services.validation import details_struct
 
 if TYPE_CHECKING:
     from oma_server.startup import Components
 
 
 def _component(probe: debug.Probe) -> pb.DebugComponentHealth:
-    return fill(pb.DebugComponentHealth(), vars(probe), details=details_struct(probe.details))
+    return fill(pb.DebugComponentHealth(), vars(probe), details=struct(probe.details))
 
 
 class DebugServicer(debug_pb2_grpc.DebugServiceServicer):
@@ -72,9 +71,9 @@ class DebugServicer(debug_pb2_grpc.DebugServiceServicer):
     def GetRecentLogs(self, request, context):
         events, next_token = debug.recent_logs(
             level=request.level, job_id=request.job_id, external_job_id=request.external_job_id,
-            since=to_datetime(request.since) if request.HasField("since") else None,
+            since=optional(request, "since"),
             page_size=request.page_size, page_token=request.page_token)
         return pb.GetRecentLogsResponse(
-            events=[fill(pb.DebugLogEvent(), e, job_id=e.job_id, step_id=e.step_id, attrs=details_struct(e.attrs))
+            events=[fill(pb.DebugLogEvent(), e, job_id=e.job_id, step_id=e.step_id, attrs=struct(e.attrs))
                     for e in events],
             next_page_token=next_token)

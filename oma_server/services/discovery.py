@@ -3,7 +3,7 @@ from __future__ import annotations
 from oma.v1 import discovery_pb2 as pb
 from oma.v1 import discovery_pb2_grpc
 
-from oma_server.convert import fill, timestamp
+from oma_server.convert import fill, optional, timestamp
 from oma_server.db.models import utcnow
 from oma_server.domain import discovery, groups
 from oma_server.errors import require
@@ -13,7 +13,7 @@ from oma_server.rpc import caller_name
 
 def _source(message) -> discovery.VCenterSource:
     return discovery.VCenterSource(
-        credential_id=message.credential_id if message.HasField("credential_id") else None,
+        credential_id=optional(message, "credential_id"),
         vcenter=message.vcenter, username=message.username, password=message.password,
         datacenter=message.datacenter, thumbprint=message.thumbprint, insecure=message.insecure,
     )

@@ -15,13 +15,12 @@ from datetime import timedelta
 from urllib.parse import unquote
 
 import grpc
-from google.protobuf import struct_pb2
 from oma.v1 import enrollment_admin_pb2 as admin_pb
 from oma.v1 import enrollment_admin_pb2_grpc, enrollment_pb2_grpc
 from oma.v1 import enrollment_pb2 as pb
 
 from oma_server.config import Settings
-from oma_server.convert import fill, timestamp, to_datetime
+from oma_server.convert import fill, optional, struct, timestamp
 from oma_server.db.database import db
 from oma_server.domain import enrollment
 from oma_server.integrations import tunnel_sessions
@@ -100,9 +99,7 @@ def _connection(row, ports: dict[str, int]) -> admin_pb.VMAConnection:
 
 
 def _audit_event(row) -> admin_pb.VMAAuditEvent:
-    details = struct_pb2.Struct()
-    details.update(row.event_details or {})
-    return fill(admin_pb.VMAAuditEvent(), row, event_details=details)
+    return fill(admin_pb.VMAAuditEvent(), row, event_details=struct(row.event_details or {}, keep_empty=True))
 
 
 class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceServicer):
@@ -117,7 +114,7 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
         return enrollment.Caller(caller_name("admin"), source_address(context), _user_agent(context))
 
     def GeneratePairingCode(self, request, context):
-        valid_for = request.valid_for if request.HasField("valid_for") else None
+        valid_for = optional(request, "valid_for")
         row, code, valid_for = enrollment.generate_pairing_code(self._secrets, self._caller(context),
                                                                 request.generated_by, valid_for)
         return admin_pb.GeneratePairingCodeResponse(pairing_code=code, expires_at=timestamp(row.expires_at),
@@ -157,8 +154,8 @@ class EnrollmentAdminServicer(enrollment_admin_pb2_grpc.EnrollmentAdminServiceSe
     def GetAuditLog(self, request, context):
         page = enrollment.audit_log(
             event_type=request.event_type, enrollment_id=request.enrollment_id,
-            since=to_datetime(request.since) if request.HasField("since") else None,
-            until=to_datetime(request.until) if request.HasField("until") else None,
+            since=optional(request, "since"),
+            until=optional(request, "until"),
             page_size=request.page_size, page_token=request.page_token)
         return admin_pb.GetAuditLogResponse(events=[_audit_event(e) for e in page.items], count=page.total,
                                             next_page_token=page.next_page_token)

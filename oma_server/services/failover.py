@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import json
-from typing import Any
-
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from oma.v1 import failover_pb2 as pb
 from oma.v1 import failover_pb2_grpc
 
-from oma_server.convert import fill, timestamp
+from oma_server.convert import fill, optional, struct, struct_dict, timestamp
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import FailoverJob, JobTracking, VmDisk, utcnow
 from oma_server.domain import failover, failover_config, joblog, paging, readiness
@@ -21,17 +18,6 @@ from oma_server.workflows.failover import FailoverEngine
 # How often a watcher re-reads the database without a wake-up (another OMA may run the job).
 _WATCH_POLL_SECONDS = 0.5
 _BYTES_PER_SECOND = 100 * 1024 * 1024  # rough copy/boot rate for the readiness estimate
-
-
-def _struct(value: Any) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    data = value if isinstance(value, dict) else failover.loads(value)
-    message.update(json.loads(json.dumps(data, default=str)))
-    return message
-
-
-def _dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
 
 
 def configuration(config: FailoverConfig | None) -> pb.FailoverConfiguration | None:
@@ -48,13 +34,13 @@ def failover_request(request: pb.StartFailoverRequest) -> FailoverRequest:
     return FailoverRequest(
         context_id=request.context_id, vmware_vm_id=request.vmware_vm_id, vm_name=request.vm_name,
         failover_type=request.failover_type,
-        power_off_source=request.power_off_source if request.HasField("power_off_source") else None,
-        perform_final_sync=request.perform_final_sync if request.HasField("perform_final_sync") else None,
-        skip_validation=request.skip_validation if request.HasField("skip_validation") else None,
-        skip_virtio=request.skip_virtio if request.HasField("skip_virtio") else None,
+        power_off_source=optional(request, "power_off_source"),
+        perform_final_sync=optional(request, "perform_final_sync"),
+        skip_validation=optional(request, "skip_validation"),
+        skip_virtio=optional(request, "skip_virtio"),
         network_strategy=request.network_strategy, vm_naming=request.vm_naming, test_duration=request.test_duration,
-        auto_cleanup=request.auto_cleanup if request.HasField("auto_cleanup") else None,
-        custom_config=_dict(request.custom_config), network_mappings=dict(request.network_mappings),
+        auto_cleanup=optional(request, "auto_cleanup"),
+        custom_config=struct_dict(request.custom_config), network_mappings=dict(request.network_mappings),
         request_id=request.request_id,
     )
 
@@ -63,19 +49,20 @@ def tracking_message(job: JobTracking, steps: list) -> pb.FailoverJobTracking:
     prog = joblog.progress(job, steps)
     return fill(
         pb.FailoverJobTracking(), job, job_id=job.id, parent_job_id=job.parent_job_id,
-        metadata=_struct(job.metadata or {}), total_steps=prog["total_steps"],
+        metadata=struct(failover.loads(job.metadata), keep_empty=True), total_steps=prog["total_steps"],
         completed_steps=prog["completed_steps"], failed_steps=prog["failed_steps"],
         running_steps=prog["running_steps"], skipped_steps=prog["skipped_steps"],
         progress_percent=int(prog["step_completion_percentage"]), last_activity=prog["last_activity"],
         runtime_seconds=prog["runtime_seconds"],
         steps=[fill(pb.FailoverJobStep(), s, job_id=s.job_id, display_name=friendly_step_name(s.name),
-                    metadata=_struct(s.metadata or {})) for s in steps],
+                    metadata=struct(failover.loads(s.metadata), keep_empty=True)) for s in steps],
     )
 
 
 def record_message(record: FailoverJob, progress: int | None = None) -> pb.FailoverJob:
     return fill(pb.FailoverJob(), record, vm_context_id=record.vm_context_id,
-                source_vm_spec=_struct(record.source_vm_spec), network_mappings=_struct(record.network_mappings),
+                source_vm_spec=struct(failover.loads(record.source_vm_spec), keep_empty=True),
+                network_mappings=struct(failover.loads(record.network_mappings), keep_empty=True),
                 progress=failover.record_progress(record) if progress is None else progress)
 
 
@@ -104,24 +91,24 @@ class FailoverServicer(failover_pb2_grpc.FailoverServiceServicer):
         return self._start(FailoverRequest(
             context_id=request.context_id, vmware_vm_id=request.vmware_vm_id, vm_name=request.vm_name,
             failover_type="live",
-            skip_validation=request.skip_validation if request.HasField("skip_validation") else None,
-            skip_virtio=request.skip_virtio if request.HasField("skip_virtio") else None,
-            power_off_source=request.power_off_source if request.HasField("power_off_source") else None,
-            perform_final_sync=request.perform_final_sync if request.HasField("perform_final_sync") else None,
-            network_mappings=dict(request.network_mappings), custom_config=_dict(request.custom_config),
-            notification_config=_dict(request.notification_config), request_id=request.request_id,
+            skip_validation=optional(request, "skip_validation"),
+            skip_virtio=optional(request, "skip_virtio"),
+            power_off_source=optional(request, "power_off_source"),
+            perform_final_sync=optional(request, "perform_final_sync"),
+            network_mappings=dict(request.network_mappings), custom_config=struct_dict(request.custom_config),
+            notification_config=struct_dict(request.notification_config), request_id=request.request_id,
         ), pb.StartLiveFailoverResponse)
 
     def StartTestFailover(self, request, context):
         return self._start(FailoverRequest(
             context_id=request.context_id, vmware_vm_id=request.vmware_vm_id, vm_name=request.vm_name,
             failover_type="test",
-            skip_validation=request.skip_validation if request.HasField("skip_validation") else None,
-            skip_virtio=request.skip_virtio if request.HasField("skip_virtio") else None,
+            skip_validation=optional(request, "skip_validation"),
+            skip_virtio=optional(request, "skip_virtio"),
             test_duration=request.test_duration,
-            auto_cleanup=request.auto_cleanup if request.HasField("auto_cleanup") else None,
-            network_mappings=dict(request.network_mappings), custom_config=_dict(request.custom_config),
-            notification_config=_dict(request.notification_config), request_id=request.request_id,
+            auto_cleanup=optional(request, "auto_cleanup"),
+            network_mappings=dict(request.network_mappings), custom_config=struct_dict(request.custom_config),
+            notification_config=struct_dict(request.notification_config), request_id=request.request_id,
         ), pb.StartTestFailoverResponse)
 
     def _cleanup_response(self, started: failover.Started, response_type):
@@ -149,8 +136,8 @@ class FailoverServicer(failover_pb2_grpc.FailoverServiceServicer):
         started = self._submit(failover.start_rollback(failover.RollbackRequest(
             context_id=request.context_id, vm_name=request.vm_name, vmware_vm_id=request.vmware_vm_id,
             failover_type=request.failover_type, failover_job_id=request.failover_job_id,
-            power_on_source=request.power_on_source if request.HasField("power_on_source") else None,
-            force_cleanup=request.force_cleanup if request.HasField("force_cleanup") else None,
+            power_on_source=optional(request, "power_on_source"),
+            force_cleanup=optional(request, "force_cleanup"),
             request_id=request.request_id), caller_name(), self._engine))
         return fill(pb.StartRollbackResponse(), started.extra, job_id=started.job_id,
                     external_job_id=started.external_job_id, context_id=started.context_id,
@@ -223,7 +210,7 @@ class FailoverServicer(failover_pb2_grpc.FailoverServiceServicer):
             readiness_score=result.score, validation_errors=result.errors, validation_warnings=result.warnings,
             required_actions=result.required_actions,
             checks=[fill(pb.FailoverReadinessCheck(), check_name=c.check_name, check_type=c.check_type,
-                         status=c.status, message=c.message, details=_struct(c.details),
+                         status=c.status, message=c.message, details=struct(failover.loads(c.details), keep_empty=True),
                          execution_time_ms=c.execution_time_ms) for c in result.checks],
             execution_time_ms=result.execution_time_ms, validated_at=timestamp(result.validated_at),
             estimated_duration_seconds=int(estimate),

@@ -3,7 +3,7 @@ from __future__ import annotations
 from oma.v1 import machine_groups_pb2 as pb
 from oma.v1 import machine_groups_pb2_grpc
 
-from oma_server.convert import fill, optional_fields, timestamp
+from oma_server.convert import fill, optional, optional_fields, timestamp
 from oma_server.db.models import utcnow
 from oma_server.domain import groups
 from oma_server.rpc import caller_name
@@ -18,8 +18,8 @@ class MachineGroupServicer(machine_groups_pb2_grpc.MachineGroupServiceServicer):
     def CreateGroup(self, request, context):
         summary = groups.create_group(
             name=request.name, description=request.description, schedule_id=request.schedule_id,
-            max_concurrent_vms=request.max_concurrent_vms if request.HasField("max_concurrent_vms") else None,
-            priority=request.priority if request.HasField("priority") else None,
+            max_concurrent_vms=optional(request, "max_concurrent_vms"),
+            priority=optional(request, "priority"),
             created_by=request.created_by or caller_name(),
         )
         return pb.CreateGroupResponse(group=messages.group(summary))
@@ -48,8 +48,8 @@ class MachineGroupServicer(machine_groups_pb2_grpc.MachineGroupServiceServicer):
     def AssignVM(self, request, context):
         m = groups.assign_vm(
             group_id=request.group_id, context_id=request.vm_context_id,
-            priority=request.priority if request.HasField("priority") else None,
-            enabled=request.enabled if request.HasField("enabled") else None,
+            priority=optional(request, "priority"),
+            enabled=optional(request, "enabled"),
             schedule_override_id=request.schedule_override_id, added_by=request.added_by or caller_name(),
         )
         return pb.AssignVMResponse(membership=messages.membership(m))
@@ -82,8 +82,8 @@ class MachineGroupServicer(machine_groups_pb2_grpc.MachineGroupServiceServicer):
     def SetVMGroup(self, request, context):
         m, removed = groups.set_vm_group(
             context_id=request.vm_context_id, group_id=request.group_id,
-            priority=request.priority if request.HasField("priority") else None,
-            enabled=request.enabled if request.HasField("enabled") else None,
+            priority=optional(request, "priority"),
+            enabled=optional(request, "enabled"),
             added_by=request.added_by or caller_name(),
         )
         return pb.SetVMGroupResponse(membership=messages.membership(m), removed_group_ids=removed)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from oma.v1 import job_log_pb2 as pb
 from oma.v1 import job_log_pb2_grpc
 
-from oma_server.convert import fill, to_datetime
+from oma_server.convert import fill, optional
 from oma_server.domain import joblog, paging
 from oma_server.services import messages
 
@@ -21,7 +21,7 @@ class JobLogServicer(job_log_pb2_grpc.JobLogServiceServicer):
         query = joblog.list_jobs(
             context_id=request.context_id, statuses=list(request.statuses), job_type=request.job_type,
             category=request.job_category,
-            since=to_datetime(request.since) if request.HasField("since") else None,
+            since=optional(request, "since"),
         )
         page = paging.paginate(query, request.page_size, request.page_token)
         steps = joblog.steps_of(j.id for j in page.items) if request.include_steps else {}

@@ -3,22 +3,13 @@ from __future__ import annotations
 from oma.v1 import network_mappings_pb2 as pb
 from oma.v1 import network_mappings_pb2_grpc
 
-from oma_server.convert import fill
-from oma_server.domain import cloudstack_config, cloudstack_settings, network_mappings, paging
-from oma_server.domain.text_rules import quote
-from oma_server.errors import NotFound, require
-from oma_server.services import messages
-
-
-def _network(n) -> pb.AvailableNetwork:
-    return pb.AvailableNetwork(id=n["id"], name=n.get("name", ""), description=n.get("displaytext", ""),
-                               zone_id=n.get("zoneid", ""), zone_name=n.get("zonename", ""),
-                               state=n.get("state", ""), network_type=n.get("type", ""),
-                               is_default=bool(n.get("isdefault")))
+from oma_server.convert import fill, optional
+from oma_server.domain import cloudstack_settings, network_mappings, paging
+from oma_server.services import cloudstack_messages, messages
 
 
 def _test_flag(request):
-    return request.is_test_network if request.HasField("is_test_network") else None
+    return optional(request, "is_test_network")
 
 
 class NetworkMappingServicer(network_mappings_pb2_grpc.NetworkMappingServiceServicer):
@@ -30,31 +21,24 @@ class NetworkMappingServicer(network_mappings_pb2_grpc.NetworkMappingServiceServ
         """A CloudStack network lookup when a CloudStack config is active, else None (not validated)."""
         return cloudstack_settings.network_lookup(self._runtime.secrets)
 
-    def _cloudstack(self):
-        return cloudstack_config.client(cloudstack_config.require_active(), self._runtime.secrets)
-
     def ListAvailableNetworks(self, request, context):
-        page = paging.paginate_list(self._cloudstack().list_networks(request.zone_id), request.page_size,
-                                    request.page_token)
-        return pb.ListAvailableNetworksResponse(networks=[_network(n) for n in page.items],
-                                                next_page_token=page.next_page_token)
+        networks = cloudstack_settings.active_networks(self._runtime.secrets, request.zone_id)
+        page = paging.paginate_list(networks, request.page_size, request.page_token)
+        return pb.ListAvailableNetworksResponse(
+            networks=[cloudstack_messages.network(pb.AvailableNetwork(), n) for n in page.items],
+            next_page_token=page.next_page_token)
 
     def ResolveNetwork(self, request, context):
-        require(request.network_name, "network_name is required")
-        for network in self._cloudstack().list_networks(request.zone_id):
-            if network.get("name") == request.network_name:
-                return pb.ResolveNetworkResponse(network_name=request.network_name, network_id=network["id"],
-                                                 network=_network(network))
-        raise NotFound(f"no CloudStack network named {quote(request.network_name)}")
+        network = cloudstack_settings.resolve_network(self._runtime.secrets, request.network_name, request.zone_id)
+        return pb.ResolveNetworkResponse(network_name=request.network_name, network_id=network.id,
+                                         network=cloudstack_messages.network(pb.AvailableNetwork(), network))
 
     def ListServiceOfferings(self, request, context):
-        page = paging.paginate_list(self._cloudstack().list_service_offerings(), request.page_size,
-                                    request.page_token)
+        page = paging.paginate_list(cloudstack_settings.active_service_offerings(self._runtime.secrets),
+                                    request.page_size, request.page_token)
         return pb.ListServiceOfferingsResponse(
-            service_offerings=[pb.AvailableServiceOffering(
-                id=o["id"], name=o.get("name", ""), description=o.get("displaytext", ""),
-                cpu=int(o.get("cpunumber") or 0), memory=int(o.get("memory") or 0),
-                is_customized=bool(o.get("iscustomized"))) for o in page.items],
+            service_offerings=[cloudstack_messages.service_offering(pb.AvailableServiceOffering(), o, name=o.name)
+                               for o in page.items],
             next_page_token=page.next_page_token)
 
     def CreateNetworkMapping(self, request, context):

@@ -3,7 +3,7 @@ from __future__ import annotations
 from oma.v1 import replications_pb2 as pb
 from oma.v1 import replications_pb2_grpc, resources_pb2
 
-from oma_server.convert import fill, to_datetime
+from oma_server.convert import fill, optional
 from oma_server.domain import cloudstack_config, paging, replications, volumes
 from oma_server.domain.job_lifecycle import tracking_job_id
 from oma_server.errors import InvalidArgument, require
@@ -38,7 +38,7 @@ class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
             raise InvalidArgument("start_replication=false (add to management) is DiscoveryService.AddVMs")
         created = replications.create(replications.CreateRequest(
             context_id=request.context_id, replication_type=request.replication_type,
-            ossea_config_id=request.ossea_config_id if request.HasField("ossea_config_id") else None,
+            ossea_config_id=optional(request, "ossea_config_id"),
             target_network=request.target_network, schedule_execution_id=request.schedule_execution_id,
             vm_group_id=request.vm_group_id, scheduled_by=request.scheduled_by, request_id=request.request_id,
         ), caller_name())
@@ -62,7 +62,7 @@ class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
     def ListReplications(self, request, context):
         query = replications.list_jobs(
             vm_context_id=request.vm_context_id, statuses=list(request.statuses),
-            since=to_datetime(request.since) if request.HasField("since") else None,
+            since=optional(request, "since"),
         )
         page = paging.paginate(query, request.page_size, request.page_token)
         return pb.ListReplicationsResponse(jobs=[messages.replication_job(j) for j in page.items],

@@ -3,25 +3,14 @@
 changed expression, time zone or enabled flag takes effect at once."""
 from __future__ import annotations
 
-from typing import Any
-
-from google.protobuf import struct_pb2
 from oma.v1 import schedules_pb2 as pb
 from oma.v1 import schedules_pb2_grpc
 
-from oma_server.convert import fill, optional_fields, timestamp
+from oma_server.convert import fill, optional_fields, struct, timestamp
 from oma_server.db.models import utcnow
 from oma_server.domain import schedules
 from oma_server.domain.scheduler import Scheduler
 from oma_server.rpc import caller_name
-
-
-def _struct(value: Any) -> struct_pb2.Struct | None:
-    if value is None:
-        return None
-    message = struct_pb2.Struct()
-    message.update(value if isinstance(value, dict) else {"details": value})
-    return message
 
 
 def schedule_message(view: schedules.ScheduleView) -> pb.ReplicationSchedule:
@@ -37,7 +26,7 @@ def execution_message(view: schedules.ExecutionView) -> pb.ScheduleExecution:
         schedule_name=view.summary["schedule_name"], success_rate_percent=view.summary["success_rate_percent"],
         vms_processed=details.get("vms_processed", 0) if isinstance(details, dict) else 0,
         execution_duration_seconds=view.duration_seconds, execution_type=schedules.execution_type(e.triggered_by),
-        execution_details=_struct(details), error_details=_struct(e.error_details),
+        execution_details=struct(details, keep_empty=True), error_details=struct(e.error_details, keep_empty=True),
     )
 
 

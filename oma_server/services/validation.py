@@ -1,28 +1,17 @@
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from google.protobuf import struct_pb2
 from oma.v1 import validation_pb2 as pb
 from oma.v1 import validation_pb2_grpc
 
-from oma_server.convert import fill, timestamp
+from oma_server.convert import fill, struct, timestamp
 from oma_server.domain import readiness, validation
 from oma_server.integrations.vma_client import VmaClient
 
 
-def details_struct(details: dict[str, Any] | None) -> struct_pb2.Struct | None:
-    """A details dict as a google.protobuf.Struct (values JSON-normalised; datetimes as ISO text)."""
-    if not details:
-        return None
-    message = struct_pb2.Struct()
-    message.update(json.loads(json.dumps(details, default=str)))
-    return message
-
-
 def _check(check: dict[str, Any]) -> pb.VMValidationCheck:
-    return fill(pb.VMValidationCheck(), check, details=details_struct(check.get("details")))
+    return fill(pb.VMValidationCheck(), check, details=struct(check.get("details")))
 
 
 def _readiness_message(result: readiness.ReadinessResult) -> str:

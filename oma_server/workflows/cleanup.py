@@ -11,7 +11,7 @@ cleanup-snapshots, reattach-all-volumes, reset-vm-state — reconciled against C
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from oma_server.db.database import database_proxy as db
@@ -53,16 +53,6 @@ from oma_server.workflows.placement import (
 from oma_server.workflows.steps import Step, Stopping
 
 log = logging.getLogger("oma_server.failover")
-
-
-def _parse_cs_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.strptime(value, "%Y-%m-%dT%H:%M:%S%z")
-    except ValueError:
-        return None
-    return parsed.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 class CleanupFlow(FlowBase):
@@ -181,10 +171,10 @@ class CleanupFlow(FlowBase):
         snapshot = cs.get_snapshot(run.legacy_snapshot_id)
         if snapshot is None:
             raise NotFound(f"legacy snapshot {run.legacy_snapshot_id} no longer exists in CloudStack")
-        if snapshot.get("state") != "BackedUp":
-            log.warning("legacy snapshot %s is %s, not BackedUp", run.legacy_snapshot_id, snapshot.get("state"))
+        if snapshot.state != "BackedUp":
+            log.warning("legacy snapshot %s is %s, not BackedUp", run.legacy_snapshot_id, snapshot.state)
         cs.revert_snapshot(run.legacy_snapshot_id)
-        step.details.update(snapshot_id=run.legacy_snapshot_id, volume_id=snapshot.get("volumeid"))
+        step.details.update(snapshot_id=run.legacy_snapshot_id, volume_id=snapshot.volume_id or None)
 
     def _legacy_delete(self, run: CleanupRun, step: joblog.StepHandle) -> None:
         cs = self.cs(run.config, self.settings.failover_snapshot_timeout_seconds)
@@ -284,9 +274,8 @@ class CleanupFlow(FlowBase):
                 hostname = failover.loads(run.record.source_vm_spec).get("destination_hostname")
                 since = (run.record.started_at or run.record.created_at) - timedelta(seconds=5)
                 for vm in cs.find_virtual_machines(hostname) if hostname else []:
-                    created = _parse_cs_time(vm.get("created"))
-                    if created is not None and created >= since:  # made by that failover, not someone else's VM
-                        found.append(vm["id"])
+                    if vm.created is not None and vm.created >= since:  # made by that failover, not someone else's VM
+                        found.append(vm.id)
         run.destinations = [vm for vm in dict.fromkeys(found) if vm != place.oma_vm_id]
         run.holders = [vm for vm in dict.fromkeys(holders) if vm not in run.destinations]
         step.details.update(volumes=states, destination_vms=run.destinations, other_vms_holding_volumes=run.holders,

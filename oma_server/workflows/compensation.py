@@ -53,7 +53,7 @@ def compensate(flow: FlowBase, run: FailoverRun) -> tuple[bool, list[str]]:
     def find_destinations(state: Any, step: joblog.StepHandle) -> None:
         found = [run.destination_vm_id] if run.destination_vm_id else []
         if run.name_was_free:  # only a VM this run created may be found by its name
-            found += [vm["id"] for vm in vm_cs.find_virtual_machines(run.conf.destination_hostname)]
+            found += [vm.id for vm in vm_cs.find_virtual_machines(run.conf.destination_hostname)]
         destinations.extend(dict.fromkeys(found))
         step.details["destination_vms"] = list(destinations)
         for vm_id in destinations:

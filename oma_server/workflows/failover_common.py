@@ -214,22 +214,23 @@ class FlowBase:
         vm = cs.get_virtual_machine(vm_id)
         if vm is None:
             return "missing"
-        state = vm.get("state")
+        state = vm.state
         if state in ("Stopped", "Error", *_GONE_VM_STATES):
             return state
         cs.stop_virtual_machine(vm_id)
         deadline = time.monotonic() + self.settings.failover_vm_stop_wait_seconds
         while True:
-            vm = cs.get_virtual_machine(vm_id) or {"state": "missing"}
-            if vm["state"] in ("Stopped", "missing"):
-                return vm["state"]
+            vm = cs.get_virtual_machine(vm_id)
+            state = vm.state if vm else "missing"
+            if state in ("Stopped", "missing"):
+                return state
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(f"VM {vm_id} did not stop within {self.settings.failover_vm_stop_wait_seconds:.0f} s")
             time.sleep(max(0.05, self.settings.cloudstack_poll_interval_seconds))
 
     def destroy_vm(self, cs: CloudStack, place: Placement, context_id: str, vm_id: str) -> str:
         vm = cs.get_virtual_machine(vm_id)
-        if vm is None or vm.get("state") == "Expunging":
+        if vm is None or vm.state == "Expunging":
             return "already gone"
         holding = place.volumes_on(vm_id, context_volumes(context_id))
         if holding:

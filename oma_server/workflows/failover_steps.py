@@ -269,10 +269,10 @@ class FailoverFlow(FlowBase):
                 failures.append(f"{disk.disk_id} ({volume.volume_id}): {exc.message}")
                 continue
             now = utcnow()
-            OsseaVolume.update(snapshot_id=snap["id"], snapshot_created_at=now,
+            OsseaVolume.update(snapshot_id=snap.id, snapshot_created_at=now,
                                snapshot_status=SnapshotStatus.READY).where(OsseaVolume.id == volume.id).execute()
-            run.snapshots[volume.volume_id] = snap["id"]
-            made.append({"volume_uuid": volume.volume_id, "volume_name": volume.volume_name, "snapshot_id": snap["id"],
+            run.snapshots[volume.volume_id] = snap.id
+            made.append({"volume_uuid": volume.volume_id, "volume_name": volume.volume_name, "snapshot_id": snap.id,
                          "snapshot_name": name, "disk_id": disk.disk_id, "created_at": now.isoformat()})
         summary = {"snapshots": made, "total_volumes": len(run.volumes), "success_count": len(made),
                    "failure_count": len(failures)}
@@ -341,33 +341,33 @@ class FailoverFlow(FlowBase):
         existing = cs.find_virtual_machines(name)
         if existing:
             raise FailedPrecondition(
-                f"a CloudStack VM named {quote(name)} already exists ({existing[0]['id']}, {existing[0].get('state')}); "
+                f"a CloudStack VM named {quote(name)} already exists ({existing[0].id}, {existing[0].state}); "
                 "remove it or run CleanupFailedExecution")
         run.name_was_free = True
         networks = self._network_ids(run)
-        zone = next((z for z in cs.list_zones() if run.config.zone in (z["id"], z.get("name"))), None)
+        zone = cs.find_zone(run.config.zone)
         if zone is None:
             raise OfferingUnusable(f"CloudStack zone {quote(run.config.zone)} of the configuration does not exist")
-        offering = next((o for o in cs.list_service_offerings() if o["id"] == run.config.service_offering_id), None)
+        offering = cs.find_service_offering(run.config.service_offering_id)
         if offering is None:
             raise OfferingUnusable(f"service offering {quote(run.config.service_offering_id)} of the CloudStack "
                                      "configuration does not exist")
         cpus = int(run.spec.get("cpus") or run.ctx.cpu_count or 1)
         memory = int(run.spec.get("memory_mb") or run.ctx.memory_mb or 1024)
         details: dict[str, Any] = {}
-        if offering.get("iscustomized"):
+        if offering.is_customized:
             details = {"cpuNumber": cpus, "memory": memory}
-            if not offering.get("cpuspeed"):
+            if not offering.cpu_speed_mhz:
                 details["cpuSpeed"] = 1000
-        elif (offering.get("cpunumber"), offering.get("memory")) != (cpus, memory):
-            step.details["sizing_warning"] = (f"offering {offering.get('name')} gives {offering.get('cpunumber')} vCPU / "
-                                              f"{offering.get('memory')} MB; the source has {cpus} vCPU / {memory} MB")
-        vm = cs.deploy_virtual_machine(name=name, display_name=run.conf.destination_name, zone_id=zone["id"],
-                                       service_offering_id=offering["id"], template_id=run.config.template_id or "",
+        elif (offering.cpu_number, offering.memory_mb) != (cpus, memory):
+            step.details["sizing_warning"] = (f"offering {offering.name} gives {offering.cpu_number} vCPU / "
+                                              f"{offering.memory_mb} MB; the source has {cpus} vCPU / {memory} MB")
+        vm = cs.deploy_virtual_machine(name=name, display_name=run.conf.destination_name, zone_id=zone.id,
+                                       service_offering_id=offering.id, template_id=run.config.template_id or "",
                                        network_ids=networks, details=details, start=False)
-        run.destination_vm_id = vm["id"]
-        failover.move_failover_job(run.job_id, FailoverJobStatus.SWITCHING_VOLUME, destination_vm_id=vm["id"])
-        step.details.update(destination_vm_id=vm["id"], name=name, display_name=run.conf.destination_name,
+        run.destination_vm_id = vm.id
+        failover.move_failover_job(run.job_id, FailoverJobStatus.SWITCHING_VOLUME, destination_vm_id=vm.id)
+        step.details.update(destination_vm_id=vm.id, name=name, display_name=run.conf.destination_name,
                             network_ids=networks, cpus=cpus, memory_mb=memory)
 
     # step 8
@@ -396,18 +396,19 @@ class FailoverFlow(FlowBase):
         failover.move_failover_job(run.job_id, FailoverJobStatus.POWERING_ON)
         cs = self.cs(run.config, self.settings.failover_vm_timeout_seconds)
         cs.start_virtual_machine(run.destination_vm_id)
-        vm = cs.get_virtual_machine(run.destination_vm_id) or {}
+        vm = cs.get_virtual_machine(run.destination_vm_id)
+        state = vm.state if vm else None
         warnings = []
-        if vm.get("state") != "Running":
-            warnings.append(f"the VM is {vm.get('state')}, not Running")
+        if state != "Running":
+            warnings.append(f"the VM is {state}, not Running")
         cpus, memory = int(run.spec.get("cpus") or 0), int(run.spec.get("memory_mb") or 0)
-        if cpus and vm.get("cpunumber") and int(vm["cpunumber"]) != cpus:
-            warnings.append(f"{vm['cpunumber']} vCPU instead of {cpus}")
-        if memory and vm.get("memory") and int(vm["memory"]) != memory:
-            warnings.append(f"{vm['memory']} MB instead of {memory} MB")
-        step.details.update(state=vm.get("state"), warnings=warnings,
-                            nics=[{"network_id": n.get("networkid"), "ip": n.get("ipaddress"), "mac": n.get("macaddress")}
-                                  for n in vm.get("nic") or []])
+        if vm and cpus and vm.cpu_number and vm.cpu_number != cpus:
+            warnings.append(f"{vm.cpu_number} vCPU instead of {cpus}")
+        if vm and memory and vm.memory_mb and vm.memory_mb != memory:
+            warnings.append(f"{vm.memory_mb} MB instead of {memory} MB")
+        step.details.update(state=state, warnings=warnings,
+                            nics=[{"network_id": n.network_id or None, "ip": n.ip_address or None,
+                                   "mac": n.mac_address or None} for n in (vm.nics if vm else ())])
         for warning in warnings:
             log.warning("destination VM %s: %s", run.destination_vm_id, warning)
 

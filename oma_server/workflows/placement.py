@@ -26,7 +26,7 @@ from oma_server.db.models import (
 )
 from oma_server.domain import volumes
 from oma_server.errors import NotFound
-from oma_server.integrations.cloudstack import CloudStackError
+from oma_server.integrations.cloudstack import CloudStackError, Volume
 from oma_server.workflows.error_rules import VolumeMoveFailed
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Placement:
         self.cs = flow.cs(config, flow.settings.failover_volume_timeout_seconds)
         self.exports = flow.exports
 
-    def remote(self, volume: OsseaVolume) -> dict[str, Any] | None:
+    def remote(self, volume: OsseaVolume) -> Volume | None:
         return self.cs.get_volume(volume.volume_id)
 
     def location(self, volume: OsseaVolume) -> str | None:
@@ -54,7 +54,7 @@ class Placement:
         remote = self.remote(volume)
         if remote is None:
             raise NotFound(f"replica volume {volume.volume_id} ({volume.volume_name}) no longer exists in CloudStack")
-        return remote.get("virtualmachineid") or None
+        return remote.virtual_machine_id
 
     def detach(self, volume: OsseaVolume) -> str | None:
         """Detach from wherever it is attached (the OMA: its NBD export is stopped first); the mapping
@@ -77,18 +77,18 @@ class Placement:
         remote = self.remote(volume)
         if remote is None:
             raise NotFound(f"replica volume {volume.volume_id} no longer exists in CloudStack")
-        attached_to = remote.get("virtualmachineid")
+        attached_to = remote.virtual_machine_id
         if attached_to and attached_to != vm_id:
             raise VolumeMoveFailed(f"volume {volume.volume_id} is attached to VM {attached_to}; detach it first")
         if not attached_to:
             remote = self.cs.attach_volume(volume.volume_id, vm_id, device_id)
-            log.info("volume %s attached to VM %s as device %s", volume.volume_id, vm_id, remote.get("deviceid"))
+            log.info("volume %s attached to VM %s as device %s", volume.volume_id, vm_id, remote.device_id)
         values = {
             "vm_context": volume.vm_context_id, "volume_id_numeric": volume.id, "vm_id": vm_id,
-            "operation_mode": DeviceOperationMode.FAILOVER, "cloudstack_device_id": remote.get("deviceid"),
+            "operation_mode": DeviceOperationMode.FAILOVER, "cloudstack_device_id": remote.device_id,
             "requires_device_correlation": False, "device_path": f"remote-vm-{vm_id}-{volume.volume_id}",
             "cloudstack_state": "attached", "linux_state": "n/a",
-            "size": int(remote.get("size") or volume.size_gb * volumes.GIB), "last_sync": utcnow(),
+            "size": remote.size_bytes or volume.size_gb * volumes.GIB, "last_sync": utcnow(),
         }
         with db.atomic():
             if DeviceMapping.select().where(DeviceMapping.volume_uuid == volume.volume_id).exists():
@@ -112,16 +112,16 @@ class Placement:
         """Detach and delete the ROOT disk the template gave the new VM (not a replica volume)."""
         removed = []
         for remote in self.cs.list_volumes(virtualmachineid=vm_id):
-            if remote.get("type") == "ROOT" and remote["id"] not in keep:
-                self.cs.detach_volume(remote["id"])
-                self.cs.delete_volume(remote["id"])
-                removed.append(remote["id"])
+            if remote.type == "ROOT" and remote.id not in keep:
+                self.cs.detach_volume(remote.id)
+                self.cs.delete_volume(remote.id)
+                removed.append(remote.id)
         return removed
 
     def volumes_on(self, vm_id: str, candidates: list[OsseaVolume]) -> list[OsseaVolume]:
         """Context volumes CloudStack reports attached to ``vm_id`` plus those whose mapping says so."""
         try:
-            remote_ids = {v["id"] for v in self.cs.list_volumes(virtualmachineid=vm_id)}
+            remote_ids = {v.id for v in self.cs.list_volumes(virtualmachineid=vm_id)}
         except CloudStackError as exc:
             if exc.cs_code != 431:
                 raise

@@ -4,7 +4,7 @@ A workflow is a list of :class:`Step` and a state object the steps share. :func:
 in order through a :class:`StepRecorder` (the real one, :class:`JobLogRecorder`, writes job_steps rows
 through :mod:`oma_server.domain.joblog`); the loop itself holds no database code, so its rules — stop
 before the next step when asked, record a skip instead of running, stop at the first failure or keep
-going and collect failures — are tested without a database (tests/test_workflow_runner.py).
+going and collect failures — are tested without a database (tests/unit/test_workflow_runner.py).
 """
 from __future__ import annotations
 

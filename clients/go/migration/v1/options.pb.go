@@ -35,7 +35,7 @@ var file_migration_v1_options_proto_extTypes = []protoimpl.ExtensionInfo{
 var (
 	// The REST route(s) of the user's API-to-database mapping that this RPC replaces,
 	// written "METHOD /path" with {name} path parameters, e.g. "POST /replications".
-	// tests/test_contract.py checks that every route of the mapping has an RPC.
+	// tests/api/test_contract.py checks that every route of the mapping has an RPC.
 	//
 	// repeated string route = 50001;
 	E_Route = &file_migration_v1_options_proto_extTypes[0]

@@ -15,5 +15,5 @@ ROUTE_FIELD_NUMBER: _builtins.int
 route: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, _containers.RepeatedScalarFieldContainer[_builtins.str]]
 """The REST route(s) of the user's API-to-database mapping that this RPC replaces,
 written "METHOD /path" with {name} path parameters, e.g. "POST /replications".
-tests/test_contract.py checks that every route of the mapping has an RPC.
+tests/api/test_contract.py checks that every route of the mapping has an RPC.
 """

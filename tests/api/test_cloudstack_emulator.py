@@ -25,7 +25,7 @@ from omalab.cloudstack_emulator import (
 
 GiB = 1 << 30
 FAST = pytest.mark.cloudstack_emulator(job_delay=0.05)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def raw_get(emu: CloudStackEmulator, params: dict) -> requests.Response:

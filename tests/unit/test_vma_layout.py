@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-AGENT = Path(__file__).resolve().parents[1] / "vma_agent"
+AGENT = Path(__file__).resolve().parents[2] / "vma_agent"
 MAX_LINES = 700
 
 #: library (top-level import name) -> the only place in vma_agent/ that may import it

@@ -75,6 +75,25 @@ def exports(tmp_path):
     manager.stop()
 
 
+def test_a_process_stopping_its_export_leaves_the_key_file_of_another_processes_export(exports, tmp_path):
+    """Two OMA processes of one appliance share the data dir: when one stops its server for an export (a
+    takeover), the nbdkit the other one started for the same export keeps its key file."""
+    manager, disk, box = exports
+    port = _free_ports(1)[0]
+    other = ExportManager(bind_host="127.0.0.1", public_host="127.0.0.1", port_min=port, port_max=port,
+                          psk_dir=tmp_path / "nbd-tls", psk_for=lambda job_id: nbd_access.export_psk(box, job_id))
+    try:
+        manager.ensure("migration-vol-1", str(disk), job_id="job-one")
+        other.ensure("migration-vol-1", str(disk), job_id="job-one")
+        manager.stop()
+        _, argv = other.current("migration-vol-1")
+        key_file = next(a.split("=", 1)[1] for a in argv if a.startswith("--tls-psk="))
+        assert Path(key_file).exists()
+    finally:
+        other.stop()
+    assert list((tmp_path / "nbd-tls").iterdir()) == []
+
+
 def test_nbdkit_serves_a_jobs_export_only_to_a_client_with_that_jobs_key(exports, tmp_path):
     manager, disk, box = exports
     export = manager.ensure("migration-vol-1", str(disk), job_id="job-one")
@@ -82,7 +101,8 @@ def test_nbdkit_serves_a_jobs_export_only_to_a_client_with_that_jobs_key(exports
     assert export.tls.identity == "job-one" and export.tls.psk == psk and psk.hex() not in repr(export)
     psk_dir = tmp_path / "nbd-tls"
     assert stat.S_IMODE(psk_dir.stat().st_mode) == 0o700
-    assert [(p.name, stat.S_IMODE(p.stat().st_mode)) for p in psk_dir.iterdir()] == [("migration-vol-1.psk", 0o600)]
+    assert [(p.name.split(".")[0], p.suffix, stat.S_IMODE(p.stat().st_mode))
+            for p in psk_dir.iterdir()] == [("migration-vol-1", ".psk", 0o600)]
     _, argv = manager.current("migration-vol-1")
     assert "--tls=require" in argv and not any(psk.hex() in arg for arg in argv)  # never on a command line
 

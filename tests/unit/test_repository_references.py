@@ -13,7 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SKIPPED_DIRS = {".git", ".venv", "node_modules", ".gocache", ".gopath", "__pycache__", ".pytest_cache"}
 TEXT_SUFFIXES = {".py", ".pyi", ".proto", ".go", ".md", ".cfg", ".toml", ".txt", ".yaml", ".yml", ".sh", ""}
 TOP_LEVEL = ("oma_server", "vma_agent", "omalab", "tests", "scripts", "proto", "clients", "bench", "docs",

@@ -30,7 +30,7 @@ from oma_server.config import load_settings
 from omaclient.client import OmaClient
 from tests.fixtures.servers import ADMIN_PASSWORD, start_oma
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 

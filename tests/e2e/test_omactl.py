@@ -38,7 +38,7 @@ from tests.helpers.omactl import (
     table_rows,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VC_PASSWORD = "vc-Secret-0451"  # must never be printed
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.fixtures.servers import ADMIN_PASSWORD
 
-BUF = Path(__file__).resolve().parents[1] / "node_modules/.bin/buf"
+BUF = Path(__file__).resolve().parents[2] / "node_modules/.bin/buf"
 
 
 def buf_curl(port: int, *args: str) -> subprocess.CompletedProcess:

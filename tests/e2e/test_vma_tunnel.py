@@ -29,7 +29,7 @@ from tests.fixtures.sshd import check_config, start_sshd
 from tests.helpers.vma_enrollment import agent_runner, enroll, new_code, status, wait_for
 
 USER = getpass.getuser()  # the tunnel account: sshd here runs as this user, so it can only log in as it
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_ports(count: int) -> int:

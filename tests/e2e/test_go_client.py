@@ -18,7 +18,7 @@ import pytest
 from oma_server.db.models import VmReplicationContext
 from tests.fixtures.servers import ADMIN_PASSWORD
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "github.com/oma-vma/migrate/clients/go/examples/omaclient"
 # The generated packages import each other as github.com/oma-vma/migrate/...: the GOPATH entry
 # .gopath/src/github.com/oma-vma/migrate is a relative symlink back to this checkout.

@@ -22,7 +22,7 @@ from tests import factories
 from tests.factories import read_without_writes, refused_without_writes
 from tests.fixtures.servers import ADMIN_PASSWORD
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

@@ -14,7 +14,7 @@ import oma.v1
 import vma.v1
 from migration.v1 import options_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _normalise(route: str) -> str:
