@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from oma_server import errors, metrics, request_rules
 from oma_server.db.database import db
+from oma_server.db.transactions import is_database_unavailable, is_write_conflict
 from oma_server.domain.auth import Identity, TokenAuthority, check_role
 
 log = logging.getLogger("oma_server.rpc")
@@ -117,6 +118,12 @@ class RpcInterceptor(grpc.ServerInterceptor):
             raise exc  # the handler already chose a status (context.abort)
         if isinstance(exc, errors.DomainError):
             code, message = _status_code(exc), bounded_message(exc.message)
+        elif is_write_conflict(exc):  # a transaction without run_transaction lost a race (Galera certification)
+            code, message = grpc.StatusCode.UNAVAILABLE, ("a concurrent change from another OMA process conflicted "
+                                                          "with this one; nothing was changed, try again")
+        elif is_database_unavailable(exc):
+            log.warning("%s: database unavailable: %s", method, exc)
+            code, message = grpc.StatusCode.UNAVAILABLE, "the database is unavailable; try again shortly"
         elif isinstance(exc, NotImplementedError):
             service, _, rpc = method.rpartition("/")
             code, message = grpc.StatusCode.UNIMPLEMENTED, f"{service.lstrip('/')}.{rpc} is not built yet"

@@ -515,6 +515,9 @@ class ScheduleExecution(BaseModel):
     execution_duration_seconds = IntegerField(null=True)
     created_at = UtcDateTimeField(default=utcnow)
     triggered_by = CharField(255, default="scheduler")
+    # "<schedule id>@<fire time>" for clock firings, NULL otherwise: the unique index is the cross-process claim of
+    # one tick (docs/design/galera.md).
+    firing_key = CharField(128, null=True, unique=True)
 
     class Meta:
         table_name = "schedule_executions"

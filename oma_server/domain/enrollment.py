@@ -50,6 +50,7 @@ from oma_server.db.models import (
     new_uuid,
     utcnow,
 )
+from oma_server.db.transactions import retry_on_write_conflict, run_transaction
 from oma_server.domain.crypto import SecretBox
 from oma_server.domain.paging import Page, paginate
 from oma_server.domain.text_rules import quote
@@ -358,7 +359,8 @@ def verify(source: Caller, windows: Windows, enrollment_id: str, signature: str)
     """Check the signature of the challenge: success → ``awaiting_approval`` (nonce cleared, approval
     window starts); failure → counted, the fifth → ``rejected``. Both outcomes are answers, not errors."""
     require(signature.strip(), "signature is required")
-    with db.atomic():
+
+    def check() -> tuple[VmaEnrollment, str, str]:
         enrollment = _get(enrollment_id, for_update=True)
         _require_status(enrollment, (EnrollmentStatus.PENDING_VERIFICATION,), "verified")
         caller = source.as_actor(f"vma:{enrollment.vma_name}")
@@ -369,18 +371,23 @@ def verify(source: Caller, windows: Windows, enrollment_id: str, signature: str)
             enrollment.expires_at = utcnow() + windows.approval
             enrollment.save()
             _audit(AuditEventType.VERIFICATION, caller, enrollment, success=True)
-            return enrollment, "Signature verified; waiting for the operator's approval"
+            return enrollment, "Signature verified; waiting for the operator's approval", ""
         failures = enrollment.verification_attempts + 1
         enrollment.verification_attempts = failures
         enrollment.save()
         _audit(AuditEventType.VERIFICATION, caller, enrollment, success=False, failed_attempts=failures)
         if failures < MAX_VERIFICATION_FAILURES:
-            return enrollment, f"Signature verification failed ({failures} of {MAX_VERIFICATION_FAILURES} attempts)"
+            return enrollment, f"Signature verification failed ({failures} of {MAX_VERIFICATION_FAILURES} attempts)", ""
         enrollment.status = EnrollmentStatus.REJECTED
         enrollment.challenge_nonce = None
         enrollment.save()
         reason = f"{MAX_VERIFICATION_FAILURES} failed signature verifications"
         _audit(AuditEventType.REJECTION, caller.as_actor(SYSTEM), enrollment, reason=reason)
+        return enrollment, "", reason
+
+    enrollment, answer, reason = run_transaction(check, what=f"verifying enrollment {enrollment_id}")
+    if answer:
+        return enrollment, answer
     log.warning("enrollment %s of VMA %r rejected after %s", enrollment.id, enrollment.vma_name, reason)
     return enrollment, f"Enrollment rejected after {reason}"
 
@@ -425,36 +432,46 @@ def approve(tunnel: Tunnel, caller: Caller, enrollment_id: str, approved_by: str
     nothing."""
     approved_by = _text(approved_by, "approved_by") or caller.actor
     notes = _text(notes, "notes", 2000)
-    installed: ssh_keys.Ed25519PublicKey | None = None
+
+    def attempt() -> tuple[VmaEnrollment, VmaActiveConnection, int]:
+        installed: ssh_keys.Ed25519PublicKey | None = None
+        try:
+            with tunnel.keys.locked(), db.atomic():
+                enrollment = _get(enrollment_id, for_update=True)
+                _require_status(enrollment, (EnrollmentStatus.AWAITING_APPROVAL,), "approved")
+                port = _free_reverse_port(tunnel.reverse_ports)
+                now = utcnow()
+                enrollment.status = EnrollmentStatus.APPROVED
+                enrollment.approved_by, enrollment.approved_at = approved_by, now
+                enrollment.save()
+                connection = VmaActiveConnection.create(
+                    id=new_uuid(), enrollment=enrollment.id, vma_name=enrollment.vma_name,
+                    vma_fingerprint=enrollment.vma_fingerprint, ssh_user=tunnel.ssh_user,
+                    connection_status=ConnectionStatus.CONNECTED, reverse_tunnel_port=port, connected_at=now,
+                    created_at=now, updated_at=now)
+                _audit(AuditEventType.APPROVAL, caller, enrollment, approved_by=approved_by, notes=notes or None,
+                       connection_id=connection.id, reverse_tunnel_port=port)
+                key = _key(enrollment)
+                tunnel.keys.add(key, port)  # last: if it fails, the transaction rolls back
+                installed = key
+        except Exception:
+            if installed is not None:  # the commit failed after the key went in: take it out again
+                _remove_quietly(tunnel, installed)
+            raise
+        return enrollment, connection, port
+
+    # The enrollment row's status change is the claim (two approvals of one enrollment write the same row) and the
+    # port's unique index reserves the port; on a Galera cluster a concurrent approval through another node fails
+    # certification on either and is run again from the start (it then sees the approval or the taken port).
     try:
-        with tunnel.keys.locked(), db.atomic():
-            enrollment = _get(enrollment_id, for_update=True)
-            _require_status(enrollment, (EnrollmentStatus.AWAITING_APPROVAL,), "approved")
-            port = _free_reverse_port(tunnel.reverse_ports)
-            now = utcnow()
-            enrollment.status = EnrollmentStatus.APPROVED
-            enrollment.approved_by, enrollment.approved_at = approved_by, now
-            enrollment.save()
-            connection = VmaActiveConnection.create(
-                id=new_uuid(), enrollment=enrollment.id, vma_name=enrollment.vma_name,
-                vma_fingerprint=enrollment.vma_fingerprint, ssh_user=tunnel.ssh_user,
-                connection_status=ConnectionStatus.CONNECTED, reverse_tunnel_port=port, connected_at=now,
-                created_at=now, updated_at=now)
-            _audit(AuditEventType.APPROVAL, caller, enrollment, approved_by=approved_by, notes=notes or None,
-                   connection_id=connection.id, reverse_tunnel_port=port)
-            key = _key(enrollment)
-            tunnel.keys.add(key, port)  # last: if it fails, the transaction rolls back
-            installed = key
+        enrollment, connection, port = retry_on_write_conflict(
+            attempt, what=f"approving enrollment {enrollment_id}")
     except ssh_keys.SshKeyError as exc:
         raise FailedPrecondition(f"the VMA's key could not be installed for the tunnel, nothing was approved: "
                                  f"{exc}") from None
     except IntegrityError:  # another OMA process handed out the same port at the same moment (unique index)
         raise Unavailable("another approval took the same reverse tunnel port at the same moment; nothing was "
                           "approved, approve again") from None
-    except Exception:
-        if installed is not None:  # the commit failed after the key went in: take it out again
-            _remove_quietly(tunnel, installed)
-        raise
     log.info("enrollment %s of VMA %r approved by %s (reverse port %d)", enrollment.id, enrollment.vma_name,
              approved_by, port)
     return enrollment, connection, port
@@ -471,13 +488,17 @@ def _remove_quietly(tunnel: Tunnel, key: ssh_keys.Ed25519PublicKey) -> None:
 def reject(caller: Caller, enrollment_id: str, rejected_by: str, reason: str) -> VmaEnrollment:
     rejected_by = _text(rejected_by, "rejected_by") or caller.actor
     reason = _text(reason, "reason", 2000)
-    with db.atomic():
+
+    def refuse() -> VmaEnrollment:
         enrollment = _get(enrollment_id, for_update=True)
         _require_status(enrollment, ENROLLMENT_EXPIRABLE_STATUSES, "rejected")
         enrollment.status = EnrollmentStatus.REJECTED
         enrollment.challenge_nonce = None
         enrollment.save()
         _audit(AuditEventType.REJECTION, caller, enrollment, rejected_by=rejected_by, reason=reason or None)
+        return enrollment
+
+    enrollment = run_transaction(refuse, what=f"rejecting enrollment {enrollment_id}")
     log.info("enrollment %s of VMA %r rejected by %s", enrollment.id, enrollment.vma_name, rejected_by)
     return enrollment
 

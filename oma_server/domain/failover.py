@@ -6,7 +6,8 @@ ONE transaction — a rejected request writes nothing — then the caller hands 
 (:mod:`oma_server.workflows.failover`), which runs the steps.
 
 * **Lock** (docs/design/failover.md#one-operation-per-vm-and-restarts): at most one non-terminal failover, cleanup or rollback per context. The context row
-  is locked (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction serialises writers) and the request
+  is locked (written by ``claim_row`` and read ``FOR UPDATE``, so the lock holds across the nodes of a Galera
+  cluster too, docs/design/galera.md; SQLite's IMMEDIATE transaction serialises writers) and the request
   is refused with FAILED_PRECONDITION naming the running job while a failover record of the context is
   non-terminal (a cleanup/rollback moves it to ``reverting``) or a failover/cleanup job of the context
   is running. CleanupFailedExecution ignores jobs whose process is gone (no heartbeat): it exists for them.
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Protocol
 
-from oma_server.db.database import database_proxy as db
 from oma_server.db.database import db_for_update
 from oma_server.db.models import (
     FAILOVER_ACTIVE_STATUSES,
@@ -39,6 +39,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.db.transactions import claim_row, run_transaction
 from oma_server.domain import cloudstack_config, contexts, joblog
 from oma_server.domain.failover_config import FailoverConfig, FailoverRequest, resolve
 from oma_server.domain.text_rules import quote
@@ -143,6 +144,10 @@ class Started:
 # --- the lock and idempotency --------------------------------------------------------------------
 
 def _lock_context(context_id: str) -> VmReplicationContext:
+    """The per-context lock: a write of the row (claim_row), so that on a Galera cluster, where ``FOR UPDATE``
+    locks one node only, two requests for one VM through different nodes conflict at certification (the loser is
+    run again by run_transaction, or answered UNAVAILABLE "try again")."""
+    claim_row(VmReplicationContext, context_id)
     return db_for_update(VmReplicationContext.select().where(VmReplicationContext.context_id == context_id)).get()
 
 
@@ -243,7 +248,7 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
     _check_cloudstack()
     kind = config.failover_type
     ext = external_id(f"unified-{kind}-failover", ctx.vm_name, now)
-    with db.atomic():
+    def claim() -> str:
         locked = _lock_context(ctx.context_id)
         # A job still running on the VM is the first thing to name (the operator waits for it or cancels it);
         # only a VM at rest in a failover state asks for an end, a rollback or a cleanup.
@@ -272,6 +277,9 @@ def start_failover(request: FailoverRequest, actor: str, worker: Worker) -> Star
                                     "unmapped": config.unmapped_networks}),
             started_at=now,
         )
+        return job_id
+
+    job_id = run_transaction(claim, what=f"starting a {kind} failover of VM {quote(ctx.vm_name)}")
     return Started(job_id, ext, ctx.context_id, job_id, ctx.vm_name, status=FailoverJobStatus.PENDING,
                    message=f"{kind} failover of {ctx.vm_name} started", configuration=config)
 
@@ -308,7 +316,7 @@ def _start_revert(record: FailoverJob, *, operation: str, ext: str, actor: str, 
         if record.status == FailoverJobStatus.CLEANUP:
             raise FailedPrecondition(f"failover {record.job_id} was already cleaned up")
         raise FailedPrecondition(f"failover {record.job_id} is {record.status}; wait for it to end")
-    with db.atomic():
+    def claim() -> str:
         locked = _lock_context(record.vm_context_id)
         ensure_free(locked, worker)
         parent = record.job_id if JobTracking.select().where(JobTracking.id == record.job_id).exists() else None
@@ -320,7 +328,9 @@ def _start_revert(record: FailoverJob, *, operation: str, ext: str, actor: str, 
         )
         worker.lease(job_id)
         move_failover_job(record.job_id, FailoverJobStatus.REVERTING, completed_at=None)
-    return job_id
+        return job_id
+
+    return run_transaction(claim, what=f"starting {operation} of failover {record.job_id}")
 
 
 def start_end_test(identifier: str, request_id: str, actor: str, worker: Worker) -> Started:
@@ -427,7 +437,7 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
     _check_cloudstack()
     now = utcnow()
     ext = external_id("cleanup-failed", ctx.vm_name, now)
-    with db.atomic():
+    def claim() -> str:
         locked = _lock_context(ctx.context_id)
         ensure_free(locked, worker, ignore_dead=True)
         job_id = joblog.start_job(
@@ -438,6 +448,9 @@ def start_cleanup_failed(*, vm_name: str, context_id: str, request_id: str, acto
                       "request_id": request_id or None, "context_id": ctx.context_id},
         )
         worker.lease(job_id)
+        return job_id
+
+    job_id = run_transaction(claim, what=f"starting the cleanup of the failed execution of VM {quote(ctx.vm_name)}")
     return Started(job_id, ext, ctx.context_id, newest.job_id if newest else "", ctx.vm_name,
                    message=f"cleaning up the failed execution of {ctx.vm_name}")
 

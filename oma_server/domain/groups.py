@@ -13,7 +13,7 @@ from typing import Any
 
 from peewee import fn
 
-from oma_server.db.database import db, db_for_update
+from oma_server.db.database import db_for_update
 from oma_server.db.models import (
     REPLICATION_ACTIVE_STATUSES,
     JobCategory,
@@ -26,6 +26,7 @@ from oma_server.db.models import (
     VmMachineGroup,
     VmReplicationContext,
 )
+from oma_server.db.transactions import claim_row, run_transaction
 from oma_server.domain import joblog, paging, text_rules
 from oma_server.domain.text_rules import quote
 from oma_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
@@ -207,13 +208,14 @@ def delete_group(group_id: str, actor: str) -> None:
 
 
 def _lock_context(context_id: str) -> None:
-    """Serialise membership changes of one VM: the caller's transaction holds the context row until it
-    commits (MariaDB ``FOR UPDATE``; SQLite's IMMEDIATE transaction already serialises writers), so the
-    "one group per VM" check and the insert that relies on it cannot interleave with another assignment.
+    """Serialise membership changes of one VM: the caller's transaction writes the context row (claim_row), so
+    the "one group per VM" check and the insert that relies on it cannot interleave with another assignment —
+    on one server the write holds the row lock until commit (SQLite's IMMEDIATE transaction serialises writers
+    anyway), and on a Galera cluster, where a ``FOR UPDATE`` lock is not seen by the other nodes, the competing
+    transaction fails certification on that row and run_transaction runs it again.
     Taken before anything else in the transaction: the joblog insert and the membership's foreign key
     would otherwise take shared locks that two concurrent callers then deadlock upgrading."""
-    db_for_update(VmReplicationContext.select(VmReplicationContext.context_id).where(
-        VmReplicationContext.context_id == context_id)).first()
+    claim_row(VmReplicationContext, context_id)
 
 
 def _membership(group_id: str, context_id: str) -> VmGroupMembership:
@@ -233,7 +235,7 @@ def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: 
     require(prio >= 0, "priority cannot be negative")
     if schedule_override_id:
         _schedule(schedule_override_id)
-    with db.atomic():
+    def assign() -> VmGroupMembership:
         _lock_context(context_id)
         existing = db_for_update(VmGroupMembership.select().where(VmGroupMembership.vm_context == context_id)).first()
         if existing is not None:
@@ -249,6 +251,8 @@ def assign_vm(*, group_id: str, context_id: str, priority: int | None, enabled: 
                                      enabled=True if enabled is None else enabled,
                                      schedule_override=schedule_override_id or None, added_by=added_by)
         return _membership(group_id, context_id)  # read before commit: a concurrent move may follow at once
+
+    return run_transaction(assign, what=f"assigning VM {ctx.vm_name!r} to group {group.name!r}")
 
 
 def unassign_vm(group_id: str, context_id: str, actor: str) -> None:
@@ -290,7 +294,7 @@ def set_vm_group(*, context_id: str, group_id: str, priority: int | None, enable
     get(group_id)
     prio = 0 if priority is None else priority
     _check_range("priority", prio, PRIORITY_RANGE)
-    with db.atomic():
+    def move() -> tuple[VmGroupMembership, list[str]]:
         _lock_context(context_id)
         others = [m.group_id for m in db_for_update(VmGroupMembership.select().where(
             VmGroupMembership.vm_context == context_id, VmGroupMembership.group != group_id))]
@@ -309,6 +313,8 @@ def set_vm_group(*, context_id: str, group_id: str, priority: int | None, enable
                     values[VmGroupMembership.enabled] = enabled
                 VmGroupMembership.update(values).where(VmGroupMembership.id == current.id).execute()
         return _membership(group_id, context_id), others  # read before commit, as in assign_vm
+
+    return run_transaction(move, what=f"moving VM {ctx.vm_name!r} to group {group_id}")
 
 
 def group_vms(group_id: str, page_size: int = 0, page_token: str = "") -> tuple[VmMachineGroup, paging.Page]:

@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 from oma_server import metrics
-from oma_server.db.database import database_proxy as db
 from oma_server.db.models import (
     CONTEXT_REPLICATION_BLOCKED_STATUSES,
     REPLICATION_ACTIVE_STATUSES,
@@ -26,6 +25,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.db.transactions import run_transaction
 from oma_server.domain import joblog, nbd_access
 
 log = logging.getLogger("oma_server.replication")
@@ -52,7 +52,11 @@ def finish(job_id: str, status: JobStatus, error: str | None = None,
     if status not in _JOBLOG_STATUS:
         raise ValueError(f"{status} is not a terminal status")
     now = utcnow()
-    with db.atomic():
+
+    # The conditional UPDATE of the job's status is the claim (of a completion, a failure and a cancel racing
+    # from different OMA processes or Galera nodes, one ends the job); run_transaction retries a certification
+    # conflict, and the retried attempt then finds the job ended.
+    def end() -> bool:
         values: dict[Any, Any] = {ReplicationJob.status: status, ReplicationJob.completed_at: now}
         if status is JobStatus.COMPLETED:
             values.update({ReplicationJob.progress_percent: 100, ReplicationJob.current_operation: "Completed",
@@ -79,6 +83,10 @@ def finish(job_id: str, status: JobStatus, error: str | None = None,
         tracking = tracking_job_id(job_id)
         if tracking:
             joblog.end_job(tracking, _JOBLOG_STATUS[status], error)
+        return True
+
+    if not run_transaction(end, what=f"ending replication job {job_id}"):
+        return False
     metrics.REPLICATION_JOBS.labels(status=status.value).inc()
     log.info("replication job %s %s%s", job_id, status.value, f": {error}" if error else "")
     nbd_access.job_ended(job_id)  # its VMA may no longer reach the job's exports

@@ -45,6 +45,7 @@ from oma_server.db.models import (
     utcnow,
 )
 from oma_server.db.prepared import PreparedSelect
+from oma_server.db.transactions import run_transaction
 from oma_server.domain import cloudstack_config, contexts, credentials, joblog, text_rules
 from oma_server.domain.job_lifecycle import finish
 from oma_server.domain.text_rules import quote
@@ -168,7 +169,10 @@ def create(request: CreateRequest, actor: str) -> Created:
 
     job_id = new_job_id()
     now = utcnow()
-    with db.atomic():
+    # The claim is the conditional UPDATE of the context row (compare-and-set). On a Galera cluster the FOR UPDATE
+    # below locks this node only; a create through another node is stopped by certification instead (the same
+    # context row is in both write sets) and run_transaction runs the loser again, which then sees the winner's job.
+    def claim() -> str:
         # Lock the context row first (MariaDB: SELECT … FOR UPDATE; SQLite: the IMMEDIATE transaction
         # already serialises writers): inserting the job first would take a shared lock through the
         # foreign key and concurrent creates would deadlock upgrading it.
@@ -210,6 +214,17 @@ def create(request: CreateRequest, actor: str) -> Created:
             metadata={"replication_type": replication_type, "ossea_config_id": config.id,
                       "scheduled_by": request.scheduled_by or None, "request_id": request.request_id or None},
         )
+        return tracking
+
+    try:
+        tracking = run_transaction(claim, what=f"creating a replication of VM {ctx.vm_name!r}")
+    except FailedPrecondition:
+        # A repeated request that raced its first copy (another OMA process, another database node): the first
+        # one's job is the answer, as it would have been had the repeat come a moment later.
+        earlier = _created_for(request.request_id, ctx.context_id) if request.request_id else None
+        if earlier is None:
+            raise
+        return earlier
     return Created(ReplicationJob.get_by_id(job_id), VmReplicationContext.get_by_id(ctx.context_id), tracking)
 
 

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Iterable
 
+from peewee import IntegrityError
+
 from oma_server.config import Settings
 from oma_server.db.database import database_proxy as db
 from oma_server.db.database import db_for_update
@@ -70,6 +72,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.db.transactions import run_transaction
 from oma_server.domain import joblog, replications, schedules
 from oma_server.domain.schedule_rules import (
     CAPACITY_CONFLICTS,
@@ -258,7 +261,12 @@ class Scheduler:
         clock firing (same schedule and fire time)."""
         now = utcnow()
         execution_id = new_uuid()
-        with db.atomic():
+        # A clock firing's claim is its unique firing_key: the FOR UPDATE below serialises the schedulers on one
+        # server, but on a Galera cluster it locks one node only; there the second insert of the key fails
+        # certification, run_transaction runs it again and the exists() check then sees the first firing.
+        firing_key = f"{schedule_id}@{scheduled_at.isoformat()}" if triggered_by == OWNER else None
+
+        def fire() -> tuple[ReplicationSchedule, ScheduleExecution, str, str | None] | None:
             schedule = db_for_update(ReplicationSchedule.select().where(ReplicationSchedule.id == schedule_id)).first()
             if schedule is None:
                 raise NotFound(f"no schedule {quote(schedule_id)}")
@@ -277,7 +285,7 @@ class Scheduler:
                 execution = ScheduleExecution.create(
                     id=execution_id, schedule=schedule.id, scheduled_at=scheduled_at, started_at=now, completed_at=now,
                     status=ScheduleExecutionStatus.SKIPPED, triggered_by=triggered_by, execution_details=details,
-                    execution_duration_seconds=0)
+                    execution_duration_seconds=0, firing_key=firing_key)
                 job_id = ""
             else:
                 job_id = joblog.start_job(
@@ -287,11 +295,23 @@ class Scheduler:
                 details.update(status=ScheduleExecutionStatus.RUNNING.value, job_id=job_id)
                 execution = ScheduleExecution.create(
                     id=execution_id, schedule=schedule.id, scheduled_at=scheduled_at, started_at=now,
-                    status=ScheduleExecutionStatus.RUNNING, triggered_by=triggered_by, execution_details=details)
+                    status=ScheduleExecutionStatus.RUNNING, triggered_by=triggered_by, execution_details=details,
+                    firing_key=firing_key)
                 step = "fire-schedule" if triggered_by in (OWNER, CHAIN_TRIGGER) else "trigger-schedule"
                 with joblog.step(job_id, step) as handle:
                     handle.details.update(triggered_by=triggered_by, reason=reason or None,
                                           scheduled_at=iso(scheduled_at))
+            return schedule, execution, job_id, skip
+
+        try:
+            fired = run_transaction(fire, what=f"firing schedule {schedule_id}")
+        except IntegrityError:
+            if firing_key is None:
+                raise
+            fired = None  # another process committed this firing between our check and our insert
+        if fired is None:
+            return None
+        schedule, execution, job_id, skip = fired
         with self._lock:
             registration = self._registrations.get(schedule.id)
             if registration is not None:
