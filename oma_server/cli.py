@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from oma_server.config import load_settings
+from oma_server.config import ConfigError, load_settings
 from oma_server.logs import configure_logging
 
 
@@ -35,11 +35,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = load_settings({
-        "listen": args.listen, "tls_listen": args.tls_listen, "tls_cert_file": args.tls_cert_file,
-        "tls_key_file": args.tls_key_file, "db_url": args.db_url, "data_dir": args.data_dir,
-        "vma_address": args.vma_address, "metrics_listen": args.metrics_listen,
-    })
+    try:
+        settings = load_settings({
+            "listen": args.listen, "tls_listen": args.tls_listen, "tls_cert_file": args.tls_cert_file,
+            "tls_key_file": args.tls_key_file, "db_url": args.db_url, "data_dir": args.data_dir,
+            "vma_address": args.vma_address, "metrics_listen": args.metrics_listen,
+        })
+        settings.check_serving()
+    except ConfigError as exc:
+        print(f"oma-server: not started: {exc}", file=sys.stderr, flush=True)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "migrate":
         from oma_server.db.database import secure_data_dir

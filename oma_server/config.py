@@ -6,13 +6,15 @@ few that people change on the command line, by a flag of ``oma-server`` (flags w
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import platformdirs
+
+from server_kit.settings import ConfigError, ServingSettings, load
+
+__all__ = ["ENV_PREFIX", "ConfigError", "Settings", "load_settings"]
 
 ENV_PREFIX = "OMA_"
 
@@ -22,8 +24,8 @@ def _default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Settings:
-    # --- serving ---------------------------------------------------------------------------
+class Settings(ServingSettings):
+    # --- serving (and the kit's: max_workers, max_concurrent_rpcs, metrics_listen, log_*) -----
     # Plaintext gRPC (local tools, the lab). Production refuses a non-loopback address here unless
     # allow_plaintext_listen is set (e.g. behind a TLS-terminating proxy): remote clients use tls_listen.
     listen: str = "127.0.0.1:9090"
@@ -34,16 +36,6 @@ class Settings:
     tls_listen: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
-    # Worker threads of the gRPC server: open progress streams each hold one, so size for the
-    # expected watchers plus unary headroom; beyond max_concurrent_rpcs calls fail fast
-    # with RESOURCE_EXHAUSTED instead of queueing into deadline errors.
-    max_workers: int = 32
-    max_concurrent_rpcs: int = 64
-    # Prometheus metrics endpoint ("host:port"); empty = off.
-    metrics_listen: str = ""
-    log_level: str = "INFO"
-    # "text" for people, "json" for log shippers.
-    log_format: str = "text"
 
     # --- state -----------------------------------------------------------------------------
     data_dir: Path = field(default_factory=_default_data_dir)
@@ -181,38 +173,11 @@ class Settings:
         return self.db_url or f"sqlite:///{self.data_dir / 'oma.db'}"
 
 
-def _convert(raw: str, kind: Any) -> Any:
-    kind = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}.get(kind, kind)
-    if kind is bool:
-        value = raw.strip().lower()
-        if value in ("1", "true", "yes", "on"):
-            return True
-        if value in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"not a boolean: {raw!r}")
-    return kind(raw)
-
-
 def load_settings(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Defaults, then ``OMA_*`` environment variables, then explicit overrides (CLI flags)."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            try:
-                values[f.name] = _convert(raw, f.type)
-            except ValueError as exc:
-                raise SystemExit(f"invalid {ENV_PREFIX}{f.name.upper()}: {exc}") from exc
-    if "encryption_key" not in values and environ.get("MIGRATEKIT_CRED_ENCRYPTION_KEY"):
-        values["encryption_key"] = environ["MIGRATEKIT_CRED_ENCRYPTION_KEY"]
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
-    if "data_dir" in values:
-        values["data_dir"] = Path(values["data_dir"]).expanduser()
-    if "device_dir" in values:
-        values["device_dir"] = Path(values["device_dir"])
-    return Settings(**values)
+    """Defaults, then ``OMA_*`` environment variables, then explicit overrides (CLI flags). A variable that
+    does not convert (``OMA_PRODUCTION=ture``) raises :class:`ConfigError` naming it (the server kit's rules:
+    :mod:`server_kit.settings`). ``MIGRATEKIT_CRED_ENCRYPTION_KEY`` is read when ``OMA_ENCRYPTION_KEY`` is not set."""
+    return load(Settings, ENV_PREFIX, overrides, environ,
+                aliases={"encryption_key": "MIGRATEKIT_CRED_ENCRYPTION_KEY"})

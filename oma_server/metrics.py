@@ -4,19 +4,16 @@ every OMA sharing the database reports the same truth), bytes replicated and the
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
+
+import server_kit.metrics
+from server_kit.metrics import RpcMetrics
 
 log = logging.getLogger("oma_server.metrics")
 
-RPC_HANDLED = Counter(
-    "oma_rpc_handled_total", "RPCs completed, by method and gRPC status code", ["method", "code"]
-)
-RPC_LATENCY = Histogram(
-    "oma_rpc_handling_seconds", "Time to handle successful RPCs, by method", ["method"]
-)
+RPCS = RpcMetrics("oma")  # oma_rpc_handled_total, oma_rpc_handling_seconds
 REPLICATION_JOBS = Counter(
     "oma_replication_jobs_ended_total", "Replication jobs that reached a terminal status", ["status"]
 )
@@ -57,22 +54,7 @@ class JobsByStatus:
         yield family
 
 
-# The labelled children, looked up once per (method, code): ``labels()`` takes a lock and builds its key on
-# every call, which was a measurable share of a fast read RPC.
-_handled_children: dict[tuple[str, str], Any] = {}
-_latency_children: dict[str, Any] = {}
-
-
-def record_rpc(method: str, code: str, seconds: float | None) -> None:
-    handled = _handled_children.get((method, code))
-    if handled is None:
-        handled = _handled_children[(method, code)] = RPC_HANDLED.labels(method=method, code=code)
-    handled.inc()
-    if seconds is not None:
-        latency = _latency_children.get(method)
-        if latency is None:
-            latency = _latency_children[method] = RPC_LATENCY.labels(method=method)
-        latency.observe(seconds)
+record_rpc = RPCS.record
 
 
 _collector_registered = False
@@ -84,5 +66,4 @@ def serve(listen: str) -> None:
     if not _collector_registered:
         REGISTRY.register(JobsByStatus())
         _collector_registered = True
-    host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+    server_kit.metrics.serve(listen)

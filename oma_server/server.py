@@ -10,18 +10,14 @@ saying what is not built yet.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import oma.v1
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from oma_server import metrics, tls
 from oma_server.config import Settings
@@ -33,6 +29,8 @@ from oma_server.domain.login_throttle import LoginThrottle, ThrottlePolicy
 from oma_server.rpc import RpcInterceptor
 from oma_server.services import build_servicers, service_of
 from oma_server.startup import Components, build_components
+from server_kit import serving
+from server_kit.settings import ConfigError, is_loopback
 
 log = logging.getLogger("oma_server")
 
@@ -80,7 +78,7 @@ def _load_keys(settings: Settings) -> tuple[bytes, bytes]:
 
 
 def _check_listen(settings: Settings) -> None:
-    if settings.production and not settings.allow_plaintext_listen and not tls.is_loopback(settings.listen):
+    if settings.production and not settings.allow_plaintext_listen and not is_loopback(settings.listen):
         raise SystemExit(
             f"production mode refuses plaintext gRPC on the non-loopback address {settings.listen}: serve remote "
             "clients over TLS (OMA_TLS_LISTEN) and keep OMA_LISTEN on 127.0.0.1, or set "
@@ -102,13 +100,9 @@ def _load_tls(settings: Settings) -> tls.TlsIdentity | None:
 
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     try:
-        if credentials is None:
-            return server.add_insecure_port(address)
-        return server.add_secure_port(address, credentials)
-    except RuntimeError:  # gRPC says only "failed to bind"
-        server.stop(None)
-        raise SystemExit(f"cannot listen on {address}{' (TLS)' if credentials else ''}: "
-                         "address in use, not local or malformed") from None
+        return serving.bind(server, address, credentials)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def load_secret_box(settings: Settings) -> SecretBox:
@@ -130,28 +124,6 @@ def prepare_database(settings: Settings, existing: Any = None, secrets: SecretBo
         if applied:
             log.info("database migrations applied: %s", ", ".join(applied))
         return auth.ensure_admin_user(settings.admin_password)
-
-
-def _service_modules() -> list[Any]:
-    return [
-        importlib.import_module(f"oma.v1.{m.name}")
-        for m in pkgutil.iter_modules(oma.v1.__path__)
-        if m.name.endswith("_pb2_grpc")
-    ]
-
-
-def _register_services(server: grpc.Server, servicers: list[Any]) -> list[str]:
-    """Register each servicer under the service whose generated base class it implements; every other
-    service of the contract with its base class (UNIMPLEMENTED)."""
-    by_service = {service_of(s): s for s in servicers}
-    names = []
-    for module in _service_modules():
-        pb2 = importlib.import_module(module.__name__.replace("_pb2_grpc", "_pb2"))
-        for service in pb2.DESCRIPTOR.services_by_name.values():
-            servicer = by_service.get(service.full_name) or getattr(module, f"{service.name}Servicer")()
-            getattr(module, f"add_{service.name}Servicer_to_server")(servicer, server)
-            names.append(service.full_name)
-    return sorted(names)
 
 
 class _DatabaseWatch(threading.Thread):
@@ -196,6 +168,10 @@ class RunningServer:
 
 def build_server(settings: Settings, existing_database: Any = None) -> RunningServer:
     """Prepare the database, register every service and start listening."""
+    try:
+        settings.check_serving()
+    except ConfigError as exc:
+        raise SystemExit(f"cannot serve: {exc}") from None
     database.secure_data_dir(settings.data_dir)
     token_secret, enc_key = _load_keys(settings)
     _check_listen(settings)
@@ -220,18 +196,11 @@ def build_server(settings: Settings, existing_database: Any = None) -> RunningSe
         secrets=box,
         tls_fingerprint=identity.fingerprint if identity is not None else "",
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[RpcInterceptor(runtime.tokens)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    server = serving.new_server(RpcInterceptor(runtime.tokens), settings.max_workers, settings.max_concurrent_rpcs)
     components = build_components(settings, runtime.secrets)
-    services = _register_services(server, build_servicers(runtime, components))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    servicers = {service_of(servicer): servicer for servicer in build_servicers(runtime, components)}
+    services = serving.register_contract(server, oma.v1, servicers)
+    health_servicer = serving.add_health_and_reflection(server, services)
     port = _bind(server, settings.listen)
     tls_port = None
     if identity is not None:

@@ -12,14 +12,11 @@ Key material is never logged or shown: only the certificate's fingerprint is.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
 import logging
-import os
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server_kit.private_files import write_private
+from server_kit.settings import is_loopback as is_loopback  # the OMA's callers ask tls.is_loopback
+from server_kit.settings import listen_host
 
 log = logging.getLogger("oma_server.tls")
 
@@ -57,29 +58,6 @@ class TlsIdentity:
         return ":".join(self.sha256[i:i + 2] for i in range(0, len(self.sha256), 2)).upper()
 
 
-def split_host(address: str) -> str:
-    """The host part of a gRPC listen address (``host:port``, ``[v6]:port``); ``unix:`` addresses as is."""
-    if address.startswith("unix:"):
-        return address
-    host, sep, _port = address.rpartition(":")
-    if not sep:
-        host = address
-    return host.strip("[]")
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a listen address is reachable only from this host (loopback or a unix socket)."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = split_host(address)
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name or an empty host (all interfaces)
-
-
 def load_identity(cert_file: str, key_file: str, data_dir: Path, listen: str) -> TlsIdentity:
     """The configured certificate and key, or the generated one in ``data_dir`` (created on first use)."""
     if bool(cert_file) != bool(key_file):
@@ -98,8 +76,9 @@ def load_identity(cert_file: str, key_file: str, data_dir: Path, listen: str) ->
         log.warning("only one of %s and %s exists; generating a new self-signed certificate "
                     "(VMAs that pinned the old one must be re-pinned)", cert_path, key_path)
     cert_pem, key_pem = generate_self_signed(_names(listen))
-    _write_private(key_path, key_pem)
-    _write_private(cert_path, cert_pem, mode=0o644)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(key_path, key_pem)
+    write_private(cert_path, cert_pem, mode=0o644)
     identity = _identity(cert_pem, key_pem, cert_path, key_path, True)
     log.info("generated a self-signed TLS certificate %s (SHA-256 %s)", cert_path, identity.fingerprint)
     return identity
@@ -143,7 +122,7 @@ def _is_ip(name: str) -> bool:
 def _names(listen: str) -> list[str]:
     """SANs of a generated certificate: this host's names, loopback, and the TLS listen host if specific."""
     names = []
-    for name in (socket.gethostname(), "localhost", "127.0.0.1", "::1", split_host(listen)):
+    for name in (socket.gethostname(), "localhost", "127.0.0.1", "::1", listen_host(listen)):
         name = name.strip().rstrip(".")
         if not name or name.startswith("unix:") or name in names or not name.isascii():
             continue
@@ -185,20 +164,3 @@ def _identity(cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path, 
         log.warning("the TLS certificate %s expires on %s", cert_path, not_after)
     sha256 = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
     return TlsIdentity(cert_pem, key_pem, sha256, cert_path, key_path, generated, not_after)
-
-
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``path`` atomically (temporary file created with ``mode``, renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 
+from server_kit.logs import configure_logging
 from vma_agent.config import ConfigError, load_settings
 
 
@@ -17,14 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datastore-map", help="NAME=/folder,... for --source-mode file (env VMA_DATASTORE_MAP)")
     p.add_argument("--metrics-listen", help="serve Prometheus metrics on host:port (env VMA_METRICS_LISTEN)")
     args = p.parse_args(argv)
-    settings = load_settings({
-        "listen": args.listen, "source_mode": args.source_mode, "datastore_map": args.datastore_map,
-        "metrics_listen": args.metrics_listen,
-    })
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vma_agent.server import build_server
 
     try:
+        settings = load_settings({
+            "listen": args.listen, "source_mode": args.source_mode, "datastore_map": args.datastore_map,
+            "metrics_listen": args.metrics_listen,
+        })
+        settings.check()  # before logging is set up with its level and format
+        configure_logging(settings.log_level, settings.log_format)
         running = build_server(settings)
     except ConfigError as exc:
         print(f"vma-agent: not started: {exc}", file=sys.stderr, flush=True)

@@ -5,12 +5,13 @@ the common ones from ``vma-agent`` flags (flags win).
 """
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from server_kit.settings import ConfigError, ServingSettings, is_loopback, load
+
+__all__ = ["ENV_PREFIX", "MIN_TOKEN_LENGTH", "ConfigError", "Settings", "load_settings"]
 
 ENV_PREFIX = "VMA_"
 #: The shortest bearer token accepted on a non-loopback address.
@@ -18,22 +19,23 @@ MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(ServingSettings):
+    # (and the kit's: max_workers, max_concurrent_rpcs, metrics_listen, log_level, log_format)
     listen: str = "127.0.0.1:9091"
-    max_workers: int = 32
-    max_concurrent_rpcs: int = 64
     # Bearer token the OMA must present. Empty = no authentication, which the agent accepts only on a
     # loopback address (the lab, or behind the enrollment tunnel, whose reverse forward ends on
     # 127.0.0.1); any other listen address needs a token of at least MIN_TOKEN_LENGTH characters.
     auth_token: str = ""
-    metrics_listen: str = ""
-    log_level: str = "INFO"
-    log_format: str = "text"
     # Ended jobs' progress is kept this long for late readers.
     progress_retention_seconds: float = 6 * 3600
     # At most this many jobs' progress is held in memory; a new job beyond it evicts the longest-ended
     # job, or is refused (RESOURCE_EXHAUSTED) while all of them still run.
     progress_max_jobs: int = 1000
+    # HTTP/2 keep-alive, so a progress stream lasting hours survives quiet periods and idle NATs:
+    # the agent pings its clients this often, and accepts their pings down to this interval (gRPC's
+    # own default refuses pings more often than every 5 minutes and closes the stream).
+    grpc_keepalive_seconds: float = 30.0
+    grpc_min_client_ping_seconds: float = 10.0
 
     # --- vCenter ---------------------------------------------------------------------------
     vcenter_timeout_seconds: float = 60.0
@@ -62,6 +64,21 @@ class Settings:
     # Tries per NBD command (reconnecting in between, back-off 0.5 s doubling to 10 s): patient enough
     # for the OMA to restart and serve its exports again (~35 s in all).
     copy_retry_tries: int = 8
+    # Checkpoints: every this many MiB or seconds (whichever comes first) the copier flushes the
+    # target and reports the offset below which each disk is durable (DiskProgress.checkpoint_offset).
+    # Smaller: less rewritten after a crash; larger: fewer flushes.
+    checkpoint_interval_mib: int = 64
+    checkpoint_interval_seconds: float = 5.0
+    # No fixed time limit on a copy: it fails only after no byte was written for this long; until
+    # then lost connections are retried from the last checkpoint with back-off.
+    copy_stall_seconds: float = 600.0
+    # Journal of running jobs (snapshot, checkpoints; no secrets) read back after a crash or
+    # restart (ListInterruptedJobs). Empty: <work_dir>/jobs; give a persistent path in production.
+    job_journal_dir: str = ""
+    # Interrupted jobs older than this are reported expired: remove their snapshot, do not resume.
+    leftover_snapshot_max_age_seconds: float = 24 * 3600
+    # Touch the vCenter session of a running job this often, so a long copy never outlives it.
+    vcenter_keepalive_seconds: float = 120.0
 
     # --- enrollment with an OMA ------------------------------------------------------------
     # Private directory (0700) of the enrollment key (OpenSSH format, 0600), the saved state (the
@@ -79,8 +96,8 @@ class Settings:
 
     def check(self) -> None:
         """Refuse settings the agent must not start with (raises :class:`ConfigError` naming the setting)."""
-        host = listen_host(self.listen)
-        if not _is_loopback(host):
+        self.check_serving()
+        if not is_loopback(self.listen):
             if not self.auth_token:
                 raise ConfigError(
                     f"listen = {self.listen!r} is not a loopback address and auth_token (VMA_AUTH_TOKEN) is "
@@ -92,6 +109,9 @@ class Settings:
         if self.progress_max_jobs < 1:
             raise ConfigError("progress_max_jobs (VMA_PROGRESS_MAX_JOBS) must be at least 1")
 
+    def journal_dir(self) -> Path:
+        return Path(self.job_journal_dir) if self.job_journal_dir else Path(self.work_dir) / "jobs"
+
     def datastores(self) -> dict[str, Path]:
         mapping = {}
         for item in filter(None, (s.strip() for s in self.datastore_map.split(","))):
@@ -100,44 +120,10 @@ class Settings:
         return mapping
 
 
-class ConfigError(ValueError):
-    """A setting the agent refuses to start with; the message names it."""
-
-
-def listen_host(listen: str) -> str:
-    """The host part of a gRPC listen address (``host:port``, ``[v6]:port``, ``:port`` = every address)."""
-    host = listen.rpartition(":")[0]
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # '' or 0.0.0.0-like wildcards are not loopback; neither is a name that may resolve anywhere
-        return False
-
-
-def _convert(raw: str, kind: Any) -> Any:
-    kind = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}.get(kind, kind)
-    if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
-
-
 def load_settings(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            values[f.name] = _convert(raw, f.type)
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
-    if "work_dir" in values:
-        values["work_dir"] = Path(values["work_dir"])
-    return Settings(**values)
+    """Defaults, then ``VMA_*`` environment variables, then explicit overrides (CLI flags). A variable that
+    does not convert (``VMA_TUNNEL_ENABLED=ture``) raises :class:`ConfigError` naming it (the server kit's
+    rules: :mod:`server_kit.settings`)."""
+    return load(Settings, ENV_PREFIX, overrides, environ)

@@ -27,12 +27,10 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import shlex
 import ssl
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 from oma.v1 import enrollment_pb2, enrollment_pb2_grpc
 
+from server_kit.private_files import write_private
+from server_kit.settings import is_loopback_host
 from vma_agent import errors, validation
 from vma_agent.config import Settings
 from vma_agent.integrations import ssh_tunnel
@@ -112,22 +112,6 @@ def _now() -> str:
 def fingerprint(public_key_line: str) -> str:
     blob = base64.b64decode(public_key_line.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _certificate_name(der: bytes) -> str | None:
@@ -214,7 +198,7 @@ class Enrollment:
 
     def _save(self, record: Record) -> None:
         record.updated_at = _now()
-        _write_private(self._dir / STATE_FILE, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+        write_private(self._dir / STATE_FILE, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
         self._record = record
 
     def _update(self, **changes: object) -> Record:
@@ -242,7 +226,7 @@ class Enrollment:
             self._save(dataclasses.replace(record, tunnel_configured=configured, message=message))
 
     def write_private_file(self, name: str, text: str) -> None:
-        _write_private(self._dir / name, text)
+        write_private(self._dir / name, text)
 
     def tunnel_result(self) -> TunnelView:
         """What the OMA says about this agent's tunnel (GetEnrollmentResult)."""
@@ -312,12 +296,12 @@ class Enrollment:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._dir.chmod(0o700)
             key = ed25519.Ed25519PrivateKey.generate()
-            _write_private(self._dir / PRIVATE_KEY_FILE, key.private_bytes(
+            write_private(self._dir / PRIVATE_KEY_FILE, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                 serialization.NoEncryption()).decode())
             public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             line = f"{public.decode()} vma-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in vma_name)}"
-            _write_private(self._dir / PUBLIC_KEY_FILE, line + "\n")
+            write_private(self._dir / PUBLIC_KEY_FILE, line + "\n")
         except OSError as exc:
             raise errors.FailedPrecondition(f"cannot write the enrollment directory {self._dir}: {exc}") from None
         return line
@@ -439,7 +423,7 @@ class Enrollment:
             "host_key_hash": tunnel.host_key_hash, "reverse_tunnel_port": tunnel.reverse_tunnel_port,
             "enrolled_at": enrolled_at,
         }
-        _write_private(self._dir / f"enrollment-{record.enrollment_id}.json", json.dumps(config, indent=2) + "\n")
+        write_private(self._dir / f"enrollment-{record.enrollment_id}.json", json.dumps(config, indent=2) + "\n")
         command = self._write_tunnel_files(config_text)
         with contextlib.suppress(FileNotFoundError):  # a host key pinned for an earlier enrollment
             (self._dir / "known_hosts").unlink()
@@ -459,7 +443,7 @@ class Enrollment:
         cannot be written safely, e.g. a line break in the enrollment directory's path)."""
         # The VMA-side end of each forward to the OMA's NBD exports listens on loopback only, whatever host
         # the OMA names: a key option must never make this agent listen on its network.
-        forwards = [(str(validation.HostPort(t.host if validation.is_loopback(t.host) else "127.0.0.1", t.port)),
+        forwards = [(str(validation.HostPort(t.host if is_loopback_host(t.host) else "127.0.0.1", t.port)),
                      str(t)) for t in tunnel.options.permit_open]
         return ssh_tunnel.ssh_config_text(
             comments=[f"Tunnel to the OMA for enrollment {record.enrollment_id} (written by vma-agent).",
@@ -490,9 +474,9 @@ class Enrollment:
 
     def _write_tunnel_files(self, config_text: str) -> str:
         """Write ``tunnel.ssh_config`` and, for people, ``tunnel.command``; returns the command line."""
-        _write_private(self._dir / SSH_CONFIG_FILE, config_text)
+        write_private(self._dir / SSH_CONFIG_FILE, config_text)
         command = shlex.join(ssh_tunnel.tunnel_command(self._dir / SSH_CONFIG_FILE))
-        _write_private(self._dir / COMMAND_FILE, command + "\n")
+        write_private(self._dir / COMMAND_FILE, command + "\n")
         return command
 
     def _restore_tunnel_files(self) -> bool:

@@ -1,47 +1,22 @@
-"""Errors of the agent's domain modules (which never import grpc); the RPC layer maps ``code`` to a
-gRPC status. Messages name what failed (the vCenter host, the VM) and never contain a password."""
+"""The agent's domain errors: the server kit's (:mod:`server_kit.errors`); ``AgentError`` is the agent's
+name for their base class. Messages name what failed (the vCenter host, the VM) and never contain a
+password; ``vma_agent.rpc`` maps each to its status."""
 from __future__ import annotations
 
+from server_kit.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 
-class AgentError(Exception):
-    code = "UNKNOWN"
+AgentError = DomainError
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidArgument(AgentError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(AgentError):
-    code = "NOT_FOUND"
-
-
-class AlreadyExists(AgentError):
-    code = "ALREADY_EXISTS"
-
-
-class FailedPrecondition(AgentError):
-    code = "FAILED_PRECONDITION"
-
-
-class Unavailable(AgentError):
-    code = "UNAVAILABLE"
-
-
-class DeadlineExceeded(AgentError):
-    code = "DEADLINE_EXCEEDED"
-
-
-class Unauthenticated(AgentError):
-    code = "UNAUTHENTICATED"
-
-
-class PermissionDenied(AgentError):
-    code = "PERMISSION_DENIED"
-
-
-class ResourceExhausted(AgentError):
-    code = "RESOURCE_EXHAUSTED"
+__all__ = ["AgentError", "AlreadyExists", "DeadlineExceeded", "DomainError", "FailedPrecondition",
+           "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable"]

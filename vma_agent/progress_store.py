@@ -90,6 +90,10 @@ class DiskRecord:
     error_message: str = ""
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    # every planned byte below it is written and flushed on the target (resume point)
+    checkpoint_offset: int = 0
+    resumed_from_offset: int = 0
+    resumed_at_percent: float = 0.0
 
 
 @dataclass
@@ -111,6 +115,8 @@ class JobRecord:
     vm_path: str = ""
     cbt_enabled: bool = False
     snapshot_name: str = ""
+    snapshot_moref: str = ""
+    resume_summary: str = ""
     errors: list[str] = field(default_factory=list)
     last_error: str = ""
     disks: dict[str, DiskRecord] = field(default_factory=dict)
@@ -178,6 +184,11 @@ class ProgressUpdate:
     vm_path: str | None = None
     cbt_enabled: bool | None = None
     snapshot_name: str | None = None
+    snapshot_moref: str | None = None
+    resume_summary: str | None = None
+    checkpoint_offset: int | None = None
+    resumed_from_offset: int | None = None
+    resumed_at_percent: float | None = None
 
 
 def _normalise_sync_type(value: str) -> str:
@@ -229,7 +240,7 @@ class ProgressStore:
             record.status = u.status
         if u.sync_type:
             record.sync_type = _normalise_sync_type(u.sync_type)
-        for name in ("vm_name", "vm_path", "cbt_enabled", "snapshot_name"):
+        for name in ("vm_name", "vm_path", "cbt_enabled", "snapshot_name", "snapshot_moref", "resume_summary"):
             value = getattr(u, name)
             if value is not None:
                 setattr(record, name, value)
@@ -290,6 +301,8 @@ class ProgressStore:
             disk.bytes_transferred = u.bytes_transferred
         if u.bytes_zeroed:
             disk.bytes_zeroed = u.bytes_zeroed
+        if u.checkpoint_offset is not None:
+            disk.checkpoint_offset = max(disk.checkpoint_offset, u.checkpoint_offset)
         if u.total_bytes:
             disk.total_bytes = u.total_bytes
         if u.capacity_bytes:
@@ -298,7 +311,8 @@ class ProgressStore:
             disk.throughput_bps = u.throughput_bps
         if u.sync_type:
             disk.sync_type = _normalise_sync_type(u.sync_type)
-        for name in ("full_copy_reason", "previous_change_id", "change_id"):
+        for name in ("full_copy_reason", "previous_change_id", "change_id", "resumed_from_offset",
+                     "resumed_at_percent"):
             value = getattr(u, name)
             if value is not None:
                 setattr(disk, name, value)
@@ -321,6 +335,12 @@ class ProgressStore:
     def jobs(self) -> list[JobRecord]:
         with self._lock:
             return [copy.deepcopy(r) for r in self._jobs.values()]
+
+    def discard(self, job_id: str) -> None:
+        """Forget a job's record (a resumed run of a job that ended here starts a fresh one)."""
+        with self._changed:
+            self._jobs.pop(job_id, None)
+            self._changed.notify_all()
 
     def watch(
         self, job_id: str, is_active=lambda: True, poll_seconds: float = 1.0
@@ -365,3 +385,4 @@ class ProgressStore:
         ]
         for job_id in expired:
             del self._jobs[job_id]
+

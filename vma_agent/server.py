@@ -1,19 +1,16 @@
 """Builds and runs the VMA agent's gRPC server (health and reflection always on)."""
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import vma.v1
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
-from vma_agent.config import Settings
+from server_kit import serving
+from vma_agent.config import ConfigError, Settings
 from vma_agent.progress_store import ProgressStore
 from vma_agent.rpc import AgentInterceptor
 
@@ -66,33 +63,32 @@ class RunningAgent:
         self.server.stop(grace).wait()
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel arguments that keep long streams (WatchProgress over a multi-hour copy) alive."""
+    return [
+        ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.grpc_min_client_ping_seconds * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 def build_server(settings: Settings) -> RunningAgent:
     """Start the agent; raises ``config.ConfigError`` for settings it must not run with (e.g. a non-loopback
-    listen address without auth_token) before anything listens."""
+    listen address without auth_token) before anything listens, and for an address it cannot listen on."""
     settings.check()
     runtime = AgentRuntime(settings, ProgressStore(settings.progress_retention_seconds, settings.progress_max_jobs))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[AgentInterceptor(settings.auth_token)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
-    implemented = _implemented(runtime)
-    services = []
-    for m in pkgutil.iter_modules(vma.v1.__path__):
-        if not m.name.endswith("_pb2_grpc"):
-            continue
-        module = importlib.import_module(f"vma.v1.{m.name}")
-        pb2 = importlib.import_module(f"vma.v1.{m.name[:-5]}")
-        for service in pb2.DESCRIPTOR.services_by_name.values():
-            servicer = implemented.get(service.full_name) or getattr(module, f"{service.name}Servicer")()
-            getattr(module, f"add_{service.name}Servicer_to_server")(servicer, server)
-            services.append(service.full_name)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
+    server = serving.new_server(AgentInterceptor(settings.auth_token), settings.max_workers,
+                                settings.max_concurrent_rpcs,
+                                options=keepalive_options(settings))
+    services = serving.register_contract(server, vma.v1, _implemented(runtime))
+    health_servicer = serving.add_health_and_reflection(server, services)
+    try:
+        port = serving.bind(server, settings.listen)
+    except ConfigError:
+        RunningAgent(server, 0, runtime, services).stop(grace=None)
+        raise
     server.start()
     for name in ["", *services]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -101,4 +97,4 @@ def build_server(settings: Settings) -> RunningAgent:
 
         metrics.serve(settings.metrics_listen)
     log.info("vma-agent listening on port %d", port)
-    return RunningAgent(server, port, runtime, sorted(services))
+    return RunningAgent(server, port, runtime, services)

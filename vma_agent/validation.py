@@ -119,16 +119,6 @@ def host(field: str, value: str) -> str:
     raise Invalid(field, value, "must be a host name or an IP address")
 
 
-def is_loopback(host_value: str) -> bool:
-    """Whether ``host_value`` (already valid) is a loopback address or ``localhost``."""
-    if host_value.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host_value).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class HostPort:
     host: str

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from oma_server.errors import FailedPrecondition, InvalidArgument
+from server_kit.private_files import write_private
 
 PREFIX = "enc:v2:"
 UNBOUND_PREFIX = "enc:v1:"
@@ -129,29 +131,19 @@ class SecretBox:
 
 
 def load_or_create_key_file(path: Path, n_bytes: int = 32) -> bytes:
-    """Read a base64 key file, creating it (mode 0600) with random bytes on first use."""
-    if path.exists():
-        return base64.b64decode(path.read_text().strip())
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = secrets.token_bytes(n_bytes)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(key).decode() + "\n")
-    return key
+    """Read a base64 key file, creating it (mode 0600) with random bytes on first use. Two processes
+    starting at once on a new data dir end up with the same key: the file is created exclusively and the
+    process that loses the race reads the winner's."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            write_private(path, base64.b64encode(secrets.token_bytes(n_bytes)).decode() + "\n", exclusive=True)
+    return base64.b64decode(path.read_text().strip())
 
 
 def write_key_file(path: Path, key: bytes) -> None:
     """Replace a key file atomically (a 0600 temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(key).decode() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_private(path, base64.b64encode(key).decode() + "\n")
 
 
 def decode_key(value: str) -> bytes:

@@ -44,7 +44,7 @@ class VCenterSource:
     credential_id: int | None = None
     vcenter: str = ""
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # never in logs or tracebacks
     datacenter: str = ""
     thumbprint: str = ""
     insecure: bool = False

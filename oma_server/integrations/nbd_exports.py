@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oma_server.errors import FailedPrecondition, Unavailable
+from server_kit.private_files import write_private
 from vma_agent.integrations.nbdkit import NbdkitError, NbdkitServer, file_plugin_args
 
 log = logging.getLogger("oma_server.nbd")
@@ -78,11 +79,7 @@ class ExportManager:
         self._psk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._psk_dir.chmod(0o700)
         path = self._psk_dir / f"{name}.{os.getpid()}-{secrets.token_hex(4)}.psk"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(tls.psk_file_line())
-        os.replace(tmp, path)
+        write_private(path, tls.psk_file_line())
         return path
 
     def _stop_server(self, name: str, server: NbdkitServer) -> None:

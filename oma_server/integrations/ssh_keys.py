@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from server_kit.private_files import write_private
 
 ALGORITHM = "ssh-ed25519"
 _KEY_BYTES = 32
@@ -261,31 +262,13 @@ class AuthorizedKeys:
             raise SshKeyError(f"cannot read {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
 
     def _write_lines(self, lines: list[str]) -> None:
-        tmp = None
         try:
             # sshd reads the file as the tunnel user: keep the old file's owner, or take the .ssh directory's.
             owner = (self.path if self.path.exists() else self.path.parent).stat()
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), 0o600)
-                if os.geteuid() == 0:
-                    os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
-                f.write("".join(f"{line}\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            tmp = None
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_private(self.path, "".join(f"{line}\n" for line in lines),
+                          owner=(owner.st_uid, owner.st_gid) if os.geteuid() == 0 else None)
         except OSError as exc:
             raise SshKeyError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def add(self, key: Ed25519PublicKey, reverse_port: int, open_ports: Sequence[int] = ()) -> None:
         """Install ``key`` with the tunnel options (a line with the same blob is replaced)."""
@@ -335,9 +318,7 @@ def load_host_key(public_key_file: str | Path, data_dir: Path) -> Ed25519PublicK
 def _generate_host_key(private: Path, public: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     private.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                  serialization.NoEncryption()))
+    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                             serialization.NoEncryption()))
     blob_text = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public.write_text(f"{blob_text.decode()} oma-tunnel-host\n")

@@ -164,7 +164,8 @@ class VCSim:
     DC), ``vms`` (total), ``disks`` (per VM), ``disk_size`` ("64MiB" or "64MiB,32MiB"),
     ``data_vms``; ``latency`` (seconds or a Go duration string), ``cbt_block``,
     ``cbt_max_areas``, ``cbt_max_length``, ``changeid_format`` ("vsphere"/"uuid"),
-    ``shutdown_delay``); ``extra_args`` are passed verbatim.
+    ``shutdown_delay``, ``session_idle_timeout``: sessions idle that long are logged out);
+    ``extra_args`` are passed verbatim.
 
     ``root``: folder for datastores and the CBT store (default: a new temp dir under
     $VCSIM_TMPDIR, else /dev/shm, else the system temp dir; removed by :meth:`stop`).
@@ -192,6 +193,7 @@ class VCSim:
         cbt_max_length: str | int | None = None,
         changeid_format: str | None = None,
         shutdown_delay: float | str | None = None,
+        session_idle_timeout: float | str | None = None,
         seed: int | None = None,
         root: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
@@ -215,6 +217,7 @@ class VCSim:
             "-cbt-max-length": cbt_max_length,
             "-changeid-format": changeid_format,
             "-shutdown-delay": _duration(shutdown_delay),
+            "-session-idle-timeout": _duration(session_idle_timeout),
             "-seed": seed,
         }
         self._args += [f"{k}={v}" for k, v in opt.items() if v is not None]

@@ -129,6 +129,7 @@ type options struct {
 	cbtMaxLength    int64
 	changeIDFormat  string
 	shutdownDelay   time.Duration
+	sessionIdle     time.Duration
 	exitOnStdinEOF  bool
 	cleanup         bool
 	trace           bool
@@ -207,6 +208,7 @@ func parseFlags() *options {
 	flag.StringVar(&cbtMaxLen, "cbt-max-length", "1GiB", "max DiskChangeInfo.length per answer (0 = to disk end)")
 	flag.StringVar(&o.changeIDFormat, "changeid-format", "vsphere", "change id uuid form: vsphere ('52 xx .. xx-xx .. xx/<seq>') or uuid ('<8-4-4-4-12>/<seq>')")
 	flag.DurationVar(&o.shutdownDelay, "shutdown-delay", 0, "ShutdownGuest powers the VM off after this delay (0 = at once, like stock vcsim)")
+	flag.DurationVar(&o.sessionIdle, "session-idle-timeout", 0, "log sessions out after this long without a call, like vCenter's session timeout (0 = never)")
 	flag.BoolVar(&o.exitOnStdinEOF, "exit-on-stdin-eof", false, "exit when stdin reaches EOF (parent died)")
 	flag.BoolVar(&o.cleanup, "cleanup", false, "remove -dir at exit (a temp dir made without -dir is always removed)")
 	flag.BoolVar(&o.trace, "trace", false, "log SOAP traffic to stderr")
@@ -324,6 +326,7 @@ func main() {
 	model.Machine = 0   // created below
 	model.Portgroup = o.dvpgs
 	model.Autostart = false
+	simulator.SessionIdleTimeout = o.sessionIdle
 	if err := model.Create(); err != nil {
 		cleanup()
 		log.Fatalf("model: %s", err)

@@ -375,7 +375,8 @@ def test_source_killed_mid_copy_raises_with_offset(sparse_pair):
 def test_source_restarted_mid_copy_reconnects(tmp_path, sparse_pair):
     src, dst = sparse_pair
     sock = str(tmp_path / "src.sock")
-    slow = file_plugin_args(src, readonly=True, filters=["delay"], filter_params={"delay-read": "5ms"})
+    # slow enough that the restart 0.1 s in always lands mid-copy, even on a loaded machine
+    slow = file_plugin_args(src, readonly=True, filters=["delay"], filter_params={"delay-read": "20ms"})
     first = NbdkitServer(slow, socket_path=sock)
     first.start()
     second = NbdkitServer(slow, socket_path=sock)

@@ -68,3 +68,11 @@ def test_secrets_never_reach_logs_or_responses(lab_private, caplog):
     leaks = {secret for secret in secrets for text in texts if secret and secret in text}
     where = [text[:200] for secret in leaks for text in texts if secret in text][:3]
     assert not leaks, f"secrets found in logs or responses: {len(leaks)}: {where}"
+
+
+def test_explicit_discovery_details_keep_the_password_out_of_their_repr():
+    """A traceback or a debug line that shows the request's connection details must not show the password."""
+    from oma_server.domain.discovery import VCenterSource
+
+    shown = repr(VCenterSource(vcenter="vc.example:443", username="administrator", password="hunter2-secret"))
+    assert "vc.example:443" in shown and "hunter2-secret" not in shown

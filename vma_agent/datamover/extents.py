@@ -102,3 +102,21 @@ def zero_runs(length: int, granularity: int, is_zero: Callable[[int, int], bool]
         pos += m
     runs.append((bool(run_zero), run_start, length - run_start))
     return runs
+
+
+def clip_from(extents: Sequence[Extent], offset: int) -> list[Extent]:
+    """The parts of (normalised) ``extents`` at or after ``offset``: what is left to copy when
+    everything below a checkpoint is already on the target."""
+    out: list[Extent] = []
+    for off, n in extents:
+        end = off + n
+        if end <= offset:
+            continue
+        start = max(off, offset)
+        out.append((start, end - start))
+    return out
+
+
+def bytes_below(extents: Sequence[Extent], offset: int) -> int:
+    """How many bytes of ``extents`` lie below ``offset``."""
+    return sum(min(off + n, offset) - off for off, n in extents if off < offset)

@@ -14,10 +14,15 @@ class CopyProgress:
     bytes_zeroed: int
     bytes_total: int
     elapsed: float
+    # Planned bytes below the offset the copy (or its current attempt) started at: already on
+    # the target from an earlier run, not copied again.
+    bytes_resumed: int = 0
+    # Checkpoint: every planned byte below this offset is written AND flushed to the target.
+    durable_offset: int = 0
 
     @property
     def bytes_done(self) -> int:
-        return self.bytes_copied + self.bytes_zeroed
+        return self.bytes_copied + self.bytes_zeroed + self.bytes_resumed
 
     @property
     def percent(self) -> float:
@@ -45,6 +50,10 @@ class CopyResult:
     reconnects: int = 0
     connections: int = 0
     flushed: bool = False
+    resumed_from: int = 0          # offset the copy started at (0: from the beginning)
+    bytes_resumed: int = 0         # planned bytes below resumed_from (not copied again)
+    attempts: int = 0              # 1 + restarts from a checkpoint after a lost connection
+    checkpoints: int = 0           # checkpoints taken (flushes of every target connection)
 
     @property
     def bytes_done(self) -> int:
@@ -65,10 +74,11 @@ COUNTED_FIELDS = ("bytes_copied", "bytes_zeroed", "bytes_read", "zero_detected",
                   "zeroes", "retries", "reconnects")
 
 
-def progress_of(stats: Iterable[CopyResult], total: int, elapsed: float) -> CopyProgress:
+def progress_of(stats: Iterable[CopyResult], total: int, elapsed: float, *, resumed: int = 0,
+                durable_offset: int = 0) -> CopyProgress:
     """The progress of a running copy from its workers' counters."""
     copied = zeroed = 0
     for s in stats:
         copied += s.bytes_copied
         zeroed += s.bytes_zeroed
-    return CopyProgress(copied, zeroed, total, elapsed)
+    return CopyProgress(copied, zeroed, total, elapsed, resumed, durable_offset)

@@ -78,15 +78,31 @@ class _Op:
 
 
 class WorkQueue:
-    """State shared by the workers and the supervising thread."""
+    """State shared by the workers and the supervising thread.
 
-    def __init__(self, work: Iterator[tuple[bool, int, int]], cancel: threading.Event | None):
+    It also knows the *completed prefix* of the copy: pieces are handed out in disk order, so
+    every planned byte below the lowest piece still open (or below the end of the last piece
+    handed out, when none is open) has been written and acknowledged by the target. A flush of
+    every target connection after that moment makes the prefix durable: a checkpoint.
+    """
+
+    def __init__(self, work: Iterator[tuple[bool, int, int]], cancel: threading.Event | None,
+                 start: int = 0):
         self.work_order = work
         self._lock = threading.Lock()
         self.stop = threading.Event()
         self.cancel = cancel
         self.error: BaseException | None = None
         self.exhausted = False
+        self._open: set[int] = set()      # offsets of pieces handed out and not finished
+        self._open_heap: list[int] = []   # the same, lazily pruned, for the lowest one
+        self._handed_end = start          # end of the last piece handed out
+        self.durable = start              # the last checkpoint (set by the supervisor)
+        self.window_blocked = False       # a worker waits for the next checkpoint (hurry it)
+        self.wake = threading.Event()     # wakes the supervisor: a worker waits, flushed or ended
+        # Checkpoint flushes: the supervisor raises flush_generation, each worker flushes its
+        # target connection and records the generation it flushed (or failed to flush).
+        self.flush_generation = 0
 
     def next_work(self) -> tuple[bool, int, int] | None:
         if self.exhausted:
@@ -95,7 +111,25 @@ class WorkQueue:
             item = next(self.work_order, None)
             if item is None:
                 self.exhausted = True
+            else:
+                _, off, n = item
+                self._open.add(off)
+                heapq.heappush(self._open_heap, off)
+                self._handed_end = max(self._handed_end, off + n)
             return item
+
+    def finished(self, offset: int) -> None:
+        """The piece starting at ``offset`` is written (every command of it acknowledged)."""
+        with self._lock:
+            self._open.discard(offset)
+
+    def completed_prefix(self) -> int:
+        """Offset below which every planned piece is acknowledged by the target."""
+        with self._lock:
+            heap = self._open_heap
+            while heap and heap[0] not in self._open:
+                heapq.heappop(heap)
+            return heap[0] if heap else self._handed_end
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -121,6 +155,15 @@ class CopySettings:
     fast_zero: bool
     retry: RetryPolicy
     poll_interval: float
+    # Writes acknowledged on a target connection that died but not flushed may be lost (the
+    # server may have held them in its own cache). When set, losing a target connection fails
+    # the attempt so the copy rewinds to its last checkpoint instead of trusting those writes.
+    rewind_on_target_loss: bool = False
+    # How far (in disk offsets) the copy may write beyond the last checkpoint: bounds what lies
+    # written-but-not-yet-durable (zero pieces are written at memory speed and would otherwise
+    # run far ahead of the flushes), so a resume rewrites at most this much beyond the uncopied
+    # part. Checkpoints are taken every half of it, so the copy goes on during a flush. 0 = unbounded.
+    max_ahead: int = 0
 
 
 class Worker(threading.Thread):
@@ -147,6 +190,10 @@ class Worker(threading.Thread):
         self._open_bytes = 0               # bytes of those holding a buffer
         self.extra_conns: list[NbdConnection] = []
         self.ok = False
+        # checkpoint flushes (see WorkQueue): the last generation flushed / failed to flush
+        self.flushed_generation = 0
+        self.flush_failed_generation = 0
+        self._flush_sent = 0
 
     # ------------------------------------------------------------ connections
     def _connect(self, which: str) -> NbdConnection:
@@ -156,6 +203,9 @@ class Worker(threading.Thread):
             return conn
         self._suspect.discard(which)
         if conn is not None:
+            if which == "target" and self.cfg.rewind_on_target_loss:
+                raise CopyError(f"{conn.name}: connection lost; what was written since the last checkpoint "
+                                "is written again", errno=errno.ENOTCONN)
             self._fail_inflight(conn)
             conn.close()
             if which == "source":
@@ -291,6 +341,30 @@ class Worker(threading.Thread):
         if chunk.pending == 0:
             self._release(chunk)
             self._open -= 1
+            self.shared.finished(chunk.offset)
+
+    def _checkpoint_flush(self, generation: int) -> None:
+        """Flush this worker's target connection for checkpoint ``generation`` (asynchronously:
+        the completion records the outcome, the loop goes on copying meanwhile)."""
+        dst = self.dst
+        if dst is not None and dst.is_dead():
+            self._suspect.add("target")
+            dst = self._connect("target")  # (or rewinds the copy to its last checkpoint)
+        if dst is None or not dst.can_flush:
+            self.flushed_generation = generation  # nothing written here / nothing to flush
+            return
+
+        def done(err: int, generation=generation) -> None:
+            if err:
+                self.flush_failed_generation = max(self.flush_failed_generation, generation)
+            else:
+                self.flushed_generation = max(self.flushed_generation, generation)
+            self.shared.wake.set()
+
+        try:
+            dst.aio_flush(done)
+        except NbdError:
+            self.flush_failed_generation = generation
 
     def _release(self, chunk: _Chunk) -> None:
         if chunk.buf is not None:
@@ -324,6 +398,8 @@ class Worker(threading.Thread):
             self.ok = True
         except BaseException as exc:  # noqa: BLE001 - handed to the supervisor
             self.shared.fail(exc)
+        finally:
+            self.shared.wake.set()
 
     def _loop(self) -> None:
         cfg, shared = self.cfg, self.shared
@@ -341,6 +417,9 @@ class Worker(threading.Thread):
         while True:
             if shared.stop.is_set() or shared.cancelled():
                 return
+            if shared.flush_generation > self._flush_sent:
+                self._flush_sent = shared.flush_generation
+                self._checkpoint_flush(self._flush_sent)
             # 1. completions (a chunk is finished when its last command completes)
             while events:
                 op, err = events.popleft()
@@ -352,6 +431,7 @@ class Worker(threading.Thread):
                     _, _, op = heapq.heappop(delayed)
                     self._issue(op)
             # 3. new work: at most queue_depth chunks and max_in_flight data bytes open
+            window_blocked = False
             while self._open < depth:
                 item = pending_item or shared.next_work()
                 pending_item = None
@@ -360,6 +440,11 @@ class Worker(threading.Thread):
                 is_zero, off, n = item
                 if not is_zero and self._open_bytes + n > budget and self._open_bytes:
                     pending_item = item  # wait for buffer space
+                    break
+                if cfg.max_ahead and off > shared.durable and off + n - shared.durable > cfg.max_ahead:
+                    pending_item = item  # wait for the next checkpoint
+                    window_blocked = shared.window_blocked = True
+                    shared.wake.set()
                     break
                 chunk = _Chunk(off, n)
                 chunk.pending = 1
@@ -402,7 +487,7 @@ class Worker(threading.Thread):
                     poller.unregister(fd)
                 except KeyError:  # pragma: no cover
                     pass
-            wait = timeout_ms
+            wait = 2 if window_blocked else timeout_ms  # a checkpoint is published within milliseconds
             if delayed:
                 wait = max(0, min(wait, int((delayed[0][0] - time.monotonic()) * 1000) + 1))
             if not registered:

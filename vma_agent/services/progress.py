@@ -37,6 +37,7 @@ def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
             disk_size_bytes=sum(d.capacity_bytes for d in r.disks.values()),
         ),
         errors=r.errors, last_error=r.last_error, sequence=r.sequence, snapshot_name=r.snapshot_name,
+        snapshot_moref=r.snapshot_moref, resume_summary=r.resume_summary,
     )
     for d in r.disks.values():
         disk = msg.disks.add(
@@ -45,7 +46,8 @@ def job_progress_message(r: JobRecord) -> progress_pb2.JobProgress:
             bytes_zeroed=d.bytes_zeroed, total_bytes=d.total_bytes, capacity_bytes=d.capacity_bytes,
             percent=d.percent, throughput_mbps=d.throughput_bps / _MIB,
             previous_change_id=d.previous_change_id, change_id=d.change_id,
-            error_message=d.error_message,
+            error_message=d.error_message, checkpoint_offset=d.checkpoint_offset,
+            resumed_from_offset=d.resumed_from_offset, resumed_at_percent=d.resumed_at_percent,
         )
         if d.started_at:
             disk.started_at.CopyFrom(timestamp(d.started_at))

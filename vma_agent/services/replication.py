@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from vma.v1 import replication_pb2 as pb
 from vma.v1 import replication_pb2_grpc
 
@@ -33,14 +35,17 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
             job_id=request.job_id, context_id=request.context_id,
             connection=vcenter_params(request.connection, self._timeout), datacenter=request.connection.datacenter,
             vm=vm_ref(request.vm),
-            disks=tuple(DiskRequest(d.disk_id, d.vmware_disk_key, d.target_nbd_uri, d.previous_change_id)
+            disks=tuple(DiskRequest(d.disk_id, d.vmware_disk_key, d.target_nbd_uri, d.previous_change_id,
+                                    resume_offset=d.resume_offset)
                         for d in request.disks),
             quiesce=request.quiesce, enable_cbt=request.enable_cbt,
             target_tls=TargetTls(request.target_tls.psk_identity, request.target_tls.psk)
             if request.HasField("target_tls") else None,
+            resume_snapshot_moref=request.resume_snapshot.moref, resume_snapshot_name=request.resume_snapshot.name,
         ))
         return pb.StartReplicationResponse(job_id=request.job_id, started_at=timestamp(job.started_at),
-                                           snapshot_name=SNAPSHOT_PREFIX + request.job_id)
+                                           snapshot_name=SNAPSHOT_PREFIX + request.job_id,
+                                           snapshot_moref=job.journal.snapshot_moref if job.journal else "")
 
     def GetReplicationStatus(self, request, context):
         validation.identifier("job_id", request.job_id)
@@ -58,6 +63,22 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
     def CleanupSnapshots(self, request, context):
         if request.job_id:
             validation.identifier("job_id", request.job_id)
+        if request.older_than_seconds < 0:
+            raise errors.InvalidArgument("older_than_seconds cannot be negative")
         removed = self._jobs.cleanup_snapshots(vcenter_params(request.connection, self._timeout),
-                                               request.connection.datacenter, vm_ref(request.vm), request.job_id)
+                                               request.connection.datacenter, vm_ref(request.vm), request.job_id,
+                                               older_than_seconds=request.older_than_seconds)
         return pb.CleanupSnapshotsResponse(removed_snapshots=removed)
+
+    def ListInterruptedJobs(self, request, context):
+        response = pb.ListInterruptedJobsResponse()
+        for entry, expired in self._jobs.interrupted_jobs():
+            job = response.jobs.add(
+                job_id=entry.job_id, context_id=entry.context_id, vcenter=entry.vcenter, vm_moref=entry.vm_moref,
+                snapshot_moref=entry.snapshot_moref, snapshot_name=entry.snapshot_name, expired=expired,
+                started_at=timestamp(datetime.fromisoformat(entry.started_at)),
+                updated_at=timestamp(datetime.fromisoformat(entry.updated_at or entry.started_at)))
+            for d in entry.disks.values():
+                job.disks.add(disk_id=d.disk_id, vmware_disk_key=d.key, checkpoint_offset=d.checkpoint_offset,
+                              previous_change_id=d.previous_change_id, completed=d.completed, change_id=d.change_id)
+        return response

@@ -65,9 +65,14 @@ class SessionPlumbing(abc.ABC):
     # -- tasks
 
     def _task(self, start: Callable[[Connection], Any], timeout: float, what: str) -> Any:
-        """Start a task and wait for it; returns the task result (pyVmomi object, internal use)."""
+        """Start a task and wait for it; returns the task result (pyVmomi object, internal use).
+
+        ``timeout`` bounds a *stall*, not the task: it fails only after the task's state and
+        progress stayed the same for that long (removing the snapshot of a multi-terabyte disk
+        may consolidate for hours while reporting progress)."""
         task = self._run(start)
-        deadline = time.monotonic() + timeout
+        last_seen: tuple[Any, Any] | None = None
+        changed_at = time.monotonic()
         delay = 0.02
         while True:
             info = self._run(lambda c: self._mo(c, vim.Task, task._moId).info)
@@ -79,8 +84,11 @@ class SessionPlumbing(abc.ABC):
                     if isinstance(fault, BaseException):
                         raise fault
                     raise VSphereFault(f"{what} failed on vCenter {self.host}")
-            if time.monotonic() >= deadline:
+            seen = (info.state, getattr(info, "progress", None))
+            if seen != last_seen:
+                last_seen, changed_at = seen, time.monotonic()
+            elif time.monotonic() - changed_at >= timeout:
                 raise errors.DeadlineExceeded(
-                    f"{what} on vCenter {self.host} did not finish within {timeout:.0f}s (task {task._moId})")
+                    f"{what} on vCenter {self.host} made no progress for {timeout:.0f}s (task {task._moId})")
             time.sleep(delay)
             delay = min(delay * 2, 1.0)

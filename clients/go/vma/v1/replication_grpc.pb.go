@@ -25,6 +25,9 @@ type ReplicationServiceClient interface {
 	CancelReplication(ctx context.Context, in *CancelReplicationRequest, opts ...grpc.CallOption) (*CancelReplicationResponse, error)
 	// Removes this system's snapshots (srep-*) of a VM that no running job owns.
 	CleanupSnapshots(ctx context.Context, in *CleanupSnapshotsRequest, opts ...grpc.CallOption) (*CleanupSnapshotsResponse, error)
+	// Jobs this agent was running when it stopped or died (from its on-disk journal): their kept
+	// snapshot and each disk's last checkpoint, for the OMA to resume them or remove the snapshot.
+	ListInterruptedJobs(ctx context.Context, in *ListInterruptedJobsRequest, opts ...grpc.CallOption) (*ListInterruptedJobsResponse, error)
 }
 
 type replicationServiceClient struct {
@@ -71,6 +74,15 @@ func (c *replicationServiceClient) CleanupSnapshots(ctx context.Context, in *Cle
 	return out, nil
 }
 
+func (c *replicationServiceClient) ListInterruptedJobs(ctx context.Context, in *ListInterruptedJobsRequest, opts ...grpc.CallOption) (*ListInterruptedJobsResponse, error) {
+	out := new(ListInterruptedJobsResponse)
+	err := c.cc.Invoke(ctx, "/vma.v1.ReplicationService/ListInterruptedJobs", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicationServiceServer is the server API for ReplicationService service.
 // All implementations must embed UnimplementedReplicationServiceServer
 // for forward compatibility
@@ -83,6 +95,9 @@ type ReplicationServiceServer interface {
 	CancelReplication(context.Context, *CancelReplicationRequest) (*CancelReplicationResponse, error)
 	// Removes this system's snapshots (srep-*) of a VM that no running job owns.
 	CleanupSnapshots(context.Context, *CleanupSnapshotsRequest) (*CleanupSnapshotsResponse, error)
+	// Jobs this agent was running when it stopped or died (from its on-disk journal): their kept
+	// snapshot and each disk's last checkpoint, for the OMA to resume them or remove the snapshot.
+	ListInterruptedJobs(context.Context, *ListInterruptedJobsRequest) (*ListInterruptedJobsResponse, error)
 	mustEmbedUnimplementedReplicationServiceServer()
 }
 
@@ -101,6 +116,9 @@ func (UnimplementedReplicationServiceServer) CancelReplication(context.Context, 
 }
 func (UnimplementedReplicationServiceServer) CleanupSnapshots(context.Context, *CleanupSnapshotsRequest) (*CleanupSnapshotsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CleanupSnapshots not implemented")
+}
+func (UnimplementedReplicationServiceServer) ListInterruptedJobs(context.Context, *ListInterruptedJobsRequest) (*ListInterruptedJobsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListInterruptedJobs not implemented")
 }
 func (UnimplementedReplicationServiceServer) mustEmbedUnimplementedReplicationServiceServer() {}
 
@@ -187,6 +205,24 @@ func _ReplicationService_CleanupSnapshots_Handler(srv interface{}, ctx context.C
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ReplicationService_ListInterruptedJobs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListInterruptedJobsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicationServiceServer).ListInterruptedJobs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/vma.v1.ReplicationService/ListInterruptedJobs",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicationServiceServer).ListInterruptedJobs(ctx, req.(*ListInterruptedJobsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ReplicationService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "vma.v1.ReplicationService",
 	HandlerType: (*ReplicationServiceServer)(nil),
@@ -206,6 +242,10 @@ var _ReplicationService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CleanupSnapshots",
 			Handler:    _ReplicationService_CleanupSnapshots_Handler,
+		},
+		{
+			MethodName: "ListInterruptedJobs",
+			Handler:    _ReplicationService_ListInterruptedJobs_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from migration.v1 import options_pb2 as migration_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vma/v1/progress.proto\x12\x06vma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\"K\n\nThroughput\x12\x14\n\x0c\x63urrent_mbps\x18\x01 \x01(\x01\x12\x14\n\x0c\x61verage_mbps\x18\x02 \x01(\x01\x12\x11\n\tpeak_mbps\x18\x03 \x01(\x01\"\xaf\x03\n\x0c\x44iskProgress\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\"\n\x06status\x18\x03 \x01(\x0e\x32\x12.vma.v1.DiskStatus\x12\x11\n\tsync_type\x18\x04 \x01(\t\x12\x18\n\x10\x66ull_copy_reason\x18\x05 \x01(\t\x12\x19\n\x11\x62ytes_transferred\x18\x06 \x01(\x03\x12\x14\n\x0c\x62ytes_zeroed\x18\x07 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\t \x01(\x03\x12\x0f\n\x07percent\x18\n \x01(\x01\x12\x17\n\x0fthroughput_mbps\x18\x0b \x01(\x01\x12\x1a\n\x12previous_change_id\x18\x0c \x01(\t\x12\x11\n\tchange_id\x18\r \x01(\t\x12\x15\n\rerror_message\x18\x0e \x01(\t\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x06VMInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x64isk_size_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x62t_enabled\x18\x04 \x01(\x08\"\xca\x04\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1c\n\x05stage\x18\x02 \x01(\x0e\x32\r.vma.v1.Stage\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.vma.v1.JobStatus\x12\x11\n\tsync_type\x18\x04 \x01(\t\x12\x12\n\npercentage\x18\x05 \x01(\x01\x12\x19\n\x11\x63urrent_operation\x18\x06 \x01(\t\x12\x19\n\x11\x62ytes_transferred\x18\x07 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x03\x12&\n\nthroughput\x18\t \x01(\x0b\x32\x12.vma.v1.Throughput\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10stage_started_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nelapsed_ms\x18\r \x01(\x03\x12\x13\n\x0b\x65ta_seconds\x18\x0e \x01(\x03\x12\x1f\n\x07vm_info\x18\x0f \x01(\x0b\x32\x0e.vma.v1.VMInfo\x12\x0e\n\x06\x65rrors\x18\x10 \x03(\t\x12\x12\n\nlast_error\x18\x11 \x01(\t\x12#\n\x05\x64isks\x18\x12 \x03(\x0b\x32\x14.vma.v1.DiskProgress\x12\x10\n\x08sequence\x18\x13 \x01(\x03\x12\x15\n\rsnapshot_name\x18\x14 \x01(\t\"$\n\x12GetProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x13GetProgressResponse\x12%\n\x08progress\x18\x01 \x01(\x0b\x32\x13.vma.v1.JobProgress\"\xb8\x02\n\x15UpdateProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1c\n\x05stage\x18\x02 \x01(\x0e\x32\r.vma.v1.Stage\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.vma.v1.JobStatus\x12\x0f\n\x07\x64isk_id\x18\x04 \x01(\t\x12\'\n\x0b\x64isk_status\x18\x05 \x01(\x0e\x32\x12.vma.v1.DiskStatus\x12\x19\n\x11\x62ytes_transferred\x18\x06 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12\x16\n\x0ethroughput_bps\x18\x08 \x01(\x01\x12\x0f\n\x07percent\x18\t \x01(\x01\x12\x11\n\tsync_type\x18\n \x01(\t\x12\x15\n\rerror_message\x18\x0b \x01(\t\x12\x11\n\tchange_id\x18\x0c \x01(\t\"B\n\x16UpdateProgressResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uto_initialized\x18\x02 \x01(\x08\"&\n\x14WatchProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x15WatchProgressResponse\x12%\n\x08progress\x18\x01 \x01(\x0b\x32\x13.vma.v1.JobProgress*\xa2\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_DISCOVER\x10\x01\x12\x14\n\x10STAGE_ENABLE_CBT\x10\x02\x12\x12\n\x0eSTAGE_SNAPSHOT\x10\x03\x12\x12\n\x0eSTAGE_TRANSFER\x10\x04\x12\x12\n\x0eSTAGE_FINALIZE\x10\x05\x12\x1c\n\x18STAGE_PERSIST_CHANGE_IDS\x10\x06*\xa1\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*\x8f\x01\n\nDiskStatus\x12\x1b\n\x17\x44ISK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ISK_STATUS_QUEUED\x10\x01\x12\x19\n\x15\x44ISK_STATUS_STREAMING\x10\x02\x12\x19\n\x15\x44ISK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12\x44ISK_STATUS_FAILED\x10\x04\x32\xba\x02\n\x0fProgressService\x12\x62\n\x0bGetProgress\x12\x1a.vma.v1.GetProgressRequest\x1a\x1b.vma.v1.GetProgressResponse\"\x1a\x8a\xb5\x18\x16GET /progress/{job_id}\x12s\n\x0eUpdateProgress\x12\x1d.vma.v1.UpdateProgressRequest\x1a\x1e.vma.v1.UpdateProgressResponse\"\"\x8a\xb5\x18\x1ePOST /progress/{job_id}/update\x12N\n\rWatchProgress\x12\x1c.vma.v1.WatchProgressRequest\x1a\x1d.vma.v1.WatchProgressResponse0\x01\x42\x34Z2github.com/oma-vma/migrate/clients/go/vma/v1;vmav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vma/v1/progress.proto\x12\x06vma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\"K\n\nThroughput\x12\x14\n\x0c\x63urrent_mbps\x18\x01 \x01(\x01\x12\x14\n\x0c\x61verage_mbps\x18\x02 \x01(\x01\x12\x11\n\tpeak_mbps\x18\x03 \x01(\x01\"\x83\x04\n\x0c\x44iskProgress\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\"\n\x06status\x18\x03 \x01(\x0e\x32\x12.vma.v1.DiskStatus\x12\x11\n\tsync_type\x18\x04 \x01(\t\x12\x18\n\x10\x66ull_copy_reason\x18\x05 \x01(\t\x12\x19\n\x11\x62ytes_transferred\x18\x06 \x01(\x03\x12\x14\n\x0c\x62ytes_zeroed\x18\x07 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\t \x01(\x03\x12\x0f\n\x07percent\x18\n \x01(\x01\x12\x17\n\x0fthroughput_mbps\x18\x0b \x01(\x01\x12\x1a\n\x12previous_change_id\x18\x0c \x01(\t\x12\x11\n\tchange_id\x18\r \x01(\t\x12\x15\n\rerror_message\x18\x0e \x01(\t\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63heckpoint_offset\x18\x11 \x01(\x03\x12\x1b\n\x13resumed_from_offset\x18\x12 \x01(\x03\x12\x1a\n\x12resumed_at_percent\x18\x13 \x01(\x01\"R\n\x06VMInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x64isk_size_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x62t_enabled\x18\x04 \x01(\x08\"\xfa\x04\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1c\n\x05stage\x18\x02 \x01(\x0e\x32\r.vma.v1.Stage\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.vma.v1.JobStatus\x12\x11\n\tsync_type\x18\x04 \x01(\t\x12\x12\n\npercentage\x18\x05 \x01(\x01\x12\x19\n\x11\x63urrent_operation\x18\x06 \x01(\t\x12\x19\n\x11\x62ytes_transferred\x18\x07 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x03\x12&\n\nthroughput\x18\t \x01(\x0b\x32\x12.vma.v1.Throughput\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10stage_started_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nelapsed_ms\x18\r \x01(\x03\x12\x13\n\x0b\x65ta_seconds\x18\x0e \x01(\x03\x12\x1f\n\x07vm_info\x18\x0f \x01(\x0b\x32\x0e.vma.v1.VMInfo\x12\x0e\n\x06\x65rrors\x18\x10 \x03(\t\x12\x12\n\nlast_error\x18\x11 \x01(\t\x12#\n\x05\x64isks\x18\x12 \x03(\x0b\x32\x14.vma.v1.DiskProgress\x12\x10\n\x08sequence\x18\x13 \x01(\x03\x12\x15\n\rsnapshot_name\x18\x14 \x01(\t\x12\x16\n\x0esnapshot_moref\x18\x15 \x01(\t\x12\x16\n\x0eresume_summary\x18\x16 \x01(\t\"$\n\x12GetProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x13GetProgressResponse\x12%\n\x08progress\x18\x01 \x01(\x0b\x32\x13.vma.v1.JobProgress\"\xb8\x02\n\x15UpdateProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1c\n\x05stage\x18\x02 \x01(\x0e\x32\r.vma.v1.Stage\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.vma.v1.JobStatus\x12\x0f\n\x07\x64isk_id\x18\x04 \x01(\t\x12\'\n\x0b\x64isk_status\x18\x05 \x01(\x0e\x32\x12.vma.v1.DiskStatus\x12\x19\n\x11\x62ytes_transferred\x18\x06 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12\x16\n\x0ethroughput_bps\x18\x08 \x01(\x01\x12\x0f\n\x07percent\x18\t \x01(\x01\x12\x11\n\tsync_type\x18\n \x01(\t\x12\x15\n\rerror_message\x18\x0b \x01(\t\x12\x11\n\tchange_id\x18\x0c \x01(\t\"B\n\x16UpdateProgressResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10\x61uto_initialized\x18\x02 \x01(\x08\"&\n\x14WatchProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x15WatchProgressResponse\x12%\n\x08progress\x18\x01 \x01(\x0b\x32\x13.vma.v1.JobProgress*\xa2\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_DISCOVER\x10\x01\x12\x14\n\x10STAGE_ENABLE_CBT\x10\x02\x12\x12\n\x0eSTAGE_SNAPSHOT\x10\x03\x12\x12\n\x0eSTAGE_TRANSFER\x10\x04\x12\x12\n\x0eSTAGE_FINALIZE\x10\x05\x12\x1c\n\x18STAGE_PERSIST_CHANGE_IDS\x10\x06*\xa1\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*\x8f\x01\n\nDiskStatus\x12\x1b\n\x17\x44ISK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ISK_STATUS_QUEUED\x10\x01\x12\x19\n\x15\x44ISK_STATUS_STREAMING\x10\x02\x12\x19\n\x15\x44ISK_STATUS_COMPLETED\x10\x03\x12\x16\n\x12\x44ISK_STATUS_FAILED\x10\x04\x32\xba\x02\n\x0fProgressService\x12\x62\n\x0bGetProgress\x12\x1a.vma.v1.GetProgressRequest\x1a\x1b.vma.v1.GetProgressResponse\"\x1a\x8a\xb5\x18\x16GET /progress/{job_id}\x12s\n\x0eUpdateProgress\x12\x1d.vma.v1.UpdateProgressRequest\x1a\x1e.vma.v1.UpdateProgressResponse\"\"\x8a\xb5\x18\x1ePOST /progress/{job_id}/update\x12N\n\rWatchProgress\x12\x1c.vma.v1.WatchProgressRequest\x1a\x1d.vma.v1.WatchProgressResponse0\x01\x42\x34Z2github.com/oma-vma/migrate/clients/go/vma/v1;vmav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,32 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESSSERVICE'].methods_by_name['GetProgress']._serialized_options = b'\212\265\030\026GET /progress/{job_id}'
   _globals['_PROGRESSSERVICE'].methods_by_name['UpdateProgress']._loaded_options = None
   _globals['_PROGRESSSERVICE'].methods_by_name['UpdateProgress']._serialized_options = b'\212\265\030\036POST /progress/{job_id}/update'
-  _globals['_STAGE']._serialized_start=1866
-  _globals['_STAGE']._serialized_end=2028
-  _globals['_JOBSTATUS']._serialized_start=2031
-  _globals['_JOBSTATUS']._serialized_end=2192
-  _globals['_DISKSTATUS']._serialized_start=2195
-  _globals['_DISKSTATUS']._serialized_end=2338
+  _globals['_STAGE']._serialized_start=1998
+  _globals['_STAGE']._serialized_end=2160
+  _globals['_JOBSTATUS']._serialized_start=2163
+  _globals['_JOBSTATUS']._serialized_end=2324
+  _globals['_DISKSTATUS']._serialized_start=2327
+  _globals['_DISKSTATUS']._serialized_end=2470
   _globals['_THROUGHPUT']._serialized_start=94
   _globals['_THROUGHPUT']._serialized_end=169
   _globals['_DISKPROGRESS']._serialized_start=172
-  _globals['_DISKPROGRESS']._serialized_end=603
-  _globals['_VMINFO']._serialized_start=605
-  _globals['_VMINFO']._serialized_end=687
-  _globals['_JOBPROGRESS']._serialized_start=690
-  _globals['_JOBPROGRESS']._serialized_end=1276
-  _globals['_GETPROGRESSREQUEST']._serialized_start=1278
-  _globals['_GETPROGRESSREQUEST']._serialized_end=1314
-  _globals['_GETPROGRESSRESPONSE']._serialized_start=1316
-  _globals['_GETPROGRESSRESPONSE']._serialized_end=1376
-  _globals['_UPDATEPROGRESSREQUEST']._serialized_start=1379
-  _globals['_UPDATEPROGRESSREQUEST']._serialized_end=1691
-  _globals['_UPDATEPROGRESSRESPONSE']._serialized_start=1693
-  _globals['_UPDATEPROGRESSRESPONSE']._serialized_end=1759
-  _globals['_WATCHPROGRESSREQUEST']._serialized_start=1761
-  _globals['_WATCHPROGRESSREQUEST']._serialized_end=1799
-  _globals['_WATCHPROGRESSRESPONSE']._serialized_start=1801
-  _globals['_WATCHPROGRESSRESPONSE']._serialized_end=1863
-  _globals['_PROGRESSSERVICE']._serialized_start=2341
-  _globals['_PROGRESSSERVICE']._serialized_end=2655
+  _globals['_DISKPROGRESS']._serialized_end=687
+  _globals['_VMINFO']._serialized_start=689
+  _globals['_VMINFO']._serialized_end=771
+  _globals['_JOBPROGRESS']._serialized_start=774
+  _globals['_JOBPROGRESS']._serialized_end=1408
+  _globals['_GETPROGRESSREQUEST']._serialized_start=1410
+  _globals['_GETPROGRESSREQUEST']._serialized_end=1446
+  _globals['_GETPROGRESSRESPONSE']._serialized_start=1448
+  _globals['_GETPROGRESSRESPONSE']._serialized_end=1508
+  _globals['_UPDATEPROGRESSREQUEST']._serialized_start=1511
+  _globals['_UPDATEPROGRESSREQUEST']._serialized_end=1823
+  _globals['_UPDATEPROGRESSRESPONSE']._serialized_start=1825
+  _globals['_UPDATEPROGRESSRESPONSE']._serialized_end=1891
+  _globals['_WATCHPROGRESSREQUEST']._serialized_start=1893
+  _globals['_WATCHPROGRESSREQUEST']._serialized_end=1931
+  _globals['_WATCHPROGRESSRESPONSE']._serialized_start=1933
+  _globals['_WATCHPROGRESSRESPONSE']._serialized_end=1995
+  _globals['_PROGRESSSERVICE']._serialized_start=2473
+  _globals['_PROGRESSSERVICE']._serialized_end=2787
 # @@protoc_insertion_point(module_scope)

@@ -137,6 +137,9 @@ class DiskProgress(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_OFFSET_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_OFFSET_FIELD_NUMBER: _builtins.int
+    RESUMED_AT_PERCENT_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
     """"disk-<device key>", e.g. "disk-2000"."""
     label: _builtins.str
@@ -157,6 +160,13 @@ class DiskProgress(_message.Message):
     """CBT change id the copy was based on and the new one (set only once the disk is COMPLETED)."""
     change_id: _builtins.str
     error_message: _builtins.str
+    checkpoint_offset: _builtins.int
+    """Checkpoint: every planned byte of this disk below this offset is written AND flushed to the
+    target. Store it per disk per job; it is the resume_offset of a resumed run.
+    """
+    resumed_from_offset: _builtins.int
+    """This run started at this offset (a resume), and how far the disk was then."""
+    resumed_at_percent: _builtins.float
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -180,10 +190,13 @@ class DiskProgress(_message.Message):
         error_message: _builtins.str = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
+        checkpoint_offset: _builtins.int = ...,
+        resumed_from_offset: _builtins.int = ...,
+        resumed_at_percent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_transferred", b"bytes_transferred", "bytes_zeroed", b"bytes_zeroed", "capacity_bytes", b"capacity_bytes", "change_id", b"change_id", "completed_at", b"completed_at", "disk_id", b"disk_id", "error_message", b"error_message", "full_copy_reason", b"full_copy_reason", "label", b"label", "percent", b"percent", "previous_change_id", b"previous_change_id", "started_at", b"started_at", "status", b"status", "sync_type", b"sync_type", "throughput_mbps", b"throughput_mbps", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_transferred", b"bytes_transferred", "bytes_zeroed", b"bytes_zeroed", "capacity_bytes", b"capacity_bytes", "change_id", b"change_id", "checkpoint_offset", b"checkpoint_offset", "completed_at", b"completed_at", "disk_id", b"disk_id", "error_message", b"error_message", "full_copy_reason", b"full_copy_reason", "label", b"label", "percent", b"percent", "previous_change_id", b"previous_change_id", "resumed_at_percent", b"resumed_at_percent", "resumed_from_offset", b"resumed_from_offset", "started_at", b"started_at", "status", b"status", "sync_type", b"sync_type", "throughput_mbps", b"throughput_mbps", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -241,6 +254,8 @@ class JobProgress(_message.Message):
     DISKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_MOREF_FIELD_NUMBER: _builtins.int
+    RESUME_SUMMARY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     stage: Global___Stage.ValueType
     status: Global___JobStatus.ValueType
@@ -257,6 +272,10 @@ class JobProgress(_message.Message):
     """Increases with every applied update; watchers use it to detect missed updates."""
     snapshot_name: _builtins.str
     """Name of the VMware snapshot the job reads from (srep-<job_id>)."""
+    snapshot_moref: _builtins.str
+    """Its moref once it exists: with each disk's checkpoint_offset, what a resume needs."""
+    resume_summary: _builtins.str
+    """For the operator when the run resumed an interrupted one, e.g. "resumed at 51 %"."""
     @_builtins.property
     def throughput(self) -> Global___Throughput: ...
     @_builtins.property
@@ -296,10 +315,12 @@ class JobProgress(_message.Message):
         disks: _abc.Iterable[Global___DiskProgress] | None = ...,
         sequence: _builtins.int = ...,
         snapshot_name: _builtins.str = ...,
+        snapshot_moref: _builtins.str = ...,
+        resume_summary: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stage_started_at", b"stage_started_at", "started_at", b"started_at", "throughput", b"throughput", "updated_at", b"updated_at", "vm_info", b"vm_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_transferred", b"bytes_transferred", "current_operation", b"current_operation", "disks", b"disks", "elapsed_ms", b"elapsed_ms", "errors", b"errors", "eta_seconds", b"eta_seconds", "job_id", b"job_id", "last_error", b"last_error", "percentage", b"percentage", "sequence", b"sequence", "snapshot_name", b"snapshot_name", "stage", b"stage", "stage_started_at", b"stage_started_at", "started_at", b"started_at", "status", b"status", "sync_type", b"sync_type", "throughput", b"throughput", "total_bytes", b"total_bytes", "updated_at", b"updated_at", "vm_info", b"vm_info"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_transferred", b"bytes_transferred", "current_operation", b"current_operation", "disks", b"disks", "elapsed_ms", b"elapsed_ms", "errors", b"errors", "eta_seconds", b"eta_seconds", "job_id", b"job_id", "last_error", b"last_error", "percentage", b"percentage", "resume_summary", b"resume_summary", "sequence", b"sequence", "snapshot_moref", b"snapshot_moref", "snapshot_name", b"snapshot_name", "stage", b"stage", "stage_started_at", b"stage_started_at", "started_at", b"started_at", "status", b"status", "sync_type", b"sync_type", "throughput", b"throughput", "total_bytes", b"total_bytes", "updated_at", b"updated_at", "vm_info", b"vm_info"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

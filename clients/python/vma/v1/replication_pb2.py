@@ -28,7 +28,7 @@ from vma.v1 import progress_pb2 as vma_dot_v1_dot_progress__pb2
 from vma.v1 import vcenter_pb2 as vma_dot_v1_dot_vcenter__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vma/v1/replication.proto\x12\x06vma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\x1a\x15vma/v1/progress.proto\x1a\x14vma/v1/vcenter.proto\"o\n\x0fReplicationDisk\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x17\n\x0fvmware_disk_key\x18\x02 \x01(\x05\x12\x16\n\x0etarget_nbd_uri\x18\x03 \x01(\t\x12\x1a\n\x12previous_change_id\x18\x04 \x01(\t\"1\n\x0cNbdTargetTls\x12\x14\n\x0cpsk_identity\x18\x01 \x01(\t\x12\x0b\n\x03psk\x18\x02 \x01(\x0c\"\x84\x02\n\x17StartReplicationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ncontext_id\x18\x02 \x01(\t\x12-\n\nconnection\x18\x03 \x01(\x0b\x32\x19.vma.v1.VCenterConnection\x12\x1f\n\x02vm\x18\x04 \x01(\x0b\x32\x13.vma.v1.VMReference\x12&\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x17.vma.v1.ReplicationDisk\x12\x0f\n\x07quiesce\x18\x06 \x01(\x08\x12\x12\n\nenable_cbt\x18\x07 \x01(\x08\x12(\n\ntarget_tls\x18\x08 \x01(\x0b\x32\x14.vma.v1.NbdTargetTls\"q\n\x18StartReplicationResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsnapshot_name\x18\x03 \x01(\t\"-\n\x1bGetReplicationStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xd7\x01\n\x1cGetReplicationStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.vma.v1.JobStatus\x12\x0f\n\x07running\x18\x03 \x01(\x08\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x18\x43\x61ncelReplicationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"a\n\x19\x43\x61ncelReplicationResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tcancelled\x18\x02 \x01(\x08\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.vma.v1.JobStatus\"y\n\x17\x43leanupSnapshotsRequest\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.vma.v1.VCenterConnection\x12\x1f\n\x02vm\x18\x02 \x01(\x0b\x32\x13.vma.v1.VMReference\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"5\n\x18\x43leanupSnapshotsResponse\x12\x19\n\x11removed_snapshots\x18\x01 \x03(\t2\xc1\x03\n\x12ReplicationService\x12j\n\x10StartReplication\x12\x1f.vma.v1.StartReplicationRequest\x1a .vma.v1.StartReplicationResponse\"\x13\x8a\xb5\x18\x0fPOST /replicate\x12{\n\x14GetReplicationStatus\x12#.vma.v1.GetReplicationStatusRequest\x1a$.vma.v1.GetReplicationStatusResponse\"\x18\x8a\xb5\x18\x14GET /status/{job_id}\x12X\n\x11\x43\x61ncelReplication\x12 .vma.v1.CancelReplicationRequest\x1a!.vma.v1.CancelReplicationResponse\x12h\n\x10\x43leanupSnapshots\x12\x1f.vma.v1.CleanupSnapshotsRequest\x1a .vma.v1.CleanupSnapshotsResponse\"\x11\x8a\xb5\x18\rPOST /cleanupB4Z2github.com/oma-vma/migrate/clients/go/vma/v1;vmav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vma/v1/replication.proto\x12\x06vma.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amigration/v1/options.proto\x1a\x15vma/v1/progress.proto\x1a\x14vma/v1/vcenter.proto\"\x86\x01\n\x0fReplicationDisk\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x17\n\x0fvmware_disk_key\x18\x02 \x01(\x05\x12\x16\n\x0etarget_nbd_uri\x18\x03 \x01(\t\x12\x1a\n\x12previous_change_id\x18\x04 \x01(\t\x12\x15\n\rresume_offset\x18\x05 \x01(\x03\"-\n\x0eResumeSnapshot\x12\r\n\x05moref\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"1\n\x0cNbdTargetTls\x12\x14\n\x0cpsk_identity\x18\x01 \x01(\t\x12\x0b\n\x03psk\x18\x02 \x01(\x0c\"\xb5\x02\n\x17StartReplicationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ncontext_id\x18\x02 \x01(\t\x12-\n\nconnection\x18\x03 \x01(\x0b\x32\x19.vma.v1.VCenterConnection\x12\x1f\n\x02vm\x18\x04 \x01(\x0b\x32\x13.vma.v1.VMReference\x12&\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x17.vma.v1.ReplicationDisk\x12\x0f\n\x07quiesce\x18\x06 \x01(\x08\x12\x12\n\nenable_cbt\x18\x07 \x01(\x08\x12(\n\ntarget_tls\x18\x08 \x01(\x0b\x32\x14.vma.v1.NbdTargetTls\x12/\n\x0fresume_snapshot\x18\t \x01(\x0b\x32\x16.vma.v1.ResumeSnapshot\"\x89\x01\n\x18StartReplicationResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsnapshot_name\x18\x03 \x01(\t\x12\x16\n\x0esnapshot_moref\x18\x04 \x01(\t\"-\n\x1bGetReplicationStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xd7\x01\n\x1cGetReplicationStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.vma.v1.JobStatus\x12\x0f\n\x07running\x18\x03 \x01(\x08\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x18\x43\x61ncelReplicationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"a\n\x19\x43\x61ncelReplicationResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tcancelled\x18\x02 \x01(\x08\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.vma.v1.JobStatus\"\x95\x01\n\x17\x43leanupSnapshotsRequest\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.vma.v1.VCenterConnection\x12\x1f\n\x02vm\x18\x02 \x01(\x0b\x32\x13.vma.v1.VMReference\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x1a\n\x12older_than_seconds\x18\x04 \x01(\x03\"5\n\x18\x43leanupSnapshotsResponse\x12\x19\n\x11removed_snapshots\x18\x01 \x03(\t\"\x1c\n\x1aListInterruptedJobsRequest\"\x98\x01\n\x0fInterruptedDisk\x12\x0f\n\x07\x64isk_id\x18\x01 \x01(\t\x12\x17\n\x0fvmware_disk_key\x18\x02 \x01(\x05\x12\x19\n\x11\x63heckpoint_offset\x18\x03 \x01(\x03\x12\x1a\n\x12previous_change_id\x18\x04 \x01(\t\x12\x11\n\tcompleted\x18\x05 \x01(\x08\x12\x11\n\tchange_id\x18\x06 \x01(\t\"\x9f\x02\n\x0eInterruptedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ncontext_id\x18\x02 \x01(\t\x12\x0f\n\x07vcenter\x18\x03 \x01(\t\x12\x10\n\x08vm_moref\x18\x04 \x01(\t\x12\x16\n\x0esnapshot_moref\x18\x05 \x01(\t\x12\x15\n\rsnapshot_name\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05\x64isks\x18\t \x03(\x0b\x32\x17.vma.v1.InterruptedDisk\x12\x0f\n\x07\x65xpired\x18\n \x01(\x08\"C\n\x1bListInterruptedJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.vma.v1.InterruptedJob2\xa1\x04\n\x12ReplicationService\x12j\n\x10StartReplication\x12\x1f.vma.v1.StartReplicationRequest\x1a .vma.v1.StartReplicationResponse\"\x13\x8a\xb5\x18\x0fPOST /replicate\x12{\n\x14GetReplicationStatus\x12#.vma.v1.GetReplicationStatusRequest\x1a$.vma.v1.GetReplicationStatusResponse\"\x18\x8a\xb5\x18\x14GET /status/{job_id}\x12X\n\x11\x43\x61ncelReplication\x12 .vma.v1.CancelReplicationRequest\x1a!.vma.v1.CancelReplicationResponse\x12h\n\x10\x43leanupSnapshots\x12\x1f.vma.v1.CleanupSnapshotsRequest\x1a .vma.v1.CleanupSnapshotsResponse\"\x11\x8a\xb5\x18\rPOST /cleanup\x12^\n\x13ListInterruptedJobs\x12\".vma.v1.ListInterruptedJobsRequest\x1a#.vma.v1.ListInterruptedJobsResponseB4Z2github.com/oma-vma/migrate/clients/go/vma/v1;vmav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,26 +42,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICATIONSERVICE'].methods_by_name['GetReplicationStatus']._serialized_options = b'\212\265\030\024GET /status/{job_id}'
   _globals['_REPLICATIONSERVICE'].methods_by_name['CleanupSnapshots']._loaded_options = None
   _globals['_REPLICATIONSERVICE'].methods_by_name['CleanupSnapshots']._serialized_options = b'\212\265\030\rPOST /cleanup'
-  _globals['_REPLICATIONDISK']._serialized_start=142
-  _globals['_REPLICATIONDISK']._serialized_end=253
-  _globals['_NBDTARGETTLS']._serialized_start=255
-  _globals['_NBDTARGETTLS']._serialized_end=304
-  _globals['_STARTREPLICATIONREQUEST']._serialized_start=307
-  _globals['_STARTREPLICATIONREQUEST']._serialized_end=567
-  _globals['_STARTREPLICATIONRESPONSE']._serialized_start=569
-  _globals['_STARTREPLICATIONRESPONSE']._serialized_end=682
-  _globals['_GETREPLICATIONSTATUSREQUEST']._serialized_start=684
-  _globals['_GETREPLICATIONSTATUSREQUEST']._serialized_end=729
-  _globals['_GETREPLICATIONSTATUSRESPONSE']._serialized_start=732
-  _globals['_GETREPLICATIONSTATUSRESPONSE']._serialized_end=947
-  _globals['_CANCELREPLICATIONREQUEST']._serialized_start=949
-  _globals['_CANCELREPLICATIONREQUEST']._serialized_end=1007
-  _globals['_CANCELREPLICATIONRESPONSE']._serialized_start=1009
-  _globals['_CANCELREPLICATIONRESPONSE']._serialized_end=1106
-  _globals['_CLEANUPSNAPSHOTSREQUEST']._serialized_start=1108
-  _globals['_CLEANUPSNAPSHOTSREQUEST']._serialized_end=1229
-  _globals['_CLEANUPSNAPSHOTSRESPONSE']._serialized_start=1231
-  _globals['_CLEANUPSNAPSHOTSRESPONSE']._serialized_end=1284
-  _globals['_REPLICATIONSERVICE']._serialized_start=1287
-  _globals['_REPLICATIONSERVICE']._serialized_end=1736
+  _globals['_REPLICATIONDISK']._serialized_start=143
+  _globals['_REPLICATIONDISK']._serialized_end=277
+  _globals['_RESUMESNAPSHOT']._serialized_start=279
+  _globals['_RESUMESNAPSHOT']._serialized_end=324
+  _globals['_NBDTARGETTLS']._serialized_start=326
+  _globals['_NBDTARGETTLS']._serialized_end=375
+  _globals['_STARTREPLICATIONREQUEST']._serialized_start=378
+  _globals['_STARTREPLICATIONREQUEST']._serialized_end=687
+  _globals['_STARTREPLICATIONRESPONSE']._serialized_start=690
+  _globals['_STARTREPLICATIONRESPONSE']._serialized_end=827
+  _globals['_GETREPLICATIONSTATUSREQUEST']._serialized_start=829
+  _globals['_GETREPLICATIONSTATUSREQUEST']._serialized_end=874
+  _globals['_GETREPLICATIONSTATUSRESPONSE']._serialized_start=877
+  _globals['_GETREPLICATIONSTATUSRESPONSE']._serialized_end=1092
+  _globals['_CANCELREPLICATIONREQUEST']._serialized_start=1094
+  _globals['_CANCELREPLICATIONREQUEST']._serialized_end=1152
+  _globals['_CANCELREPLICATIONRESPONSE']._serialized_start=1154
+  _globals['_CANCELREPLICATIONRESPONSE']._serialized_end=1251
+  _globals['_CLEANUPSNAPSHOTSREQUEST']._serialized_start=1254
+  _globals['_CLEANUPSNAPSHOTSREQUEST']._serialized_end=1403
+  _globals['_CLEANUPSNAPSHOTSRESPONSE']._serialized_start=1405
+  _globals['_CLEANUPSNAPSHOTSRESPONSE']._serialized_end=1458
+  _globals['_LISTINTERRUPTEDJOBSREQUEST']._serialized_start=1460
+  _globals['_LISTINTERRUPTEDJOBSREQUEST']._serialized_end=1488
+  _globals['_INTERRUPTEDDISK']._serialized_start=1491
+  _globals['_INTERRUPTEDDISK']._serialized_end=1643
+  _globals['_INTERRUPTEDJOB']._serialized_start=1646
+  _globals['_INTERRUPTEDJOB']._serialized_end=1933
+  _globals['_LISTINTERRUPTEDJOBSRESPONSE']._serialized_start=1935
+  _globals['_LISTINTERRUPTEDJOBSRESPONSE']._serialized_end=2002
+  _globals['_REPLICATIONSERVICE']._serialized_start=2005
+  _globals['_REPLICATIONSERVICE']._serialized_end=2550
 # @@protoc_insertion_point(module_scope)

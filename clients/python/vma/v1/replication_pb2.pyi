@@ -29,6 +29,7 @@ class ReplicationDisk(_message.Message):
     VMWARE_DISK_KEY_FIELD_NUMBER: _builtins.int
     TARGET_NBD_URI_FIELD_NUMBER: _builtins.int
     PREVIOUS_CHANGE_ID_FIELD_NUMBER: _builtins.int
+    RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     disk_id: _builtins.str
     """"disk-<device key>"."""
     vmware_disk_key: _builtins.int
@@ -36,6 +37,11 @@ class ReplicationDisk(_message.Message):
     """Where to write: "nbd://host:port/export" or "nbd+unix:///export?socket=/path"."""
     previous_change_id: _builtins.str
     """Change id stored for this disk and this target volume; empty → full copy."""
+    resume_offset: _builtins.int
+    """Resume: every planned byte of this disk below this offset is already written and flushed on
+    the target (the last checkpoint_offset the agent reported for this job and disk). Only with
+    StartReplicationRequest.resume_snapshot and the same previous_change_id as the first run.
+    """
     def __init__(
         self,
         *,
@@ -43,14 +49,40 @@ class ReplicationDisk(_message.Message):
         vmware_disk_key: _builtins.int = ...,
         target_nbd_uri: _builtins.str = ...,
         previous_change_id: _builtins.str = ...,
+        resume_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "previous_change_id", b"previous_change_id", "target_nbd_uri", b"target_nbd_uri", "vmware_disk_key", b"vmware_disk_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_id", b"disk_id", "previous_change_id", b"previous_change_id", "resume_offset", b"resume_offset", "target_nbd_uri", b"target_nbd_uri", "vmware_disk_key", b"vmware_disk_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplicationDisk: _TypeAlias = ReplicationDisk  # noqa: Y015
+
+@_typing.final
+class ResumeSnapshot(_message.Message):
+    """The snapshot an interrupted run of the same job left (StartReplicationResponse.snapshot_moref)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOREF_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    moref: _builtins.str
+    name: _builtins.str
+    """srep-<job_id>; checked against the snapshot found under moref."""
+    def __init__(
+        self,
+        *,
+        moref: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["moref", b"moref", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSnapshot: _TypeAlias = ResumeSnapshot  # noqa: Y015
 
 @_typing.final
 class NbdTargetTls(_message.Message):
@@ -92,6 +124,7 @@ class StartReplicationRequest(_message.Message):
     QUIESCE_FIELD_NUMBER: _builtins.int
     ENABLE_CBT_FIELD_NUMBER: _builtins.int
     TARGET_TLS_FIELD_NUMBER: _builtins.int
+    RESUME_SNAPSHOT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     context_id: _builtins.str
     quiesce: _builtins.bool
@@ -108,6 +141,13 @@ class StartReplicationRequest(_message.Message):
     def target_tls(self) -> Global___NbdTargetTls:
         """TLS-PSK for every target of the job; unset = plain NBD targets."""
 
+    @_builtins.property
+    def resume_snapshot(self) -> Global___ResumeSnapshot:
+        """Resume an interrupted run of this job from this snapshot (each disk from its resume_offset).
+        When the snapshot is gone, a new one is taken and each disk starts again from 0, with the
+        reason in DiskProgress.full_copy_reason.
+        """
+
     def __init__(
         self,
         *,
@@ -119,10 +159,11 @@ class StartReplicationRequest(_message.Message):
         quiesce: _builtins.bool = ...,
         enable_cbt: _builtins.bool = ...,
         target_tls: Global___NbdTargetTls | None = ...,
+        resume_snapshot: Global___ResumeSnapshot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "target_tls", b"target_tls", "vm", b"vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "resume_snapshot", b"resume_snapshot", "target_tls", b"target_tls", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "context_id", b"context_id", "disks", b"disks", "enable_cbt", b"enable_cbt", "job_id", b"job_id", "quiesce", b"quiesce", "target_tls", b"target_tls", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "context_id", b"context_id", "disks", b"disks", "enable_cbt", b"enable_cbt", "job_id", b"job_id", "quiesce", b"quiesce", "resume_snapshot", b"resume_snapshot", "target_tls", b"target_tls", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -135,8 +176,11 @@ class StartReplicationResponse(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_MOREF_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     snapshot_name: _builtins.str
+    snapshot_moref: _builtins.str
+    """Empty until the snapshot exists: read it from GetProgress/WatchProgress (snapshot_moref)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -145,10 +189,11 @@ class StartReplicationResponse(_message.Message):
         job_id: _builtins.str = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         snapshot_name: _builtins.str = ...,
+        snapshot_moref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "snapshot_name", b"snapshot_name", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "snapshot_moref", b"snapshot_moref", "snapshot_name", b"snapshot_name", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,8 +310,11 @@ class CleanupSnapshotsRequest(_message.Message):
     CONNECTION_FIELD_NUMBER: _builtins.int
     VM_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    OLDER_THAN_SECONDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Only this job's snapshot (srep-<job_id>); empty → every srep-* snapshot no running job owns."""
+    older_than_seconds: _builtins.int
+    """Only snapshots created more than this many seconds ago (0 = any age)."""
     @_builtins.property
     def connection(self) -> _vcenter_pb2.VCenterConnection: ...
     @_builtins.property
@@ -277,10 +325,11 @@ class CleanupSnapshotsRequest(_message.Message):
         connection: _vcenter_pb2.VCenterConnection | None = ...,
         vm: _vcenter_pb2.VMReference | None = ...,
         job_id: _builtins.str = ...,
+        older_than_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "job_id", b"job_id", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "job_id", b"job_id", "older_than_seconds", b"older_than_seconds", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -305,3 +354,128 @@ class CleanupSnapshotsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CleanupSnapshotsResponse: _TypeAlias = CleanupSnapshotsResponse  # noqa: Y015
+
+@_typing.final
+class ListInterruptedJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInterruptedJobsRequest: _TypeAlias = ListInterruptedJobsRequest  # noqa: Y015
+
+@_typing.final
+class InterruptedDisk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_ID_FIELD_NUMBER: _builtins.int
+    VMWARE_DISK_KEY_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_OFFSET_FIELD_NUMBER: _builtins.int
+    PREVIOUS_CHANGE_ID_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    disk_id: _builtins.str
+    vmware_disk_key: _builtins.int
+    checkpoint_offset: _builtins.int
+    """Every planned byte below this offset is written and flushed: the disk's resume_offset."""
+    previous_change_id: _builtins.str
+    """The change id the run was based on (send it again as previous_change_id to resume)."""
+    completed: _builtins.bool
+    """The disk was complete (change_id is its new change id) when the run stopped."""
+    change_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        disk_id: _builtins.str = ...,
+        vmware_disk_key: _builtins.int = ...,
+        checkpoint_offset: _builtins.int = ...,
+        previous_change_id: _builtins.str = ...,
+        completed: _builtins.bool = ...,
+        change_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "checkpoint_offset", b"checkpoint_offset", "completed", b"completed", "disk_id", b"disk_id", "previous_change_id", b"previous_change_id", "vmware_disk_key", b"vmware_disk_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterruptedDisk: _TypeAlias = InterruptedDisk  # noqa: Y015
+
+@_typing.final
+class InterruptedJob(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_ID_FIELD_NUMBER: _builtins.int
+    VCENTER_FIELD_NUMBER: _builtins.int
+    VM_MOREF_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_MOREF_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    context_id: _builtins.str
+    vcenter: _builtins.str
+    """host[:port] of the vCenter and the VM's moref there."""
+    vm_moref: _builtins.str
+    snapshot_moref: _builtins.str
+    snapshot_name: _builtins.str
+    expired: _builtins.bool
+    """Older than the agent's leftover_snapshot_max_age_seconds: remove its snapshot, do not resume."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """Time of the last checkpoint written to the journal."""
+
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___InterruptedDisk]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        context_id: _builtins.str = ...,
+        vcenter: _builtins.str = ...,
+        vm_moref: _builtins.str = ...,
+        snapshot_moref: _builtins.str = ...,
+        snapshot_name: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        disks: _abc.Iterable[Global___InterruptedDisk] | None = ...,
+        expired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_id", b"context_id", "disks", b"disks", "expired", b"expired", "job_id", b"job_id", "snapshot_moref", b"snapshot_moref", "snapshot_name", b"snapshot_name", "started_at", b"started_at", "updated_at", b"updated_at", "vcenter", b"vcenter", "vm_moref", b"vm_moref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InterruptedJob: _TypeAlias = InterruptedJob  # noqa: Y015
+
+@_typing.final
+class ListInterruptedJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___InterruptedJob]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___InterruptedJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInterruptedJobsResponse: _TypeAlias = ListInterruptedJobsResponse  # noqa: Y015

@@ -56,6 +56,11 @@ class ReplicationServiceStub:
                 request_serializer=vma_dot_v1_dot_replication__pb2.CleanupSnapshotsRequest.SerializeToString,
                 response_deserializer=vma_dot_v1_dot_replication__pb2.CleanupSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.ListInterruptedJobs = channel.unary_unary(
+                '/vma.v1.ReplicationService/ListInterruptedJobs',
+                request_serializer=vma_dot_v1_dot_replication__pb2.ListInterruptedJobsRequest.SerializeToString,
+                response_deserializer=vma_dot_v1_dot_replication__pb2.ListInterruptedJobsResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServiceServicer:
@@ -91,6 +96,14 @@ class ReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInterruptedJobs(self, request, context):
+        """Jobs this agent was running when it stopped or died (from its on-disk journal): their kept
+        snapshot and each disk's last checkpoint, for the OMA to resume them or remove the snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_ReplicationServiceServicer_to_server(servicer, server):
                     servicer.CleanupSnapshots,
                     request_deserializer=vma_dot_v1_dot_replication__pb2.CleanupSnapshotsRequest.FromString,
                     response_serializer=vma_dot_v1_dot_replication__pb2.CleanupSnapshotsResponse.SerializeToString,
+            ),
+            'ListInterruptedJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInterruptedJobs,
+                    request_deserializer=vma_dot_v1_dot_replication__pb2.ListInterruptedJobsRequest.FromString,
+                    response_serializer=vma_dot_v1_dot_replication__pb2.ListInterruptedJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class ReplicationService:
             '/vma.v1.ReplicationService/CleanupSnapshots',
             vma_dot_v1_dot_replication__pb2.CleanupSnapshotsRequest.SerializeToString,
             vma_dot_v1_dot_replication__pb2.CleanupSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInterruptedJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vma.v1.ReplicationService/ListInterruptedJobs',
+            vma_dot_v1_dot_replication__pb2.ListInterruptedJobsRequest.SerializeToString,
+            vma_dot_v1_dot_replication__pb2.ListInterruptedJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class ReplicationServiceStub:
     """Stops a running job; the snapshot is removed and the job ends CANCELLED."""
     CleanupSnapshots: _grpc.UnaryUnaryMultiCallable[_replication_pb2.CleanupSnapshotsRequest, _replication_pb2.CleanupSnapshotsResponse]
     """Removes this system's snapshots (srep-*) of a VM that no running job owns."""
+    ListInterruptedJobs: _grpc.UnaryUnaryMultiCallable[_replication_pb2.ListInterruptedJobsRequest, _replication_pb2.ListInterruptedJobsResponse]
+    """Jobs this agent was running when it stopped or died (from its on-disk journal): their kept
+    snapshot and each disk's last checkpoint, for the OMA to resume them or remove the snapshot.
+    """
 
 @_typing.type_check_only
 class ReplicationServiceAsyncStub(ReplicationServiceStub):
@@ -59,6 +63,10 @@ class ReplicationServiceAsyncStub(ReplicationServiceStub):
     """Stops a running job; the snapshot is removed and the job ends CANCELLED."""
     CleanupSnapshots: _aio.UnaryUnaryMultiCallable[_replication_pb2.CleanupSnapshotsRequest, _replication_pb2.CleanupSnapshotsResponse]  # type: ignore[assignment]
     """Removes this system's snapshots (srep-*) of a VM that no running job owns."""
+    ListInterruptedJobs: _aio.UnaryUnaryMultiCallable[_replication_pb2.ListInterruptedJobsRequest, _replication_pb2.ListInterruptedJobsResponse]  # type: ignore[assignment]
+    """Jobs this agent was running when it stopped or died (from its on-disk journal): their kept
+    snapshot and each disk's last checkpoint, for the OMA to resume them or remove the snapshot.
+    """
 
 class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
     """The data mover: snapshot the VM, copy what CBT says into the OMA's NBD exports, report new change
@@ -96,5 +104,15 @@ class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_replication_pb2.CleanupSnapshotsResponse, _abc.Awaitable[_replication_pb2.CleanupSnapshotsResponse]]:
         """Removes this system's snapshots (srep-*) of a VM that no running job owns."""
+
+    @_abc_1.abstractmethod
+    def ListInterruptedJobs(
+        self,
+        request: _replication_pb2.ListInterruptedJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replication_pb2.ListInterruptedJobsResponse, _abc.Awaitable[_replication_pb2.ListInterruptedJobsResponse]]:
+        """Jobs this agent was running when it stopped or died (from its on-disk journal): their kept
+        snapshot and each disk's last checkpoint, for the OMA to resume them or remove the snapshot.
+        """
 
 def add_ReplicationServiceServicer_to_server(servicer: ReplicationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
