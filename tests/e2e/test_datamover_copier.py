@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.fixtures.nbd import file_sha256, nbdkit_available, nbdkit_file_export
+from tests.helpers.disk_images import allocated, make_garbage, make_sparse, read_at
 from vma_agent.datamover import (
     CopyCancelled,
     CopyError,
@@ -37,45 +38,6 @@ FAST_RETRY = RetryPolicy(tries=3, initial_delay=0.02, factor=2.0)
 
 
 # ----------------------------------------------------------------- helpers
-def allocated(path) -> list[tuple[int, int]]:
-    out, pos = [], 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end - start))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
-
-
-def make_sparse(path, size: int, extents: list[tuple[int, int]], seed: int = 1) -> None:
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, n in extents:
-            f.seek(off)
-            f.write(rnd.randbytes(n))
-
-
-def make_garbage(path, size: int) -> None:
-    block = bytes(range(256)) * (MiB // 256)
-    with open(path, "wb") as f:
-        f.writelines(block for _ in range(size // MiB))
-
-
-def read_at(path, off: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(off)
-        return f.read(n)
-
-
 DATA_EXTENTS = [(0, 200 * KiB), (1 * MiB + 4 * KiB, 3 * MiB), (7 * MiB, 64 * KiB),
                 (9 * MiB + 512 * KiB, 5 * MiB + 12 * KiB), (31 * MiB, 1 * MiB)]
 SIZE = 32 * MiB
