@@ -41,7 +41,8 @@ class Settings(ServingSettings):
     data_dir: Path = field(default_factory=_default_data_dir)
     # sqlite:///path/file.db (default: <data_dir>/oma.db) or mysql://user:pass@host:port/db
     db_url: str = ""
-    db_pool_size: int = 20
+    # MariaDB connections kept open: one per RPC worker thread (max_workers), so no call waits for a connection.
+    db_pool_size: int = 32
 
     # --- security --------------------------------------------------------------------------
     # Production refuses to start without explicitly configured keys (no generated key files).

@@ -186,6 +186,10 @@ def _connection():
         yield
 
 
+#: Tokens whose verified claims are remembered (one per active session; cleared when full).
+VERIFIED_TOKEN_CACHE_SIZE = 4096
+
+
 class TokenAuthority:
     """Issues, verifies and revokes bearer tokens; checks passwords under the login throttle."""
 
@@ -199,6 +203,11 @@ class TokenAuthority:
         self._cache_seconds = cache_seconds
         self._snapshot: _Snapshot | None = None
         self._snapshot_lock = threading.Lock()
+        # Claims of tokens whose signature was already checked, by the exact token text
+        # (docs/design/reads.md#token-check): a cached token is still refused once expired, and revocation is
+        # checked on every call by verify(), so the cache only saves the signature and JSON work.
+        self._verified: dict[str, dict] = {}
+        self._verified_lock = threading.Lock()
 
     # --- passwords ------------------------------------------------------------------------------------------
     def check_password(self, username: str, password: str, peer: str) -> models.ApiUser:
@@ -242,6 +251,22 @@ class TokenAuthority:
         return IssuedToken(jwt.encode(claims, self._secret, algorithm="HS256"), username, expires)
 
     def _decode(self, token: str) -> dict:
+        with self._verified_lock:
+            claims = self._verified.get(token)
+        if claims is not None:
+            if float(claims["exp"]) > time.time():
+                return claims
+            with self._verified_lock:
+                self._verified.pop(token, None)
+            raise Unauthenticated("the token has expired; log in again")
+        claims = self._decode_uncached(token)
+        with self._verified_lock:
+            if len(self._verified) >= VERIFIED_TOKEN_CACHE_SIZE:
+                self._verified.clear()  # bounded; the next calls verify again
+            self._verified[token] = claims
+        return claims
+
+    def _decode_uncached(self, token: str) -> dict:
         expired = False
         for secret in self._verify_secrets:
             try:

@@ -30,6 +30,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     VmwareCredential,
 )
+from oma_server.db.prepared import PreparedSelect
 from oma_server.domain import joblog, paging
 from oma_server.domain.step_names import friendly_step_name
 from oma_server.domain.text_rules import quote
@@ -51,9 +52,25 @@ class ContextDetails:
     last_operation: dict[str, Any] | None = field(default=None)
 
 
+# The reads behind GetVMContext, compiled once (see oma_server.db.prepared): one statement each.
+_CONTEXT_BY_ID = PreparedSelect(
+    lambda cid: VmReplicationContext.select().where(VmReplicationContext.context_id == cid).limit(1), str)
+_JOB_BY_ID = PreparedSelect(lambda jid: ReplicationJob.select().where(ReplicationJob.id == jid).limit(1), str)
+_JOB_HISTORY = PreparedSelect(
+    lambda cid: ReplicationJob.select().where(ReplicationJob.vm_context == cid)
+    .order_by(ReplicationJob.created_at.desc(), ReplicationJob.id.desc()).limit(JOB_HISTORY_LIMIT), str)
+_CBT_HISTORY = PreparedSelect(
+    lambda cid: CbtHistory.select().where(CbtHistory.vm_context == cid)
+    .order_by(CbtHistory.created_at.desc(), CbtHistory.id.desc()).limit(CBT_HISTORY_LIMIT), str)
+_DISKS = PreparedSelect(lambda cid: VmDisk.select().where(VmDisk.vm_context == cid), str)
+_GROUPS_OF_ONE = PreparedSelect(
+    lambda cid: VmGroupMembership.select(VmGroupMembership, VmMachineGroup.name).join(VmMachineGroup)
+    .where(VmGroupMembership.vm_context == cid).order_by(VmMachineGroup.name), str)
+
+
 def get(context_id: str) -> VmReplicationContext:
     require(context_id, "context_id is required")
-    ctx = VmReplicationContext.get_or_none(VmReplicationContext.context_id == context_id)
+    ctx = _CONTEXT_BY_ID.first(context_id)
     if ctx is None:
         raise NotFound(f"no VM context {quote(context_id)}")
     return ctx
@@ -81,12 +98,15 @@ def groups_of(context_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     result: dict[str, list[dict[str, Any]]] = {cid: [] for cid in context_ids}
     if not context_ids:
         return result
-    rows = (
-        VmGroupMembership.select(VmGroupMembership, VmMachineGroup.name)
-        .join(VmMachineGroup)
-        .where(VmGroupMembership.vm_context.in_(context_ids))
-        .order_by(VmMachineGroup.name)
-    )
+    if len(context_ids) == 1:
+        rows = _GROUPS_OF_ONE.rows(context_ids[0])
+    else:
+        rows = (
+            VmGroupMembership.select(VmGroupMembership, VmMachineGroup.name)
+            .join(VmMachineGroup)
+            .where(VmGroupMembership.vm_context.in_(context_ids))
+            .order_by(VmMachineGroup.name)
+        )
     for m in rows:
         result[m.vm_context_id].append({
             "group_id": m.group_id, "group_name": m.group.name, "priority": m.priority, "enabled": m.enabled,
@@ -107,9 +127,9 @@ def list_contexts(
         query = query.where(VmReplicationContext.vcenter_host == vcenter_host)
     if name_contains:
         query = query.where(fn.LOWER(VmReplicationContext.vm_name).contains(name_contains.lower()))
-    page = paging.paginate(
-        query.order_by(VmReplicationContext.vm_name, VmReplicationContext.vcenter_host), page_size, page_token
-    )
+    # Keyset paging along the unique index (vm_name, vcenter_host): every page is one index range read.
+    page = paging.paginate_keyset(
+        query, (VmReplicationContext.vm_name, VmReplicationContext.vcenter_host), page_size, page_token)
     return page, groups_of([c.context_id for c in page.items])
 
 
@@ -122,27 +142,21 @@ def disk_sort_key(disk: VmDisk) -> tuple[int, int, str]:
 
 def disks(context_id: str) -> list[VmDisk]:
     get(context_id)
-    return sorted(VmDisk.select().where(VmDisk.vm_context == context_id), key=disk_sort_key)
+    return sorted(_DISKS.rows(context_id), key=disk_sort_key)
 
 
 def details(ctx: VmReplicationContext) -> ContextDetails:
-    history = list(
-        ReplicationJob.select().where(ReplicationJob.vm_context == ctx.context_id)
-        .order_by(ReplicationJob.created_at.desc()).limit(JOB_HISTORY_LIMIT)
-    )
+    """The whole aggregate in at most five statements, however many jobs, disks or CBT rows exist."""
+    history = _JOB_HISTORY.rows(ctx.context_id)
     current = None
     if ctx.current_job_id:
-        current = next((j for j in history if j.id == ctx.current_job_id), None) or ReplicationJob.get_or_none(
-            ReplicationJob.id == ctx.current_job_id
-        )
-    cbt = list(
-        CbtHistory.select().where(CbtHistory.vm_context == ctx.context_id)
-        .order_by(CbtHistory.created_at.desc(), CbtHistory.id.desc()).limit(CBT_HISTORY_LIMIT)
-    )
+        current = next((j for j in history if j.id == ctx.current_job_id), None) or _JOB_BY_ID.first(
+            ctx.current_job_id)
+    cbt = _CBT_HISTORY.rows(ctx.context_id)
     summary = ctx.last_operation_summary if isinstance(ctx.last_operation_summary, dict) else None
     return ContextDetails(
         context=ctx, groups=groups_of([ctx.context_id])[ctx.context_id], current_job=current,
-        job_history=history, disks=sorted(ctx.disks, key=disk_sort_key), cbt_history=cbt,
+        job_history=history, disks=sorted(_DISKS.rows(ctx.context_id), key=disk_sort_key), cbt_history=cbt,
         last_operation=summary,
     )
 

@@ -18,6 +18,7 @@ from peewee import IntegrityError, fn
 
 from oma_server.db.database import database_proxy as db
 from oma_server.db.models import VmReplicationContext, VmwareCredential, utcnow
+from oma_server.db.prepared import PreparedSelect
 from oma_server.domain import text_rules
 from oma_server.domain.crypto import SecretBox, slot_of
 from oma_server.domain.text_rules import quote
@@ -46,13 +47,37 @@ def _validate_thumbprint(value: str) -> str:
     return value
 
 
+def _with_context_count():
+    """Credentials with ``context_count`` (how many VM contexts use each) in one statement."""
+    users = VmReplicationContext.alias()
+    count = (users.select(fn.COUNT(users.context_id)).where(users.credential == VmwareCredential.id))
+    return VmwareCredential.select(VmwareCredential, count.alias("context_count"))
+
+
+_BY_ID = PreparedSelect(lambda cid: VmwareCredential.select().where(VmwareCredential.id == cid).limit(1), int)
+_BY_ID_COUNTED = PreparedSelect(lambda cid: _with_context_count().where(VmwareCredential.id == cid).limit(1), int)
+_ALL_COUNTED = PreparedSelect(lambda: _with_context_count().order_by(VmwareCredential.credential_name))
+_ACTIVE_COUNTED = PreparedSelect(
+    lambda: _with_context_count().where(VmwareCredential.is_active == True)  # noqa: E712 - peewee expression
+    .order_by(VmwareCredential.credential_name))
+
+
 def _seal(box: SecretBox, credential_id: int, password: str) -> str:
     return box.encrypt(password, slot_of(VmwareCredential.password_encrypted, credential_id))
 
 
 def get(credential_id: int) -> VmwareCredential:
     require(credential_id > 0, "id is required")
-    cred = VmwareCredential.get_or_none(VmwareCredential.id == credential_id)
+    cred = _BY_ID.first(credential_id)
+    if cred is None:
+        raise NotFound(f"no VMware credential with id {credential_id}")
+    return cred
+
+
+def get_counted(credential_id: int) -> VmwareCredential:
+    """:func:`get` with ``context_count`` set, in one statement (the read RPCs' form)."""
+    require(credential_id > 0, "id is required")
+    cred = _BY_ID_COUNTED.first(credential_id)
     if cred is None:
         raise NotFound(f"no VMware credential with id {credential_id}")
     return cred
@@ -71,10 +96,8 @@ def context_counts(ids: list[int]) -> dict[int, int]:
 
 
 def list_credentials(active_only: bool = False) -> list[VmwareCredential]:
-    query = VmwareCredential.select()
-    if active_only:
-        query = query.where(VmwareCredential.is_active == True)  # noqa: E712 - peewee expression
-    return list(query.order_by(VmwareCredential.credential_name))
+    """By name, each with ``context_count``; one statement."""
+    return (_ACTIVE_COUNTED if active_only else _ALL_COUNTED).rows()
 
 
 def _clear_default_except(credential_id: int) -> None:
@@ -194,10 +217,15 @@ def set_default(credential_id: int) -> VmwareCredential:
     return get(credential_id)
 
 
-def get_default() -> VmwareCredential:
-    cred = VmwareCredential.get_or_none(
+_DEFAULT_COUNTED = PreparedSelect(
+    lambda: _with_context_count().where(
         VmwareCredential.is_default == True, VmwareCredential.is_active == True  # noqa: E712
-    )
+    ).limit(1))
+
+
+def get_default() -> VmwareCredential:
+    """The active default credential, with ``context_count``; one statement."""
+    cred = _DEFAULT_COUNTED.first()
     if cred is None:
         raise NotFound("no default VMware credential is set")
     return cred

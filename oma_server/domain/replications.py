@@ -44,6 +44,7 @@ from oma_server.db.models import (
     VmReplicationContext,
     utcnow,
 )
+from oma_server.db.prepared import PreparedSelect
 from oma_server.db.transactions import run_transaction
 from oma_server.domain import cloudstack_config, contexts, credentials, joblog, text_rules
 from oma_server.domain.job_lifecycle import finish
@@ -60,9 +61,16 @@ def new_job_id(now: datetime | None = None) -> str:
     return f"job-{now:%Y%m%d-%H%M%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 
+# Reads behind GetReplication/GetReplicationProgress, compiled once (oma_server.db.prepared).
+_JOB_BY_ID = PreparedSelect(lambda jid: ReplicationJob.select().where(ReplicationJob.id == jid).limit(1), str)
+_JOB_DISKS = PreparedSelect(lambda jid: VmDisk.select().where(VmDisk.job == jid), str)
+_JOB_CBT_HISTORY = PreparedSelect(
+    lambda jid: CbtHistory.select().where(CbtHistory.job == jid).order_by(CbtHistory.id), str)
+
+
 def get(job_id: str) -> ReplicationJob:
     require(job_id, "job_id is required")
-    job = ReplicationJob.get_or_none(ReplicationJob.id == job_id)
+    job = _JOB_BY_ID.first(job_id)
     if job is None:
         raise NotFound(f"no replication job {quote(job_id)}")
     return job
@@ -238,11 +246,11 @@ def list_jobs(*, vm_context_id: str = "", statuses: Sequence[str] = (), since: d
 
 
 def job_disks(job: ReplicationJob) -> list[VmDisk]:
-    return sorted(VmDisk.select().where(VmDisk.job == job.id), key=contexts.disk_sort_key)
+    return sorted(_JOB_DISKS.rows(job.id), key=contexts.disk_sort_key)
 
 
 def job_cbt_history(job: ReplicationJob) -> list[CbtHistory]:
-    return list(CbtHistory.select().where(CbtHistory.job == job.id).order_by(CbtHistory.id))
+    return _JOB_CBT_HISTORY.rows(job.id)
 
 
 def report_terminal(job_id: str, status: str, error_message: str) -> tuple[ReplicationJob, bool]:
@@ -413,11 +421,13 @@ def format_duration(seconds: int) -> str:
     return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or hours else "") + f"{secs}s"
 
 
-def progress_view(job: ReplicationJob) -> dict[str, Any]:
-    """Everything an operator sees about a job's progress, from the database (no VMA call)."""
+def progress_view(job: ReplicationJob, disks: Sequence[VmDisk] | None = None,
+                  cbt_history: Sequence[CbtHistory] | None = None) -> dict[str, Any]:
+    """Everything an operator sees about a job's progress, from the database (no VMA call). A caller that has
+    already read the job's disks and CBT history passes them, so they are not read twice."""
     now = utcnow()
-    disks = job_disks(job)
-    history = {c.disk_id: c for c in job_cbt_history(job)}
+    disks = job_disks(job) if disks is None else disks
+    history = {c.disk_id: c for c in (job_cbt_history(job) if cbt_history is None else cbt_history)}
     live = bool(job.vma_last_poll_at and now - job.vma_last_poll_at < timedelta(seconds=LIVE_SECONDS))
     return {
         "job": job,

@@ -15,7 +15,12 @@ _UPDATABLE = ("credential_name", "vcenter_host", "username", "password", "datace
 
 
 def _one(cred) -> pb.VMwareCredential:
-    return messages.credential(cred, credentials.context_counts([cred.id]).get(cred.id, 0))
+    """The message of a credential re-read with its context count (one statement)."""
+    return _counted(credentials.get_counted(cred.id))
+
+
+def _counted(cred) -> pb.VMwareCredential:
+    return messages.credential(cred, cred.context_count)
 
 
 class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServiceServicer):
@@ -27,10 +32,7 @@ class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServi
 
     def ListCredentials(self, request, context):
         rows = credentials.list_credentials(request.active_only)
-        counts = credentials.context_counts([c.id for c in rows])
-        return pb.ListCredentialsResponse(
-            credentials=[messages.credential(c, counts.get(c.id, 0)) for c in rows], count=len(rows)
-        )
+        return pb.ListCredentialsResponse(credentials=[_counted(c) for c in rows], count=len(rows))
 
     def CreateCredential(self, request, context):
         cred = credentials.create(
@@ -43,7 +45,7 @@ class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServi
         return pb.CreateCredentialResponse(credential=_one(cred))
 
     def GetCredential(self, request, context):
-        return pb.GetCredentialResponse(credential=_one(credentials.get(request.id)))
+        return pb.GetCredentialResponse(credential=_counted(credentials.get_counted(request.id)))
 
     def UpdateCredential(self, request, context):
         cred = credentials.update(self._box, request.id, optional_fields(request, *_UPDATABLE))
@@ -77,4 +79,4 @@ class VMwareCredentialServicer(vmware_credentials_pb2_grpc.VMwareCredentialServi
         )
 
     def GetDefaultCredential(self, request, context):
-        return pb.GetDefaultCredentialResponse(credential=_one(credentials.get_default()))
+        return pb.GetDefaultCredentialResponse(credential=_counted(credentials.get_default()))

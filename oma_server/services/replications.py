@@ -13,9 +13,9 @@ from oma_server.services import messages
 from oma_server.workflows.replication import ReplicationEngine
 
 
-def progress_message(job) -> resources_pb2.ReplicationProgress:
+def progress_message(job, disks=None, cbt_history=None) -> resources_pb2.ReplicationProgress:
     """The consolidated progress view (shared by GetReplicationProgress and the watch stream)."""
-    view = replications.progress_view(job)
+    view = replications.progress_view(job, disks, cbt_history)
     message = fill(resources_pb2.ReplicationProgress(), job, job_id=job.id, terminal=view["terminal"],
                    vm_name=job.source_vm_name)
     fill(message.vma_progress, view["vma"])
@@ -51,11 +51,12 @@ class ReplicationServicer(replications_pb2_grpc.ReplicationServiceServicer):
     def GetReplication(self, request, context):
         job = replications.get(request.job_id)
         disks = replications.job_disks(job)
+        history = replications.job_cbt_history(job)
         return pb.GetReplicationResponse(
             job=messages.replication_job(job, tracking_job_id(job.id) or ""),
             disks=messages.vm_disks(disks),
-            cbt_history=[messages.cbt_entry(c) for c in replications.job_cbt_history(job)],
-            disk_progress=progress_message(job).disks,
+            cbt_history=[messages.cbt_entry(c) for c in history],
+            disk_progress=progress_message(job, disks, history).disks,
         )
 
     def ListReplications(self, request, context):
