@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from omalab.disk_images import allocated as allocated_extents  # noqa: E402
 from vma_agent.datamover import copy_disk, plan_full_copy, plan_incremental_copy
 from vma_agent.integrations.nbdkit import NbdkitServer, file_plugin_args
 
@@ -68,26 +69,6 @@ def sha256_file(path: str) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
-
-
-def allocated_extents(path: str) -> list[tuple[int, int]]:
-    """The data extents of a sparse file (SEEK_DATA / SEEK_HOLE)."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end - start))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
 
 
 def make_source(path: str, size: int, fraction: float, seed: int) -> int:

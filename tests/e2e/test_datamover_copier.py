@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from omalab.disk_images import allocated, make_garbage, make_sparse, read_at
 from tests.fixtures.nbd import file_sha256, nbdkit_available, nbdkit_file_export
-from tests.helpers.disk_images import allocated, make_garbage, make_sparse, read_at
 from vma_agent.datamover import (
     CopyCancelled,
     CopyError,

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from omalab.disk_images import allocated, make_garbage, make_sparse, read_at
 from tests.fixtures.nbd import file_sha256, logged_flushes, logged_writes, nbdkit_available, nbdkit_file_export
-from tests.helpers.disk_images import allocated, make_garbage, make_sparse, read_at
 from vma_agent.datamover import CopyError, RetryPolicy, copy_disk, plan_full_copy
 from vma_agent.datamover.extents import bytes_below, clip_from
 from vma_agent.integrations.nbdkit import NbdkitServer, file_plugin_args

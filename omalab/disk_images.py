@@ -1,5 +1,5 @@
-"""Disk images for data-mover tests: sparse files with known data, garbage-filled targets, what a file
-has allocated, and reads at an offset."""
+"""Disk images for the data-mover tests and benchmarks: sparse files with known data, garbage-filled
+targets, what a file has allocated (SEEK_DATA / SEEK_HOLE), and reads at an offset."""
 from __future__ import annotations
 
 import os
