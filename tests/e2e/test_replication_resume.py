@@ -6,6 +6,7 @@ change-id base — without a new request. Measured on the target side: the bytes
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -14,8 +15,10 @@ from oma.v1 import discovery_pb2
 from oma.v1 import replications_pb2 as pb
 
 from oma_server.db import models
+from omaclient.client import OmaClient
 from omalab.lab import sha256_prefix, start_lab
 from omalab.resume_harness import snapshot_names
+from tests.fixtures.servers import ADMIN_PASSWORD, start_oma
 
 MiB = 1024 * 1024
 CHECKPOINT_MIB = 4
@@ -142,3 +145,42 @@ def test_vma_killed_mid_full_and_incremental_copy_the_job_resumes_and_completes(
         assert models.ReplicationJob.get_by_id(job_id).bytes_transferred == MiB
         _assert_replicas_equal(lab, vm, context_id)
 
+
+def test_vma_killed_and_oma_restarted_while_it_is_down_the_new_oma_resumes_the_job(db, tmp_path):
+    """The agent dies at ~50 % of a full copy; while it is down the OMA stops too and another OMA
+    process starts on the same database: it takes the job over from the database (its exports served
+    again on the same ports), finds the restarted agent no longer knows the job and resumes it from the
+    checkpoints the first OMA stored."""
+    with contextlib.ExitStack() as stack:
+        lab = stack.enter_context(start_lab(tmp_path, existing_database=db, vms=1, data_vms=1, vma_settings=AGENT,
+                                            vma_process=True))
+        vm = lab.vcenter.data_vms[0]
+        for disk in range(2):
+            lab.vcenter.guest_write(vm, disk, 0, os.urandom(64 * MiB))
+        context_id = lab.client.discovery.AddVMs(discovery_pb2.AddVMsRequest(
+            source=discovery_pb2.VCenterSource(credential_id=lab.credential_id), vm_names=[vm]),
+            timeout=60).processed_vms[0].context_id
+
+        def restart_oma():
+            settings = lab.oma.runtime.settings
+            lab.oma.stop(grace=None)
+            second = stack.enter_context(start_oma(tmp_path / "oma", db, **{k: getattr(settings, k) for k in (
+                "vma_address", "device_dir", "device_wait_seconds", "replica_extra_gib", "nbd_port_min",
+                "nbd_port_max")}))
+            client = OmaClient(f"127.0.0.1:{second.port}", token="")
+            stack.callback(client.close)
+            client.login("admin", ADMIN_PASSWORD)
+            return client
+
+        job_id, killed, stored, final, written, rewritten = _replicate_and_kill_vma(
+            lab, context_id, while_down=restart_oma)
+        assert final.status == "completed", final.error_message
+        assert all(0 < c < 64 * MiB for c in stored.values()), stored
+        planned = killed.total_bytes
+        assert written >= 40 * MiB and rewritten <= planned - written + SLACK, (written, rewritten)
+        steps = [s.name for s in models.JobTracking.get(models.JobTracking.external_job_id == job_id).steps]
+        assert steps[-3:] == ["restore-exports", "transfer", "finalize"]  # the new OMA's part
+        assert any("resumed at" in m and "the VMA no longer knows this job" in m for m in _messages(job_id))
+        assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
+        _assert_replicas_equal(lab, vm, context_id)
+        assert models.VmReplicationContext.get_by_id(context_id).current_job_id is None
