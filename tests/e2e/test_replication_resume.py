@@ -78,7 +78,10 @@ def _replicate_and_kill_vma(lab, context_id: str, kill_at: float = 45.0, while_d
     # The VMA is down: the job waits for it instead of failing.
     assert models.ReplicationJob.get_by_id(job_id).status == "replicating"
     lab.vma.start()
-    final = list(client.watch_replication(job_id, timeout=180))[-1]
+    updates = list(client.watch_replication(job_id, timeout=180))
+    final = updates[-1]
+    # what omactl shows while it runs (its progress line is the job's current_operation)
+    assert any("resumed at" in u.current_operation.lower() for u in updates), [u.current_operation for u in updates]
     # Exports served again by another OMA are new nbdkit processes: their counters start at zero.
     rewritten = _export_bytes_written(job_id) - (0 if while_down else at_kill)
     return job_id, killed_at, stored, final, at_kill - baseline, rewritten
