@@ -104,6 +104,10 @@ class Settings(ServingSettings):
     progress_stale_after_seconds: float = 300.0
     # A job the VMA does not know after this grace period is lost.
     progress_not_found_grace_seconds: float = 120.0
+    # A job the VMA lost (agent crash or restart, a stream that ended early, a copy that failed with its
+    # snapshot kept) is resumed from its checkpoints at most this many times, then fails. While the VMA
+    # is unreachable the job waits (up to progress_stale_after_seconds) instead of failing.
+    replication_max_resumes: int = 5
     # Replication workflow workers (setup + following the VMA stream).
     replication_workers: int = 8
     # Name of this OMA process in job leases (default: the host name). Several processes on one

@@ -5,7 +5,9 @@
     OMA server (SQLite or MariaDB) with a saved vCenter credential and an active CloudStack config
 
 All in this process (the servers on free ports, the simulator and nothing else as child processes), for
-the end-to-end tests (fixtures ``lab``/``lab_private`` in ``tests/fixtures/lab.py``). The demo
+the end-to-end tests (fixtures ``lab``/``lab_private`` in ``tests/fixtures/lab.py``). With
+``vma_process=True`` the VMA is a real ``vma-agent`` child process instead (``omalab.vma_process``), so a
+test can SIGKILL it and start it again on the same port and work dir. The demo
 (``scripts/lab``, ``omalab/demo.py``) runs the same parts as separate processes instead, as an operator
 would, and shares the parts themselves and ``sha256_prefix`` with this module.
 """
@@ -25,6 +27,7 @@ from omalab.checksums import sha256_prefix
 from omalab.cloudstack_emulator import CloudStackEmulator, local_mac
 from omalab.servers import ADMIN_PASSWORD, start_oma, start_vma
 from omalab.vcsim import VCSim
+from omalab.vma_process import VmaProcess
 from vma_agent.server import RunningAgent
 
 __all__ = ["Lab", "nbd_port_range", "sha256_prefix", "start_lab"]
@@ -34,7 +37,7 @@ __all__ = ["Lab", "nbd_port_range", "sha256_prefix", "start_lab"]
 class Lab:
     vcenter: VCSim
     cloudstack: CloudStackEmulator
-    vma: RunningAgent
+    vma: RunningAgent | VmaProcess
     oma: RunningServer
     client: OmaClient
     credential_id: int
@@ -62,16 +65,16 @@ def nbd_port_range() -> tuple[int, int]:
 def start_lab(work: Path, *, existing_database: Any = None, db_url: str | None = None,
               vcenter: VCSim | None = None, vms: int = 4, data_vms: int = 2, disk_size: str = "64MiB",
               job_delay: float = 0.05, oma_settings: dict[str, Any] | None = None,
-              vma_settings: dict[str, Any] | None = None) -> Iterator[Lab]:
+              vma_settings: dict[str, Any] | None = None, vma_process: bool = False) -> Iterator[Lab]:
     with contextlib.ExitStack() as stack:
         if vcenter is None:
             vcenter = stack.enter_context(VCSim(vms=vms, data_vms=data_vms, disks=2, disk_size=disk_size))
         cloudstack = stack.enter_context(CloudStackEmulator(work / "cloudstack", oma_mac=local_mac(),
                                                             job_delay=job_delay))
         datastores = ",".join(f"{name}={folder}" for name, folder in vcenter.datastores.items())
-        vma = stack.enter_context(start_vma(**{
-            "source_mode": "file", "datastore_map": datastores, "work_dir": work / "vma",
-            "progress_interval_seconds": 0.2, **(vma_settings or {})}))
+        agent_settings = {"source_mode": "file", "datastore_map": datastores, "work_dir": work / "vma",
+                          "progress_interval_seconds": 0.2, **(vma_settings or {})}
+        vma = stack.enter_context(VmaProcess(**agent_settings) if vma_process else start_vma(**agent_settings))
         ports = nbd_port_range()
         settings = {
             "vma_address": f"127.0.0.1:{vma.port}", "device_dir": Path(cloudstack.byid_dir),

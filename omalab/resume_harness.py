@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from pyVim.connect import Disconnect
+from pyVmomi import vim
 from vma.v1 import progress_pb2, vcenter_pb2
 from vma.v1 import replication_pb2 as pb
 
@@ -54,6 +56,22 @@ class Target:
                 if seen > skip:
                     return datetime.fromisoformat(line[:26])
         return None
+
+
+def snapshot_names(sim: VCSim, vm_name: str) -> list[str]:
+    """Names of every snapshot of ``vm_name`` in the simulator (to check no ``srep-*`` is left)."""
+    si = sim.connect()
+    try:
+        view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)
+        vm = next(v for v in view.view if v.name == vm_name)
+        names, todo = [], list(vm.snapshot.rootSnapshotList if vm.snapshot else [])
+        while todo:
+            node = todo.pop()
+            names.append(node.name)
+            todo.extend(node.childSnapshotList)
+        return names
+    finally:
+        Disconnect(si)
 
 
 def start_request(sim: VCSim, vm_name: str, job_id: str, targets: list[Target],

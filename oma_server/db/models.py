@@ -619,6 +619,9 @@ class ReplicationJob(BaseModel):
     # several OMA processes on one database never drive the same job and a survivor takes over.
     worker = CharField(255, null=True, index=True)
     worker_heartbeat_at = UtcDateTimeField(null=True)
+    # The VMware snapshot the VMA reads this job from (migration 0012): a resume after a VMA crash must
+    # read the same snapshot (docs/design/resume.md). ``snapshot_id`` holds its name.
+    vma_snapshot_moref = CharField(191, null=True)
 
     class Meta:
         table_name = "replication_jobs"
@@ -660,6 +663,9 @@ class VmDisk(BaseModel):
     network_config = ValidatedJSONField(null=True)
     annotation = TextField(null=True)
     bios_setup = TextField(null=True)
+    # The last checkpoint of the disk's copy by ``job`` (migration 0012): every planned byte below it is
+    # written and flushed on the replica, so a resume of that job starts here. NULL: none yet.
+    checkpoint_offset = BigIntegerField(null=True)
 
     class Meta:
         table_name = "vm_disks"

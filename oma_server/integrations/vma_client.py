@@ -124,6 +124,16 @@ class VmaClient:
         return self._call(self._replication.CancelReplication,
                           replication_pb2.CancelReplicationRequest(job_id=job_id, reason=reason), timeout=30)
 
+    def list_interrupted_jobs(self) -> list[replication_pb2.InterruptedJob]:
+        """The jobs the agent was running when it stopped or died (its journal), with their checkpoints."""
+        return list(self._call(self._replication.ListInterruptedJobs,
+                               replication_pb2.ListInterruptedJobsRequest(), timeout=30).jobs)
+
+    def cleanup_snapshots(self, login: VCenterLogin, vm: vcenter_pb2.VMReference, job_id: str) -> None:
+        """Remove the kept snapshot of a job that will not be resumed."""
+        self._call(self._replication.CleanupSnapshots, replication_pb2.CleanupSnapshotsRequest(
+            connection=connection(login), vm=vm, job_id=job_id), timeout=120)
+
     # --- progress -------------------------------------------------------------------------------
     def get_progress(self, job_id: str) -> progress_pb2.JobProgress:
         return self._call(self._progress.GetProgress, progress_pb2.GetProgressRequest(job_id=job_id),

@@ -5,7 +5,8 @@
     attach-volumes     attach them to the OMA VM and find each device by the volume id
     start-exports      serve each device over NBD (nbd_exports)
     start-transfer     hand the disks, NBD targets and usable change ids to the VMA → status replicating
-    transfer           follow the VMA's progress stream: persist progress, store each disk's new change id
+    transfer           follow the VMA's progress stream: persist progress and each disk's checkpoint, store
+                       each disk's new change id; resume the job from its checkpoints when the VMA lost it
     finalize           check every disk of the job has its change id                → completed
 
 Each step is a job_steps row of the job's JobLog job, so a failure names its step. Every way out —
@@ -16,6 +17,10 @@ The engine runs workflows on its :class:`~oma_server.workflows.runner.WorkflowRu
 replication_jobs row. On start it recovers: jobs whose setup was cut by a restart fail
 ("interrupted"), jobs that were replicating resume following the VMA's stream; every half lease it
 takes over the jobs of a process that died.
+
+When the VMA loses a job (the agent was killed or restarted, the stream ended early, the copy failed
+with its snapshot kept), the follower resumes it: the same job id, the same snapshot and change-id
+base, each disk from its last stored checkpoint (docs/design/resume.md has the contract).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from peewee import Case
 from vma.v1 import progress_pb2, replication_pb2, vcenter_pb2
 
 from oma_server import errors, logs, metrics
@@ -36,6 +42,7 @@ from oma_server.db.models import (
     REPLICATION_ACTIVE_STATUSES,
     DiskSyncStatus,
     JobStatus,
+    NbdExport,
     OsseaConfig,
     ReplicationJob,
     VmaErrorClassification,
@@ -75,6 +82,10 @@ _MIB = 1024 * 1024
 
 class Cancelled(Exception):
     """The operator cancelled the job."""
+
+
+class _VmaCancelled(Cancelled):
+    """The VMA reported the job cancelled (the operator's cancel, or the agent stopping)."""
 
 
 class EndedElsewhere(Exception):
@@ -300,7 +311,8 @@ class ReplicationEngine:
                     VmDisk.create(**row)
                 else:
                     row.pop("vm_context")
-                    VmDisk.update(**row, sync_status=DiskSyncStatus.PENDING).where(VmDisk.id == existing.id).execute()
+                    # A checkpoint belongs to the job that took it: this job starts without one.
+                    VmDisk.update(**row, sync_status=DiskSyncStatus.PENDING, checkpoint_offset=None).where(VmDisk.id == existing.id).execute()
             VmReplicationContext.update(
                 cpu_count=vm.num_cpu, memory_mb=vm.memory_mb, power_state=vm.power_state, vm_path=vm.path,
                 os_type=vm.guest_os or "unknown", vm_tools_version=vm.tools_version, vm_name=vm.name,
@@ -375,7 +387,8 @@ class ReplicationEngine:
         )
         started = self._vma.start_replication(request)
         self._set(state, status=JobStatus.REPLICATING, started_at=utcnow(), progress_percent=0,
-                  current_operation="Replicating", setup_progress_percent=100, snapshot_id=started.snapshot_name)
+                  current_operation="Replicating", setup_progress_percent=100, snapshot_id=started.snapshot_name,
+                  vma_snapshot_moref=started.snapshot_moref or None)
         step.details.update(snapshot=started.snapshot_name,
                             incremental_disks=[d.disk_id for d in disks if d.previous_change_id])
 
@@ -384,6 +397,41 @@ class ReplicationEngine:
         restored = volumes.restore_exports(self.exports, state.job_id)
         nbd_access.job_started(state.job_id)
         step.details["exports"] = [e.uri for e in restored]
+
+    def _resume_request(self, state: JobState, interrupted: replication_pb2.InterruptedJob,
+                        ) -> tuple[replication_pb2.StartReplicationRequest, float]:
+        """The StartReplication that resumes ``state``'s job on the snapshot the VMA kept: every disk of
+        the job on its NBD export (served again if this process does not serve it yet), the change-id base
+        the interrupted run used, and per disk the later of the two checkpoints — the OMA's (stored with
+        the progress) and the agent's journal's (it may be one checkpoint ahead); both are true. A disk
+        whose change id is stored is sent with its capacity as offset: nothing is copied again. Also
+        returns the percentage the resumed run starts at."""
+        journal = {d.disk_id: d for d in interrupted.disks}
+        exports = {e.name: e for e in volumes.restore_exports(self.exports, state.job_id)}
+        disks, done, total = [], 0, 0
+        for row in NbdExport.select(NbdExport, VmDisk).join(VmDisk).where(NbdExport.job == state.job_id):
+            disk, entry = row.vm_disk, journal.get(row.vm_disk.disk_id)
+            capacity = disk.capacity_bytes or 0
+            stored = disk.checkpoint_offset if disk.job_id == state.job_id else None
+            offset = max(stored or 0, entry.checkpoint_offset if entry else 0)
+            if disk.sync_status == DiskSyncStatus.COMPLETED and disk.disk_change_id:
+                offset = capacity
+            disks.append(replication_pb2.ReplicationDisk(
+                disk_id=disk.disk_id, vmware_disk_key=int(disk.disk_id.rsplit("-", 1)[-1]),
+                target_nbd_uri=exports[row.export_name].uri,
+                previous_change_id=entry.previous_change_id if entry else "", resume_offset=min(offset, capacity)))
+            done, total = done + min(offset, capacity), total + capacity
+        if not disks:
+            raise errors.FailedPrecondition(f"job {state.job_id} has no NBD export left to resume into")
+        request = replication_pb2.StartReplicationRequest(
+            job_id=state.job_id, context_id=state.ctx.context_id, connection=vma_client.connection(state.login),
+            vm=vcenter_pb2.VMReference(uuid=state.ctx.vmware_vm_id, path=state.ctx.vm_path), disks=disks,
+            enable_cbt=True, target_tls=vma_client.target_tls(self.exports.tls_for(state.job_id)),
+            resume_snapshot=replication_pb2.ResumeSnapshot(
+                moref=interrupted.snapshot_moref or state.job.vma_snapshot_moref or "",
+                name=interrupted.snapshot_name or f"srep-{state.job_id}"),
+        )
+        return request, (100.0 * done / total if total else 0.0)
 
     # step 6
     def _transfer(self, state: JobState, step: joblog.StepHandle) -> None:
@@ -426,12 +474,15 @@ class _Follower:
         self._last_write = 0.0
         self._last_update = time.monotonic()
         self._disk_status: dict[str, int] = {}
+        self.resumes = 0
+        self._resume_summary_seen = ""
 
     def run(self) -> None:
         backoff = 0.5
         not_found_since: float | None = None
         control = self.engine.runner.control(self.state.job_id)
         while True:
+            lost, failure = "", None
             try:
                 watch = self.engine._vma.watch_progress(self.state.job_id)
                 if control is not None:
@@ -445,22 +496,83 @@ class _Follower:
                 if control is not None and control.stopping:
                     raise Cancelled("the OMA is stopping")
                 # The stream ended without a terminal record (the agent restarted or evicted it).
-                raise errors.NotFound("the VMA ended the progress stream early")
+                lost = "the VMA ended the progress stream early"
             except errors.NotFound:
-                now = time.monotonic()
-                not_found_since = not_found_since or now
-                if now - not_found_since > self.settings.progress_not_found_grace_seconds:
-                    raise _VmaReportedFailure(
-                        "the VMA no longer knows this job (lost)", VmaErrorClassification.JOB_LOST) from None
+                lost = "the VMA no longer knows this job"
+            except (_VmaReportedFailure, _VmaCancelled) as exc:
+                # A copy that failed (or was stopped with the agent) but whose snapshot the agent kept is
+                # resumed; an operator's cancel, or a failure for good (snapshot removed), ends the job.
+                if control is not None and control.requested.is_set():
+                    raise
+                failure = exc
             except errors.Unavailable as exc:
-                if time.monotonic() - self._last_update > self.settings.progress_stale_after_seconds:
-                    raise _VmaReportedFailure(
-                        f"no progress from the VMA for {self.settings.progress_stale_after_seconds:.0f} s: {exc.message}",
-                        VmaErrorClassification.VMA_UNREACHABLE_TIMEOUT) from None
+                self._fail_if_stale(exc.message)
+            if failure is not None:
+                try:
+                    if not self._resume(str(failure)):
+                        raise failure
+                    backoff, not_found_since = 0.5, None
+                    continue
+                except errors.Unavailable as exc:  # the agent went away while we asked it: wait, look again
+                    self._fail_if_stale(exc.message)
+            elif lost:
+                try:
+                    if self._resume(lost):
+                        backoff, not_found_since = 0.5, None
+                        continue
+                    now = time.monotonic()
+                    not_found_since = not_found_since or now
+                    if now - not_found_since > self.settings.progress_not_found_grace_seconds:
+                        raise _VmaReportedFailure(f"{lost} (lost) and has no checkpoint of it to resume from",
+                                                  VmaErrorClassification.JOB_LOST)
+                except errors.Unavailable as exc:  # the agent went away again while we asked it: wait
+                    self._fail_if_stale(exc.message)
             if control is not None and control.stopping:
                 raise Cancelled("the OMA is stopping")
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
+
+    def _fail_if_stale(self, message: str) -> None:
+        """An unreachable VMA makes the job wait (and resume when the agent is back), up to a limit."""
+        if time.monotonic() - self._last_update > self.settings.progress_stale_after_seconds:
+            raise _VmaReportedFailure(
+                f"no progress from the VMA for {self.settings.progress_stale_after_seconds:.0f} s: {message}",
+                VmaErrorClassification.VMA_UNREACHABLE_TIMEOUT) from None
+
+    def _resume(self, reason: str) -> bool:
+        """Resume the job on the VMA from its checkpoints if the agent kept its snapshot; False when the
+        agent has nothing of the job to resume (ListInterruptedJobs does not list it). Raises the failure
+        that ends the job when the resumes are used up or the kept snapshot expired."""
+        state, vma = self.state, self.engine._vma
+        interrupted = next((j for j in vma.list_interrupted_jobs() if j.job_id == state.job_id), None)
+        if interrupted is None:
+            return False
+        vm = vcenter_pb2.VMReference(uuid=state.ctx.vmware_vm_id, path=state.ctx.vm_path)
+        if interrupted.expired:
+            with contextlib.suppress(errors.DomainError):
+                vma.cleanup_snapshots(state.login, vm, state.job_id)
+            raise _VmaReportedFailure(f"{reason}; its snapshot on the VMA is too old to resume from (removed): "
+                                      "replicate again", VmaErrorClassification.JOB_LOST)
+        limit = self.settings.replication_max_resumes
+        if self.resumes >= limit:
+            with contextlib.suppress(errors.DomainError):
+                vma.cleanup_snapshots(state.login, vm, state.job_id)
+            raise _VmaReportedFailure(f"{reason}; resumed {self.resumes} times already (replication_max_resumes"
+                                      f" = {limit}): replicate again", VmaErrorClassification.JOB_LOST)
+        with db.connection_context():
+            request, percent = self.engine._resume_request(state, interrupted)
+        try:
+            vma.start_replication(request)
+        except errors.AlreadyExists:  # a resume sent before (its answer lost) already runs: follow it
+            pass
+        self.resumes += 1
+        self._last_update = time.monotonic()
+        offsets = ", ".join(f"{d.disk_id} at {d.resume_offset // _MIB} MiB" for d in request.disks)
+        log.info("job %s resumed at %.0f %% after: %s (resume %d of at most %d; snapshot %s; %s)", state.job_id,
+                 percent, reason, self.resumes, limit, request.resume_snapshot.name, offsets)
+        with db.connection_context():
+            self.engine._set(state, current_operation=f"Resuming at {percent:.0f} % ({reason})")
+        return True
 
     def _apply(self, p: progress_pb2.JobProgress) -> bool:
         """Persist one update; True once the job is terminal on the VMA."""
@@ -483,7 +595,7 @@ class _Follower:
         if p.status == progress_pb2.JOB_STATUS_SUCCEEDED:
             return True
         if p.status == progress_pb2.JOB_STATUS_CANCELLED:
-            raise Cancelled(p.last_error or "cancelled on the VMA")
+            raise _VmaCancelled(p.last_error or "cancelled on the VMA")
         if p.status == progress_pb2.JOB_STATUS_FAILED:
             raise _VmaReportedFailure(p.last_error or "the VMA reported the job failed",
                                       VmaErrorClassification.VMA_REPORTED_FAILURE, "; ".join(p.errors))
@@ -500,8 +612,12 @@ class _Follower:
                 ReplicationJob.vma_throughput_mbps: round(p.throughput.current_mbps, 2),
                 ReplicationJob.vma_eta_seconds: p.eta_seconds,
                 ReplicationJob.vma_last_poll_at: utcnow(),
-                ReplicationJob.current_operation: p.current_operation,
+                ReplicationJob.current_operation: (f"{p.current_operation} ({p.resume_summary})"
+                                                   if p.resume_summary else p.current_operation),
             }
+            if p.snapshot_moref:  # a resume needs the snapshot the VMA reads (it may take a new one)
+                values[ReplicationJob.vma_snapshot_moref] = p.snapshot_moref
+                values[ReplicationJob.snapshot_id] = p.snapshot_name or f"srep-{self.state.job_id}"
             if p.total_bytes:
                 values[ReplicationJob.total_bytes] = p.total_bytes
             if p.last_error:
@@ -510,10 +626,14 @@ class _Follower:
                 ReplicationJob.id == self.state.job_id, ReplicationJob.status == JobStatus.REPLICATING).execute()
             for d in p.disks:
                 self._disk_status[d.disk_id] = d.status
-                VmDisk.update(
-                    sync_status=_DISK_STATUS.get(d.status, DiskSyncStatus.SYNCING),
-                    sync_progress_percent=round(d.percent, 2), bytes_synced=d.bytes_transferred,
-                ).where(VmDisk.vm_context == self.state.ctx.context_id, VmDisk.disk_id == d.disk_id,
+                disk_values: dict[Any, Any] = {
+                    VmDisk.sync_status: _DISK_STATUS.get(d.status, DiskSyncStatus.SYNCING),
+                    VmDisk.sync_progress_percent: round(d.percent, 2), VmDisk.bytes_synced: d.bytes_transferred}
+                if d.checkpoint_offset:  # monotonic: a late or repeated update never moves it back
+                    disk_values[VmDisk.checkpoint_offset] = Case(None, [(
+                        VmDisk.checkpoint_offset.is_null() | (VmDisk.checkpoint_offset < d.checkpoint_offset),
+                        d.checkpoint_offset)], VmDisk.checkpoint_offset)
+                VmDisk.update(disk_values).where(VmDisk.vm_context == self.state.ctx.context_id, VmDisk.disk_id == d.disk_id,
                         VmDisk.sync_status != DiskSyncStatus.COMPLETED).execute()
                 if d.status == progress_pb2.DISK_STATUS_COMPLETED and d.change_id \
                         and d.disk_id not in self.state.stored_change_ids:
@@ -529,6 +649,12 @@ class _Follower:
                              d.bytes_transferred)
                     if d.full_copy_reason:  # lands in the job's log_events (this thread is bound to the job)
                         log.info("disk %s was copied in full: %s", d.disk_id, d.full_copy_reason)
+            if p.resume_summary and p.resume_summary != self._resume_summary_seen:
+                self._resume_summary_seen = p.resume_summary  # once per resume, into the job's log
+                log.info("job %s: the VMA %s", self.state.job_id, p.resume_summary)
+                for d in p.disks:
+                    if d.full_copy_reason and d.resumed_from_offset == 0:
+                        log.info("disk %s starts again from 0: %s", d.disk_id, d.full_copy_reason)
             joblog.set_percent(self.state.tracking_id, p.percentage)
             if p.sync_type == "incremental":
                 ReplicationJob.update(replication_type="incremental").where(

@@ -11,12 +11,11 @@ import time
 
 import grpc
 import pytest
-from pyVim.connect import Disconnect
-from pyVmomi import vim
 from vma.v1 import progress_pb2, progress_pb2_grpc, replication_pb2_grpc
 from vma.v1 import replication_pb2 as pb
 
 from omalab.resume_harness import Target, follow, kill_and_resume, start_request
+from omalab.resume_harness import snapshot_names as snapshots
 from omalab.vma_process import AUTH, VmaProcess
 from tests.fixtures.nbd import file_sha256
 from tests.fixtures.servers import start_vma
@@ -28,21 +27,6 @@ CHECKPOINT_MIB = 2
 # What may be rewritten beyond the uncopied part: one checkpoint interval per disk (the copier
 # never writes further than that beyond its last checkpoint), plus one request (2 MiB) at its edge.
 SLACK = 2 * (CHECKPOINT_MIB * MiB + 2 * MiB)
-
-
-def snapshots(sim, vm_name: str) -> list[str]:
-    si = sim.connect()
-    try:
-        view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)
-        vm = next(v for v in view.view if v.name == vm_name)
-        names, todo = [], list(vm.snapshot.rootSnapshotList if vm.snapshot else [])
-        while todo:
-            node = todo.pop()
-            names.append(node.name)
-            todo.extend(node.childSnapshotList)
-        return names
-    finally:
-        Disconnect(si)
 
 
 @pytest.fixture
