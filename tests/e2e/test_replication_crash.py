@@ -147,3 +147,45 @@ def test_oma_and_vma_killed_together_mid_full_and_incremental_copy_the_job_resum
         _assert_replicas_equal(lab, vm, context_id)
 
         _next_incremental_is_exact(lab, vm, context_id)
+
+
+def _nbdkit_pid(export_name: str) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"nbdkit") and any(export_name.encode() in a for a in argv):
+            return int(pid)
+    raise AssertionError(f"no nbdkit serves {export_name}")
+
+
+def test_nbd_export_killed_mid_disk_is_served_again_and_the_copy_completes(db, tmp_path):
+    """The NBD connection cut mid-disk through the whole stack: the nbdkit serving one disk's export dies
+    (SIGKILL) at ~50 % of a full copy; the OMA serves the export again on the same port, the agent rewinds that
+    disk to its checkpoint and reconnects; the job completes without a new request, replicas equal."""
+    with start_lab(tmp_path, existing_database=db, vms=1, data_vms=1, vma_settings=AGENT) as lab:
+        vm = lab.vcenter.data_vms[0]
+        context_id = _add_vm(lab, vm)
+        for disk in range(2):
+            lab.vcenter.guest_write(vm, disk, 0, os.urandom(64 * MiB))
+        job_id = lab.client.replications.CreateReplication(
+            pb.CreateReplicationRequest(context_id=context_id), timeout=30).job_id
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, "the job never reached the kill point"
+            job = models.ReplicationJob.get_by_id(job_id)
+            assert job.status in ("pending", "provisioning", "replicating"), job.error_message
+            if job.status == "replicating" and job.progress_percent >= 40:
+                break
+            time.sleep(0.05)
+        export = models.NbdExport.select().where(models.NbdExport.job == job_id).order_by(models.NbdExport.id).first()
+        old_pid = _nbdkit_pid(export.export_name)
+        os.kill(old_pid, 9)
+        final = list(lab.client.watch_replication(job_id, timeout=180))[-1]
+        assert final.status == "completed", final.error_message
+        # served again by a new nbdkit on the port the agent writes to
+        assert _nbdkit_pid(export.export_name) != old_pid
+        assert models.NbdExport.get_by_id(export.id).port == export.port
+        assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
+        _assert_replicas_equal(lab, vm, context_id)
