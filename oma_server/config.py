@@ -102,6 +102,9 @@ class Settings(ServingSettings):
     # --- replication bookkeeping -----------------------------------------------------------
     # No VMA progress for this long → the job fails as stale.
     progress_stale_after_seconds: float = 300.0
+    # While a copy runs, how often the OMA checks that the job's nbdkit exports are alive (a dead one is
+    # served again on the same port).
+    export_watch_seconds: float = 2.0
     # A job the VMA does not know after this grace period is lost.
     progress_not_found_grace_seconds: float = 120.0
     # A job the VMA lost (agent crash or restart, a stream that ended early, a copy that failed with its

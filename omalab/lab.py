@@ -7,7 +7,9 @@
 All in this process (the servers on free ports, the simulator and nothing else as child processes), for
 the end-to-end tests (fixtures ``lab``/``lab_private`` in ``tests/fixtures/lab.py``). With
 ``vma_process=True`` the VMA is a real ``vma-agent`` child process instead (``omalab.vma_process``), so a
-test can SIGKILL it and start it again on the same port and work dir. The demo
+test can SIGKILL it and start it again on the same port and work dir; with ``oma_process=True`` (needs
+``db_url``, the database ``existing_database`` is bound to) the OMA is a real ``oma-server`` process
+(``omalab.oma_process``) the same way: fixed port, same database, data dir and instance name. The demo
 (``scripts/lab``, ``omalab/demo.py``) runs the same parts as separate processes instead, as an operator
 would, and shares the parts themselves and ``sha256_prefix`` with this module.
 """
@@ -25,6 +27,7 @@ from oma_server.server import RunningServer
 from omaclient.client import OmaClient
 from omalab.checksums import sha256_prefix
 from omalab.cloudstack_emulator import CloudStackEmulator, local_mac
+from omalab.oma_process import OmaProcess
 from omalab.servers import ADMIN_PASSWORD, start_oma, start_vma
 from omalab.vcsim import VCSim
 from omalab.vma_process import VmaProcess
@@ -38,7 +41,7 @@ class Lab:
     vcenter: VCSim
     cloudstack: CloudStackEmulator
     vma: RunningAgent | VmaProcess
-    oma: RunningServer
+    oma: RunningServer | OmaProcess
     client: OmaClient
     credential_id: int
     ossea_config_id: int
@@ -55,7 +58,12 @@ class Lab:
 def nbd_port_range() -> tuple[int, int]:
     """NBD export ports of this test process: parallel pytest workers get disjoint ranges, so two
     labs never race for a port (an export answering on another lab's port would be a wrong target)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        # Not under xdist (one test module run by hand while a full suite runs): a range of its own, away
+        # from the workers' ranges, so the hand-run lab never takes over a port of the suite's labs.
+        start = 30000 + 400 * (os.getpid() % 50)
+        return start, start + 399
     index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
     start = 20000 + 400 * index
     return start, start + 399
@@ -65,7 +73,8 @@ def nbd_port_range() -> tuple[int, int]:
 def start_lab(work: Path, *, existing_database: Any = None, db_url: str | None = None,
               vcenter: VCSim | None = None, vms: int = 4, data_vms: int = 2, disk_size: str = "64MiB",
               job_delay: float = 0.05, oma_settings: dict[str, Any] | None = None,
-              vma_settings: dict[str, Any] | None = None, vma_process: bool = False) -> Iterator[Lab]:
+              vma_settings: dict[str, Any] | None = None, vma_process: bool = False,
+              oma_process: bool = False) -> Iterator[Lab]:
     with contextlib.ExitStack() as stack:
         if vcenter is None:
             vcenter = stack.enter_context(VCSim(vms=vms, data_vms=data_vms, disks=2, disk_size=disk_size))
@@ -81,7 +90,11 @@ def start_lab(work: Path, *, existing_database: Any = None, db_url: str | None =
             "device_wait_seconds": 10.0, "replica_extra_gib": 0, "nbd_port_min": ports[0], "nbd_port_max": ports[1],
             **({"db_url": db_url} if db_url else {}), **(oma_settings or {}),
         }
-        oma = stack.enter_context(start_oma(work / "oma", existing_database, **settings))
+        if oma_process:
+            assert db_url, "an OMA process needs the database's URL"
+            oma = stack.enter_context(OmaProcess(work / "oma", **settings))
+        else:
+            oma = stack.enter_context(start_oma(work / "oma", existing_database, **settings))
         client = OmaClient(f"127.0.0.1:{oma.port}", token="")
         stack.callback(client.close)
         client.login("admin", ADMIN_PASSWORD)

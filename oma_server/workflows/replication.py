@@ -476,6 +476,7 @@ class _Follower:
         self._disk_status: dict[str, int] = {}
         self.resumes = 0
         self._resume_summary_seen = ""
+        self._exports_checked = time.monotonic()
 
     def run(self) -> None:
         backoff = 0.5
@@ -493,6 +494,7 @@ class _Follower:
                     backoff, not_found_since = 0.5, None
                     if self._apply(progress):
                         return
+                    self._keep_exports_served()
                 if control is not None and control.stopping:
                     raise Cancelled("the OMA is stopping")
                 # The stream ended without a terminal record (the agent restarted or evicted it).
@@ -531,6 +533,23 @@ class _Follower:
                 raise Cancelled("the OMA is stopping")
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
+
+    def _keep_exports_served(self) -> None:
+        """Serve again, on its recorded port, an export of the job whose nbdkit died mid-copy (crashed,
+        killed): the agent rewinds that disk to its last checkpoint and reconnects to the same URI. Looked
+        at every ``export_watch_seconds`` while progress comes in (the agent keeps reporting while it
+        retries)."""
+        now = time.monotonic()
+        if now - self._exports_checked < self.settings.export_watch_seconds:
+            return
+        self._exports_checked = now
+        with db.connection_context():
+            names = [e.export_name for e in NbdExport.select(NbdExport.export_name)
+                     .where(NbdExport.job == self.state.job_id)]
+            dead = [n for n in names if not self.engine.exports.alive(n)]
+            if dead:
+                log.warning("NBD export %s of job %s stopped; serving it again", ", ".join(dead), self.state.job_id)
+                volumes.restore_exports(self.engine.exports, self.state.job_id)
 
     def _fail_if_stale(self, message: str) -> None:
         """An unreachable VMA makes the job wait (and resume when the agent is back), up to a limit."""

@@ -186,6 +186,10 @@ class Worker(threading.Thread):
         self._zero_buf: IoBuffer | None = None
         self._fast_zero_ok = True
         self._suspect: set[str] = set()  # sides whose connection may have died
+        # Sides whose server answered ESHUTDOWN: an nbdkit whose OMA died (--exit-with-parent) answers every
+        # command so and keeps the connection (and its port) until the client closes it; the connection is
+        # lost although libnbd does not call it dead, and closing it lets a new export take the same port.
+        self._shut_down: set[str] = set()
         self._open = 0                     # chunks taken and not finished
         self._open_bytes = 0               # bytes of those holding a buffer
         self.extra_conns: list[NbdConnection] = []
@@ -198,10 +202,11 @@ class Worker(threading.Thread):
     # ------------------------------------------------------------ connections
     def _connect(self, which: str) -> NbdConnection:
         conn = self.src if which == "source" else self.dst
-        if conn is not None and (which not in self._suspect or not conn.is_dead()):
+        if conn is not None and (which not in self._suspect or not (conn.is_dead() or which in self._shut_down)):
             self._suspect.discard(which)
             return conn
         self._suspect.discard(which)
+        self._shut_down.discard(which)
         if conn is not None:
             if which == "target" and self.cfg.rewind_on_target_loss:
                 raise CopyError(f"{conn.name}: connection lost; what was written since the last checkpoint "
@@ -297,6 +302,8 @@ class Worker(threading.Thread):
     def _failed(self, op: _Op, err: int, detail: str | None = None) -> None:
         op.failures += 1
         self._suspect.add("source" if op.kind == READ else "target")
+        if err == errno.ESHUTDOWN:
+            self._shut_down.add("source" if op.kind == READ else "target")
         if self.cfg.retry.gives_up(err, op.failures):
             permanent = is_permanent(err)
             what = detail or strerror(err)
