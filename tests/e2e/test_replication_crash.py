@@ -20,7 +20,7 @@ from oma_server.db import models
 from omalab.lab import start_lab
 from omalab.resume_harness import snapshot_names
 from omalab.servers import ADMIN_PASSWORD
-from tests.e2e.test_replication_resume import AGENT, SLACK, _assert_replicas_equal, _export_bytes_written, _messages
+from tests.helpers.resume import AGENT, SLACK, assert_replicas_equal, export_bytes_written, job_messages
 
 MiB = 1024 * 1024
 
@@ -37,13 +37,13 @@ def _replicate_and_kill(lab, context_id: str, *, kill_vma: bool, kill_at: float 
         job = models.ReplicationJob.get_by_id(job_id)
         assert job.status in ("pending", "provisioning", "replicating"), job.error_message
         if job.status == "replicating" and baseline is None:
-            baseline = _export_bytes_written(job_id)
+            baseline = export_bytes_written(job_id)
         disks = list(models.VmDisk.select().where(models.VmDisk.job == job_id))
         if baseline is not None and job.status == "replicating" and job.progress_percent >= kill_at and disks \
                 and all(d.checkpoint_offset for d in disks):
             break
         time.sleep(0.05)
-    at_kill = _export_bytes_written(job_id)  # read before the kill: the exports die with the OMA
+    at_kill = export_bytes_written(job_id)  # read before the kill: the exports die with the OMA
     lab.oma.kill()
     if kill_vma:
         lab.vma.kill()
@@ -57,7 +57,7 @@ def _replicate_and_kill(lab, context_id: str, *, kill_vma: bool, kill_at: float 
     lab.oma.start()
     lab.client.login("admin", ADMIN_PASSWORD)
     updates = list(lab.client.watch_replication(job_id, timeout=180))
-    return job_id, killed_at, stored, updates, at_kill - baseline, _export_bytes_written(job_id)
+    return job_id, killed_at, stored, updates, at_kill - baseline, export_bytes_written(job_id)
 
 
 def _lab(db, db_url, tmp_path):
@@ -78,7 +78,7 @@ def _next_incremental_is_exact(lab, vm: str, context_id: str) -> None:
     final = list(lab.client.watch_replication(job_id, timeout=120))[-1]
     assert final.status == "completed", final.error_message
     assert models.ReplicationJob.get_by_id(job_id).bytes_transferred == MiB
-    _assert_replicas_equal(lab, vm, context_id)
+    assert_replicas_equal(lab, vm, context_id)
 
 
 def test_oma_killed_mid_full_and_incremental_copy_the_restarted_oma_completes_the_job(db, db_url, tmp_path):
@@ -97,7 +97,7 @@ def test_oma_killed_mid_full_and_incremental_copy_the_restarted_oma_completes_th
         steps = [s.name for s in models.JobTracking.get(models.JobTracking.external_job_id == job_id).steps]
         assert steps[-3:] == ["restore-exports", "transfer", "finalize"]  # the restarted OMA's part
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
         disks = list(models.VmDisk.select().where(models.VmDisk.vm_context == context_id))
         assert all(d.sync_status == "completed" and d.disk_change_id for d in disks)
         assert models.VmReplicationContext.get_by_id(context_id).current_job_id is None
@@ -111,7 +111,7 @@ def test_oma_killed_mid_full_and_incremental_copy_the_restarted_oma_completes_th
         assert killed.total_bytes == 2 * 24 * MiB
         assert written >= 8 * MiB and rewritten <= killed.total_bytes - written + SLACK, (written, rewritten)
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
 
         _next_incremental_is_exact(lab, vm, context_id)
 
@@ -130,9 +130,9 @@ def test_oma_and_vma_killed_together_mid_full_and_incremental_copy_the_job_resum
         # Resumed from the stored checkpoints, not started over.
         assert written >= 40 * MiB and rewritten <= planned - written + SLACK, (written, rewritten)
         assert any("resumed at" in u.current_operation.lower() for u in updates), [u.current_operation for u in updates]
-        assert any("resumed at" in m and "the VMA no longer knows this job" in m for m in _messages(job_id))
+        assert any("resumed at" in m and "the VMA no longer knows this job" in m for m in job_messages(job_id))
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
 
         for disk in range(2):
             for k in range(3):
@@ -142,9 +142,9 @@ def test_oma_and_vma_killed_together_mid_full_and_incremental_copy_the_job_resum
         assert models.ReplicationJob.get_by_id(job_id).replication_type == "incremental"
         assert killed.total_bytes == 2 * 24 * MiB
         assert written >= 8 * MiB and rewritten <= killed.total_bytes - written + SLACK, (written, rewritten)
-        assert any("resumed at" in m for m in _messages(job_id))
+        assert any("resumed at" in m for m in job_messages(job_id))
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
 
         _next_incremental_is_exact(lab, vm, context_id)
 
@@ -188,4 +188,4 @@ def test_nbd_export_killed_mid_disk_is_served_again_and_the_copy_completes(db, t
         assert _nbdkit_pid(export.export_name) != old_pid
         assert models.NbdExport.get_by_id(export.id).port == export.port
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)

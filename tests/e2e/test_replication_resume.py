@@ -9,45 +9,23 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
 
 from oma.v1 import discovery_pb2
 from oma.v1 import replications_pb2 as pb
 
 from oma_server.db import models
 from omaclient.client import OmaClient
-from omalab.lab import sha256_prefix, start_lab
+from omalab.lab import start_lab
 from omalab.resume_harness import snapshot_names
 from tests.fixtures.servers import ADMIN_PASSWORD, start_oma
-
-MiB = 1024 * 1024
-CHECKPOINT_MIB = 4
-# Beyond the uncopied part a resume may rewrite one checkpoint interval per disk plus one request at its
-# edge (docs/design/resume.md), and nbdkit's NBD replies count as writes too (16 bytes per request).
-SLACK = 2 * (CHECKPOINT_MIB * MiB + 2 * MiB) + 256 * 1024
-AGENT = {"source_rate_limit_mbps": 16, "checkpoint_interval_mib": CHECKPOINT_MIB,
-         "checkpoint_interval_seconds": 1, "connections_per_disk": 1}
-
-
-def _export_bytes_written(job_id: str) -> int:
-    """Bytes the nbdkit processes serving ``job_id``'s exports passed to write(2) so far."""
-    names = [e.export_name for e in models.NbdExport.select().where(models.NbdExport.job == job_id)]
-    total, found = 0, set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if not argv or not argv[0].endswith(b"nbdkit"):
-                continue
-            name = next((n for n in names if any(n.encode() in a for a in argv)), None)
-            if name is None:
-                continue
-            io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        found.add(name)
-        total += int(io["wchar"])
-    assert found == set(names), f"no nbdkit found for {set(names) - found}"
-    return total
+from tests.helpers.resume import (
+    AGENT,
+    SLACK,
+    MiB,
+    assert_replicas_equal,
+    export_bytes_written,
+    job_messages,
+)
 
 
 def _replicate_and_kill_vma(lab, context_id: str, kill_at: float = 45.0, while_down=None):
@@ -62,7 +40,7 @@ def _replicate_and_kill_vma(lab, context_id: str, kill_at: float = 45.0, while_d
         job = models.ReplicationJob.get_by_id(job_id)
         assert job.status in ("pending", "provisioning", "replicating"), job.error_message
         if job.status == "replicating" and baseline is None:
-            baseline = _export_bytes_written(job_id)
+            baseline = export_bytes_written(job_id)
         disks = list(models.VmDisk.select().where(models.VmDisk.job == job_id))
         if baseline is not None and job.status == "replicating" and job.progress_percent >= kill_at and disks \
                 and all(d.checkpoint_offset for d in disks):
@@ -70,7 +48,7 @@ def _replicate_and_kill_vma(lab, context_id: str, kill_at: float = 45.0, while_d
         time.sleep(0.05)
     lab.vma.kill()
     time.sleep(0.5)  # let the exports finish what the dead agent had sent
-    at_kill = _export_bytes_written(job_id)
+    at_kill = export_bytes_written(job_id)
     stored = {d.disk_id: d.checkpoint_offset for d in models.VmDisk.select().where(models.VmDisk.job == job_id)}
     killed_at = models.ReplicationJob.get_by_id(job_id)
     client = (while_down() if while_down else None) or lab.client
@@ -83,20 +61,8 @@ def _replicate_and_kill_vma(lab, context_id: str, kill_at: float = 45.0, while_d
     # what omactl shows while it runs (its progress line is the job's current_operation)
     assert any("resumed at" in u.current_operation.lower() for u in updates), [u.current_operation for u in updates]
     # Exports served again by another OMA are new nbdkit processes: their counters start at zero.
-    rewritten = _export_bytes_written(job_id) - (0 if while_down else at_kill)
+    rewritten = export_bytes_written(job_id) - (0 if while_down else at_kill)
     return job_id, killed_at, stored, final, at_kill - baseline, rewritten
-
-
-def _messages(job_id: str) -> list[str]:
-    return [e.message for e in models.LogEvent.select().where(models.LogEvent.external_job_id == job_id)]
-
-
-def _assert_replicas_equal(lab, vm: str, context_id: str) -> None:
-    for disk in models.VmDisk.select().where(models.VmDisk.vm_context == context_id):
-        volume = models.OsseaVolume.get_by_id(disk.ossea_volume_id)
-        source = lab.vcenter.disk_file(vm, disk.disk_id)
-        size = os.path.getsize(source)
-        assert sha256_prefix(lab.volume_file(volume.volume_id), size) == sha256_prefix(source, size), disk.disk_id
 
 
 def test_vma_killed_mid_full_and_incremental_copy_the_job_resumes_and_completes(db, tmp_path):
@@ -117,11 +83,11 @@ def test_vma_killed_mid_full_and_incremental_copy_the_job_resumes_and_completes(
         assert all(0 < c < 64 * MiB for c in stored.values()), stored
         # Resumed, not started over: the part already copied is (almost) not written again.
         assert written >= 40 * MiB and rewritten <= planned - written + SLACK, (written, rewritten)
-        messages = _messages(job_id)
+        messages = job_messages(job_id)
         assert any("resumed at" in m and "the VMA no longer knows this job" in m for m in messages), messages
         assert any("the VMA resumed at" in m for m in messages), messages
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
         disks = list(models.VmDisk.select().where(models.VmDisk.vm_context == context_id))
         assert all(d.sync_status == "completed" and d.disk_change_id for d in disks)
         assert models.VmReplicationContext.get_by_id(context_id).current_job_id is None
@@ -135,9 +101,9 @@ def test_vma_killed_mid_full_and_incremental_copy_the_job_resumes_and_completes(
         job = models.ReplicationJob.get_by_id(job_id)
         assert job.replication_type == "incremental" and killed.total_bytes == 2 * 24 * MiB
         assert written >= 8 * MiB and rewritten <= killed.total_bytes - written + SLACK, (written, rewritten)
-        assert any("resumed at" in m for m in _messages(job_id))
+        assert any("resumed at" in m for m in job_messages(job_id))
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
 
         # --- the next incremental sends exactly the changed bytes: the CBT base survived the resume
         lab.vcenter.guest_write(vm, 1, 40 * MiB, os.urandom(MiB))
@@ -146,7 +112,7 @@ def test_vma_killed_mid_full_and_incremental_copy_the_job_resumes_and_completes(
         final = list(lab.client.watch_replication(job_id, timeout=120))[-1]
         assert final.status == "completed", final.error_message
         assert models.ReplicationJob.get_by_id(job_id).bytes_transferred == MiB
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
 
 
 def test_vma_killed_and_oma_restarted_while_it_is_down_the_new_oma_resumes_the_job(db, tmp_path):
@@ -183,7 +149,7 @@ def test_vma_killed_and_oma_restarted_while_it_is_down_the_new_oma_resumes_the_j
         assert written >= 40 * MiB and rewritten <= planned - written + SLACK, (written, rewritten)
         steps = [s.name for s in models.JobTracking.get(models.JobTracking.external_job_id == job_id).steps]
         assert steps[-3:] == ["restore-exports", "transfer", "finalize"]  # the new OMA's part
-        assert any("resumed at" in m and "the VMA no longer knows this job" in m for m in _messages(job_id))
+        assert any("resumed at" in m and "the VMA no longer knows this job" in m for m in job_messages(job_id))
         assert not [s for s in snapshot_names(lab.vcenter, vm) if s.startswith("srep-")]
-        _assert_replicas_equal(lab, vm, context_id)
+        assert_replicas_equal(lab, vm, context_id)
         assert models.VmReplicationContext.get_by_id(context_id).current_job_id is None
